@@ -1,0 +1,38 @@
+# Developer, CI and container entry points. `make serve` and `make test` are the two
+# commands a fresh machine needs; both create the virtual environment on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODEL_STORE ?= var/models
+PROTO := proto/xaiserve/v1/explain.proto
+
+.PHONY: install proto serve test demo-model clean
+
+# torch goes in first, from the CPU build, so nothing that depends on it pulls a CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+# Regenerates the committed Python stubs; tests/test_proto.py fails when they are stale.
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto \
+		--grpc_python_out=proto $(PROTO)
+
+# The gRPC explanation service on the embedded (local) backend with the demo model,
+# trained on first run.
+serve: $(STAMP)
+	$(BIN)/xaiserve-server --model-store $(MODEL_STORE) --build-demo
+
+demo-model: $(STAMP)
+	$(BIN)/python -m xaiserve.model_store.build_demo --out $(MODEL_STORE)/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,219 @@
+"""The explanation engine: one request in, prediction and maps out.
+
+Pure torch/numpy: the local backend, the TorchServe handler, offline evaluation and the
+benchmarks all call ``Engine.explain``. Nothing here imports gRPC or TorchServe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InvalidArgument, ModelLoadError, NotFound, ResourceExhausted
+from .forward import Budget, TorchForward
+from .limits import EngineLimits
+from .methods.base import AttributionMethod, MethodContext
+from .methods.registry import METHODS, get_method
+from .model import ServedModel, load_model_dir
+from .postprocess import apply_stage
+from .preprocess import decode_image, tensor_from_raw
+from .render import overlay_png
+from .types import (
+    STAGES,
+    ClassScore,
+    EncodedImage,
+    Explanation,
+    ExplainRequest,
+    ExplainResult,
+    MethodRequest,
+    ModelInfo,
+    Prediction,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 5
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A validated method request, ready to run."""
+
+    request: MethodRequest
+    method: AttributionMethod
+    params: dict[str, Any]
+
+
+class Engine:
+    """Serves the models of a model store. Thread-safe: calls on one model are serialized
+    (CAM methods hook the model's layers), calls on different models run concurrently."""
+
+    def __init__(self, models: dict[str, ServedModel], limits: EngineLimits) -> None:
+        if not models:
+            raise ModelLoadError("no models to serve")
+        self.models = models
+        self.limits = limits
+        self._locks = {name: threading.Lock() for name in models}
+
+    @classmethod
+    def from_model_store(cls, root: Path, limits: EngineLimits) -> Engine:
+        """Loads every subdirectory of ``root`` that holds a ``config.yaml``."""
+        root = Path(root)
+        dirs = sorted(p.parent for p in root.glob("*/config.yaml"))
+        if not dirs:
+            raise ModelLoadError(f"{root}: no model directories (*/config.yaml)")
+        models: dict[str, ServedModel] = {}
+        for directory in dirs:
+            served = load_model_dir(directory)
+            if served.config.name in models:
+                raise ModelLoadError(f"{directory}: model name {served.config.name!r} repeated")
+            models[served.config.name] = served
+        return cls(models, limits)
+
+    def list_models(self) -> list[ModelInfo]:
+        """The served models, sorted by name, with the methods each supports."""
+        return [
+            ModelInfo(
+                name=m.config.name,
+                version=m.config.version,
+                input_shape=m.config.input_shape,
+                labels=m.config.labels,
+                methods=tuple(
+                    name for name, cls in METHODS.items() if cls().unsupported_reason(m) is None
+                ),
+                cam_layer=m.config.cam_layer,
+            )
+            for _, m in sorted(self.models.items())
+        ]
+
+    def explain(self, request: ExplainRequest, deadline: float | None = None) -> ExplainResult:
+        """Predicts and explains one image. Raises XaiError subclasses on bad input.
+
+        deadline: ``time.monotonic()`` seconds by which the work must finish, or None.
+        """
+        start = time.perf_counter()
+        served = self._model(request)
+        plan = self._plan(request, served)
+        budget = Budget(self.limits.max_forward_passes, deadline)
+
+        t0 = time.perf_counter()
+        if isinstance(request.image, EncodedImage):
+            x = decode_image(request.image, served.config, self.limits)
+        else:
+            x = tensor_from_raw(request.image, served.config, self.limits)
+        timings = {"decode": time.perf_counter() - t0}
+
+        with self._locks[served.config.name]:
+            forward = TorchForward(served.module, budget, self.limits.max_batch)
+            t0 = time.perf_counter()
+            logits = forward(x, "predict")[0]
+            prediction = self._prediction(logits, served, request)
+            timings["predict"] = time.perf_counter() - t0
+            target = torch.tensor([prediction.target.index])
+            ctx = MethodContext(served, forward, budget, self.limits.max_batch)
+            explanations = tuple(
+                self._explain_one(ctx, item, x, target, request) for item in plan
+            )
+        timings["total"] = time.perf_counter() - start
+        return ExplainResult(
+            model=served.config.name,
+            version=served.config.version,
+            prediction=prediction,
+            explanations=explanations,
+            timings=timings,
+        )
+
+    def _model(self, request: ExplainRequest) -> ServedModel:
+        served = self.models.get(request.model)
+        if served is None:
+            raise NotFound(
+                "model_name",
+                f"model {request.model!r} is not served; served: {', '.join(sorted(self.models))}",
+            )
+        if request.version and request.version != served.config.version:
+            raise NotFound(
+                "model_version",
+                f"model {request.model!r} version {request.version!r} is not served "
+                f"(serving version {served.config.version!r})",
+            )
+        return served
+
+    def _plan(self, request: ExplainRequest, served: ServedModel) -> list[_Planned]:
+        """Validates every method request before any work starts."""
+        if len(request.methods) > self.limits.max_methods:
+            raise ResourceExhausted(
+                "methods",
+                f"{len(request.methods)} methods requested; at most {self.limits.max_methods} "
+                "per call",
+            )
+        n_labels = len(served.config.labels)
+        if request.top_k is not None and not 1 <= request.top_k <= n_labels:
+            raise InvalidArgument("top_k", f"must be between 1 and {n_labels}, got {request.top_k}")
+        if request.target is not None and not 0 <= request.target < n_labels:
+            raise InvalidArgument(
+                "target", f"class index must be between 0 and {n_labels - 1}, got {request.target}"
+            )
+        plan = []
+        for item in request.methods:
+            method = get_method(item.name, f"{item.field}.method")
+            reason = method.unsupported_reason(served)
+            if reason:
+                raise InvalidArgument(
+                    f"{item.field}.method",
+                    f"{item.name} cannot run on model {served.config.name!r}: {reason}",
+                )
+            if item.stage not in STAGES:
+                raise InvalidArgument(f"{item.field}.stage", f"unknown stage {item.stage!r}")
+            if item.reliability is not None or item.filter is not None:
+                raise InvalidArgument(
+                    f"{item.field}.reliability", "reliability and filtering are not available yet"
+                )
+            params_field = f"{item.field}.{item.params_field or item.name}"
+            params = method.resolve_params(item.params, served.config.input_shape, params_field)
+            plan.append(_Planned(item, method, params))
+        return plan
+
+    def _prediction(
+        self, logits: torch.Tensor, served: ServedModel, request: ExplainRequest
+    ) -> Prediction:
+        labels = served.config.labels
+        probs = torch.softmax(logits, dim=0)
+        k = min(request.top_k or DEFAULT_TOP_K, len(labels))
+        order = torch.argsort(probs, descending=True)
+
+        def score(i: int) -> ClassScore:
+            return ClassScore(i, labels[i], float(probs[i]), float(logits[i]))
+
+        target = request.target if request.target is not None else int(order[0])
+        return Prediction(top_k=tuple(score(int(i)) for i in order[:k]), target=score(target))
+
+    def _explain_one(
+        self,
+        ctx: MethodContext,
+        item: _Planned,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        request: ExplainRequest,
+    ) -> Explanation:
+        spent_before = ctx.budget.spent
+        t0 = time.perf_counter()
+        raw = item.method.attribute(ctx, x, target, item.params)
+        timings = {"attribute": time.perf_counter() - t0}
+        t0 = time.perf_counter()
+        attr_map = apply_stage(raw, x, item.request.stage)[0].detach().numpy().astype("float32")
+        png = overlay_png(attr_map, x[0].numpy()) if request.want_png and x.dim() == 4 else None
+        timings["postprocess"] = time.perf_counter() - t0
+        return Explanation(
+            method=item.method.name,
+            stage=item.request.stage,
+            map=attr_map,
+            forward_passes=ctx.budget.spent - spent_before,
+            timings=timings,
+            png=png,
+        )

@@ -1,0 +1,1 @@
+"""Attribution methods, one per module, and the registry that names them."""

@@ -1,0 +1,152 @@
+"""Plain request and result objects of the engine.
+
+The gateway converts protobuf messages to these and back; the engine, the TorchServe
+handler, offline evaluation and benchmarks all speak them. Arrays are numpy float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+STAGES = ("raw", "one_channel", "times_image")
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An encoded PNG, JPEG or WebP file."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A float32 tensor in pixel space [0, 1]: C x H x W, 1 x C x H x W or H x W."""
+
+    shape: tuple[int, ...]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ReliabilityRequest:
+    """APEM record options (seed 004); ``None`` fields take the engine defaults."""
+
+    eps_max: float | None = None
+    resolution: float | None = None
+    shuffles: int | None = None
+    clamp: bool = False
+
+
+@dataclass(frozen=True)
+class FilterRequest:
+    """APEM filter options (seed 004, Algorithm 2)."""
+
+    mode: str = "fast"  # "fast" or "exact"
+    forward_budget: int | None = None
+
+
+@dataclass(frozen=True)
+class MethodRequest:
+    """One requested method.
+
+    ``field`` is the request path used in error messages, e.g. ``"methods[2]"``; parameter
+    errors read ``"methods[2].<params_field>.<param>: ..."``.
+    """
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    stage: str = "one_channel"
+    reliability: ReliabilityRequest | None = None
+    filter: FilterRequest | None = None
+    field: str = "methods[0]"
+    params_field: str = ""
+
+
+@dataclass(frozen=True)
+class ExplainRequest:
+    """One image, one call."""
+
+    model: str
+    image: EncodedImage | RawTensor
+    methods: tuple[MethodRequest, ...] = ()
+    version: str = ""
+    target: int | None = None
+    top_k: int | None = None
+    want_array: bool = True
+    want_png: bool = False
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    index: int
+    label: str
+    probability: float
+    logit: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    top_k: tuple[ClassScore, ...]
+    target: ClassScore
+
+
+@dataclass(frozen=True)
+class ReliabilityRecord:
+    """APEM of one map; eps values are L1 sizes of the perturbation in pixel space."""
+
+    eps_minus: float
+    eps_plus: float
+    apem: float
+    resolution: float
+    eps_minus_censored: bool
+    eps_plus_censored: bool
+    forward_passes: int
+    apem_norm: float | None = None
+    undefined_reason: str = ""
+
+
+@dataclass(frozen=True)
+class FilteredRecord:
+    """The APEM-filtered map (same stage and shape as the original)."""
+
+    map: np.ndarray
+    kept_fraction: float
+    apem_before: float
+    apem_after: float
+    forward_passes: int
+    png: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One method's map. ``map`` is C x H x W (``raw``) or 1 x H x W, float32."""
+
+    method: str
+    stage: str
+    map: np.ndarray
+    forward_passes: int
+    timings: dict[str, float]
+    png: bytes | None = None
+    reliability: ReliabilityRecord | None = None
+    filtered: FilteredRecord | None = None
+
+
+@dataclass(frozen=True)
+class ExplainResult:
+    model: str
+    version: str
+    prediction: Prediction
+    explanations: tuple[Explanation, ...]
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    input_shape: tuple[int, ...]
+    labels: tuple[str, ...]
+    methods: tuple[str, ...]
+    cam_layer: str = ""

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs of the xaiserve v1 API (`make proto`)."""

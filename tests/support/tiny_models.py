@@ -1,0 +1,62 @@
+"""Tiny models for engine tests: fast, deterministic, with BatchNorm and a CAM layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from xaiserve.handlers.forward import Budget, TorchForward
+from xaiserve.handlers.methods.base import MethodContext
+from xaiserve.handlers.model import ModelConfig, PixelSpaceModel, ServedModel
+
+LABELS = ("a", "b", "c")
+
+
+class TinyNet(nn.Module):
+    """3 x 16 x 16 -> 3 logits; ``features.4`` is the CAM layer (last ReLU, 8 x 8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+            nn.Conv2d(6, 8, 3, padding=1, stride=2),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def tiny_served(seed: int = 0) -> ServedModel:
+    torch.manual_seed(seed)
+    net = TinyNet()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        net.features[1].running_mean.uniform_(-0.2, 0.2)
+        net.features[1].running_var.uniform_(0.5, 1.5)
+    cfg = ModelConfig(
+        name="tiny",
+        version="1",
+        model_file="model.py",
+        model_class="TinyNet",
+        model_kwargs={},
+        weights="weights.pt",
+        input_shape=(3, 16, 16),
+        mean=(0.4, 0.5, 0.6),
+        std=(0.2, 0.25, 0.3),
+        labels=LABELS,
+        cam_layer="features.4",
+    )
+    module = PixelSpaceModel(net, cfg.mean, cfg.std).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return ServedModel(cfg, module, net.features[4], Path("."))
+
+
+def make_context(served: ServedModel, max_batch: int = 16, budget: int = 10**6) -> MethodContext:
+    b = Budget(budget)
+    return MethodContext(served, TorchForward(served.module, b, max_batch), b, max_batch)
