@@ -60,3 +60,29 @@ def tiny_served(seed: int = 0) -> ServedModel:
 def make_context(served: ServedModel, max_batch: int = 16, budget: int = 10**6) -> MethodContext:
     b = Budget(budget)
     return MethodContext(served, TorchForward(served.module, b, max_batch), b, max_batch)
+
+
+def write_tiny_model_dir(directory: Path, seed: int = 0, cam_layer: str = "features.4") -> Path:
+    """Writes the tiny model as a model directory (config.yaml, model.py, weights.pt)."""
+    import inspect
+
+    import yaml
+
+    directory.mkdir(parents=True, exist_ok=True)
+    source = "import torch\nfrom torch import nn\n\n\n" + inspect.getsource(TinyNet)
+    (directory / "model.py").write_text(source)
+    served = tiny_served(seed)
+    torch.save(served.module.net.state_dict(), directory / "weights.pt")
+    cfg = served.config
+    config = {
+        "name": cfg.name,
+        "version": cfg.version,
+        "model": {"file": "model.py", "class": "TinyNet", "kwargs": {}},
+        "weights": "weights.pt",
+        "input": {"channels": 3, "height": 16, "width": 16},
+        "normalize": {"mean": list(cfg.mean), "std": list(cfg.std)},
+        "labels": list(cfg.labels),
+        "cam_layer": cam_layer,
+    }
+    (directory / "config.yaml").write_text(yaml.safe_dump(config))
+    return directory
