@@ -1,0 +1,211 @@
+"""Runs the gateway: ``xaiserve-server`` (``main``) and the pieces tests start directly.
+
+The server carries three services: ``xaiserve.v1.ExplanationService``, ``grpc.health.v1``
+(``""`` and the explanation service are SERVING while the backend is ready, NOT_SERVING from
+the start of a shutdown) and server reflection. SIGTERM and SIGINT stop it gracefully:
+health goes NOT_SERVING, new calls are refused, calls in flight get ``grace_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from xaiserve.handlers.errors import ModelLoadError
+from xaiserve.v1 import explain_pb2, explain_pb2_grpc
+
+from .backends import Backend, LocalBackend
+from .servicer import ExplanationServicer
+from .settings import Settings, configure_logging, parse_settings
+
+logger = logging.getLogger(__name__)
+
+#: Full name of the explanation service, as health checks and reflection know it.
+SERVICE_NAME: str = explain_pb2.DESCRIPTOR.services_by_name["ExplanationService"].full_name
+#: Services whose health is reported ("" is the server as a whole).
+HEALTH_SERVICES: tuple[str, ...] = ("", SERVICE_NAME)
+#: How often ``serve`` asks the backend whether it is ready.
+HEALTH_POLL_SECONDS = 5.0
+
+
+class BindError(RuntimeError):
+    """The server cannot listen on the configured address."""
+
+
+@dataclass
+class RunningServer:
+    """A started server with what is needed to report health and stop it."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health_aio.HealthServicer
+
+    async def set_serving(self, serving: bool) -> None:
+        """Reports every service in :data:`HEALTH_SERVICES` as SERVING or NOT_SERVING."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, status)
+
+    async def stop(self, grace: float | None) -> None:
+        """NOT_SERVING for good, then stop taking calls; calls in flight get ``grace`` s."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+def _server_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # a second server on a busy port must fail, not silently share it
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def start(settings: Settings, backend: Backend) -> RunningServer:
+    """Builds, binds and starts the server on ``settings.address`` (port 0: a free port).
+
+    Health is SERVING when this returns if the backend is ready, NOT_SERVING otherwise.
+
+    Raises:
+        BindError: the address cannot be bound.
+    """
+    server = grpc.aio.server(options=_server_options(settings))
+    explain_pb2_grpc.add_ExplanationServiceServicer_to_server(
+        ExplanationServicer(backend, settings.default_deadline_seconds), server
+    )
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    try:
+        port = server.add_insecure_port(settings.address)
+    except RuntimeError as error:
+        raise BindError(f"cannot listen on {settings.address}: {error}") from None
+    if port == 0:
+        raise BindError(f"cannot listen on {settings.address}")
+    running = RunningServer(server=server, port=port, health=health)
+    await running.set_serving(False)
+    await server.start()
+    await running.set_serving(await backend.ready())
+    return running
+
+
+async def start_server(settings: Settings, backend: Backend) -> tuple[grpc.aio.Server, int]:
+    """Starts a server over ``backend``; returns it and its bound port (tests use port 0)."""
+    running = await start(settings, backend)
+    return running.server, running.port
+
+
+async def _watch_health(running: RunningServer, backend: Backend) -> None:
+    """Keeps the health status in step with ``backend.ready()``."""
+    serving: bool | None = None
+    while True:
+        try:
+            ready = await backend.ready()
+        except Exception:  # noqa: BLE001 - a failing probe means not ready
+            logger.exception("backend readiness probe failed")
+            ready = False
+        if ready != serving:
+            logger.info("health: %s", "SERVING" if ready else "NOT_SERVING")
+            await running.set_serving(ready)
+            serving = ready
+        await asyncio.sleep(HEALTH_POLL_SECONDS)
+
+
+async def serve(settings: Settings, backend: Backend | None = None) -> None:
+    """Serves until SIGTERM or SIGINT, then shuts down gracefully and closes the backend.
+
+    ``backend`` defaults to :func:`build_backend` (settings.backend).
+    """
+    if backend is None:
+        backend = build_backend(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    handled: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            handled.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            logger.warning("cannot handle %s here; stop the server another way", sig.name)
+    try:
+        running = await start(settings, backend)
+        logger.info(
+            "listening on %s:%d (backend %s)", settings.host, running.port, settings.backend
+        )
+        watcher = asyncio.create_task(_watch_health(running, backend))
+        try:
+            await stop.wait()
+        finally:
+            logger.info("shutting down: %.1f s for calls in flight", settings.grace_seconds)
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            await running.stop(settings.grace_seconds)
+    finally:
+        await backend.close()
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+    logger.info("stopped")
+
+
+def build_backend(settings: Settings) -> Backend:
+    """The backend named by ``settings.backend``, with its models loaded.
+
+    Raises:
+        ModelLoadError: the model store cannot be served.
+    """
+    if settings.backend == "local":
+        from xaiserve.handlers.engine import Engine  # torch: imported only when serving
+
+        engine = Engine.from_model_store(Path(settings.model_store), settings.engine_limits())
+        models = ", ".join(m.name for m in engine.list_models())
+        logger.info("local backend: models %s from %s", models, settings.model_store)
+        return LocalBackend(engine, workers=settings.workers, max_queue=settings.max_queue)
+    raise ValueError(f"unknown backend {settings.backend!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``xaiserve-server``: parse settings, build the demo model if asked, serve."""
+    settings = parse_settings(argv)
+    configure_logging(settings.log_level)
+    if settings.build_demo:
+        from xaiserve.model_store.build_demo import ensure_demo_model
+
+        ensure_demo_model(Path(settings.model_store) / "demo", progress=True)
+    try:
+        backend = build_backend(settings)
+    except ModelLoadError as error:
+        logger.error("cannot serve %s: %s", settings.model_store, error)
+        return 1
+    try:
+        asyncio.run(serve(settings, backend))
+    except BindError as error:
+        logger.error("%s", error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Settings from flags, XAISERVE_* variables and defaults (xaiserve.service.settings)."""
+
+from __future__ import annotations
+
+from dataclasses import FrozenInstanceError, fields
+
+import pytest
+
+from xaiserve.handlers.limits import EngineLimits
+from xaiserve.service.settings import Settings, build_parser, env_var, parse_settings
+
+
+def test_defaults() -> None:
+    settings = parse_settings([], environ={})
+    assert settings == Settings()
+    assert settings.address == "127.0.0.1:50051"
+    assert settings.max_message_bytes == 32 * 1024 * 1024
+    assert settings.workers == 2 and settings.backend == "local" and not settings.build_demo
+
+
+def test_environment_then_flags() -> None:
+    environ = {
+        "XAISERVE_PORT": "6000",
+        "XAISERVE_WORKERS": "4",
+        "XAISERVE_BUILD_DEMO": "true",
+        "XAISERVE_LOG_LEVEL": "debug",
+        "XAISERVE_MAX_METHODS": "3",
+        "XAISERVE_DEFAULT_DEADLINE_SECONDS": "2.5",
+    }
+    settings = parse_settings(["--port", "7000", "--no-build-demo", "--host", "::"], environ)
+    assert settings.port == 7000  # the flag wins
+    assert settings.workers == 4 and settings.max_methods == 3  # the environment fills in
+    assert settings.default_deadline_seconds == 2.5 and settings.log_level == "DEBUG"
+    assert not settings.build_demo
+    assert settings.address == "[::]:7000"
+    assert parse_settings(["--build-demo"], {}).build_demo
+
+
+def test_engine_limits_come_from_settings() -> None:
+    settings = parse_settings(
+        ["--max-image-bytes", "10", "--max-image-pixels", "20", "--max-methods", "2",
+         "--max-forward-passes", "30"], {}
+    )
+    assert settings.engine_limits() == EngineLimits(
+        max_image_bytes=10, max_image_pixels=20, max_methods=2, max_forward_passes=30
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ"),
+    [
+        (["--workers", "0"], {}),
+        (["--port", "70000"], {}),
+        (["--backend", "carrier-pigeon"], {}),
+        ([], {"XAISERVE_WORKERS": "many"}),
+        ([], {"XAISERVE_BUILD_DEMO": "perhaps"}),
+        ([], {"XAISERVE_BACKEND": "torchserve"}),
+    ],
+)
+def test_bad_values_are_refused(argv: list[str], environ: dict[str, str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        parse_settings(argv, environ)
+    assert caught.value.code == 2
+
+
+def test_help_documents_every_setting_with_its_variable_and_default() -> None:
+    text = " ".join(build_parser({}).format_help().split())
+    for spec in fields(Settings):
+        assert "--" + spec.name.replace("_", "-") in text
+        assert env_var(spec.name) in text
+        assert f"default {getattr(Settings(), spec.name)!r}" in text
+
+
+def test_settings_are_frozen() -> None:
+    with pytest.raises(FrozenInstanceError):
+        Settings().port = 1  # type: ignore[misc]
