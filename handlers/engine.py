@@ -78,19 +78,21 @@ class Engine:
 
     def list_models(self) -> list[ModelInfo]:
         """The served models, sorted by name, with the methods each supports."""
-        return [
-            ModelInfo(
-                name=m.config.name,
-                version=m.config.version,
-                input_shape=m.config.input_shape,
-                labels=m.config.labels,
-                methods=tuple(
-                    name for name, cls in METHODS.items() if cls().unsupported_reason(m) is None
-                ),
-                cam_layer=m.config.cam_layer,
+        infos = []
+        for _, m in sorted(self.models.items()):
+            reasons = {name: cls().unsupported_reason(m) for name, cls in METHODS.items()}
+            infos.append(
+                ModelInfo(
+                    name=m.config.name,
+                    version=m.config.version,
+                    input_shape=m.config.input_shape,
+                    labels=m.config.labels,
+                    methods=tuple(name for name, why in reasons.items() if why is None),
+                    cam_layer=m.config.cam_layer,
+                    unsupported_methods=tuple(f"{n}: {why}" for n, why in reasons.items() if why),
+                )
             )
-            for _, m in sorted(self.models.items())
-        ]
+        return infos
 
     def explain(self, request: ExplainRequest, deadline: float | None = None) -> ExplainResult:
         """Predicts and explains one image. Raises XaiError subclasses on bad input.
@@ -127,6 +129,7 @@ class Engine:
             prediction=prediction,
             explanations=explanations,
             timings=timings,
+            forward_passes=dict(budget.by_stage),
         )
 
     def _model(self, request: ExplainRequest) -> ServedModel:
@@ -170,6 +173,12 @@ class Engine:
                 )
             if item.stage not in STAGES:
                 raise InvalidArgument(f"{item.field}.stage", f"unknown stage {item.stage!r}")
+            if item.gad:
+                raise InvalidArgument(
+                    f"{item.field}.gad",
+                    f"model {served.config.name!r} has no GAD support models "
+                    "(train them with `xaiserve gad-train`)",
+                )
             if item.reliability is not None or item.filter is not None:
                 raise InvalidArgument(
                     f"{item.field}.reliability", "reliability and filtering are not available yet"

@@ -62,6 +62,7 @@ class MethodRequest:
     filter: FilterRequest | None = None
     field: str = "methods[0]"
     params_field: str = ""
+    gad: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class ExplainRequest:
     top_k: int | None = None
     want_array: bool = True
     want_png: bool = False
+    forward_backend: str = ""  # "" (the model's default), "torch" or "onnxruntime"
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ class ExplainResult:
     prediction: Prediction
     explanations: tuple[Explanation, ...]
     timings: dict[str, float]
+    forward_passes: dict[str, int] = field(default_factory=dict)  # by stage
 
 
 @dataclass(frozen=True)
@@ -150,3 +153,8 @@ class ModelInfo:
     labels: tuple[str, ...]
     methods: tuple[str, ...]
     cam_layer: str = ""
+    forward_backend: str = "torch"
+    onnx_status: str = ""
+    calibrated: bool = False
+    gad_class_pairs: tuple[str, ...] = ()
+    unsupported_methods: tuple[str, ...] = ()  # "method: reason"

@@ -74,6 +74,13 @@ def method_enum_name(value: int) -> str:
 # ----------------------------------------------------------------------------- requests
 
 
+_FORWARD_BACKENDS = {
+    pb.FORWARD_BACKEND_UNSPECIFIED: "",
+    pb.TORCH: "torch",
+    pb.ONNXRUNTIME: "onnxruntime",
+}
+
+
 def request_from_proto(request: pb.ExplainRequest) -> ExplainRequest:
     """Converts an ``ExplainRequest`` message to the engine's :class:`ExplainRequest`.
 
@@ -86,12 +93,11 @@ def request_from_proto(request: pb.ExplainRequest) -> ExplainRequest:
     if request.map_encoding not in _ENCODINGS:
         raise InvalidArgument("map_encoding", f"unknown MapEncoding value {request.map_encoding}")
     want_array, want_png = _ENCODINGS[request.map_encoding]
-    if request.forward_backend != pb.FORWARD_BACKEND_UNSPECIFIED:
-        if request.forward_backend not in pb.ForwardBackend.values():
-            message = f"unknown ForwardBackend value {request.forward_backend}"
-        else:
-            message = "choosing the forward backend is not available yet; leave it unset"
-        raise InvalidArgument("forward_backend", message)
+    backend = _FORWARD_BACKENDS.get(request.forward_backend)
+    if backend is None:
+        raise InvalidArgument(
+            "forward_backend", f"unknown ForwardBackend value {request.forward_backend}"
+        )
     return ExplainRequest(
         model=request.model_name,
         version=request.model_version,
@@ -101,6 +107,7 @@ def request_from_proto(request: pb.ExplainRequest) -> ExplainRequest:
         top_k=request.top_k if request.HasField("top_k") else None,
         want_array=want_array,
         want_png=want_png,
+        forward_backend=backend,
     )
 
 
@@ -138,8 +145,6 @@ def _method_from_proto(method: pb.MethodRequest, index: int) -> MethodRequest:
                 f"parameters for {params_field.upper()} given to method {name.upper()}",
             )
         params = params_from_proto(getattr(method, params_field), f"{field}.{params_field}")
-    if method.gad.enabled:
-        raise InvalidArgument(f"{field}.gad", "gradient artificial distancing is not available yet")
 
     reliability = method.reliability
     return MethodRequest(
@@ -150,6 +155,7 @@ def _method_from_proto(method: pb.MethodRequest, index: int) -> MethodRequest:
         filter=_filter_from_proto(method.filter, field) if method.filter.enabled else None,
         field=field,
         params_field=params_field or name,
+        gad=method.gad.enabled,
     )
 
 
@@ -324,6 +330,11 @@ def models_to_proto(models: Iterable[ModelInfo]) -> pb.ListModelsResponse:
                 labels=list(m.labels),
                 methods=[METHOD_VALUES[n] for n in m.methods if n in METHOD_VALUES],
                 cam_layer=m.cam_layer,
+                forward_backend=m.forward_backend,
+                onnx_status=m.onnx_status,
+                calibrated=m.calibrated,
+                gad_class_pairs=list(m.gad_class_pairs),
+                unsupported_methods=list(m.unsupported_methods),
             )
             for m in sorted(models, key=lambda m: (m.name, m.version))
         ]

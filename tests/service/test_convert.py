@@ -173,11 +173,15 @@ def test_bad_enum_values_in_params_name_the_element(candidate: int) -> None:
     assert _invalid(_request(lrp)).field == "methods[0].lrp.rule"
 
 
-def test_features_the_engine_lacks_are_refused_by_name() -> None:
-    assert _invalid(_request(forward_backend=pb.ONNXRUNTIME)).field == "forward_backend"
+def test_forward_backend_and_gad_are_carried() -> None:
+    assert convert.request_from_proto(_request(forward_backend=pb.ONNXRUNTIME)).forward_backend == (
+        "onnxruntime"
+    )
+    assert convert.request_from_proto(_request()).forward_backend == ""
     assert "unknown" in _invalid(_request(forward_backend=9)).message
     gad = pb.MethodRequest(method=pb.SALIENCY, gad=pb.GadOptions(enabled=True))
-    assert _invalid(_request(pb.MethodRequest(method=pb.SALIENCY), gad)).field == "methods[1].gad"
+    converted = convert.request_from_proto(_request(pb.MethodRequest(method=pb.SALIENCY), gad))
+    assert [m.gad for m in converted.methods] == [False, True]
 
 
 def test_params_for_another_method_name_the_field() -> None:

@@ -1,0 +1,359 @@
+"""The APEM explanation filter (seed 004, section 3.2, Algorithm 2).
+
+Algorithm 2 zeroes all entries equal to the smallest positive relevance value, recomputes
+APEM, and repeats until APEM drops; it returns the last map that did not drop. With the
+distinct positive values v_1 < ... < v_D of R, its maps form one path
+
+    M_0 = R,   M_k = R with every entry <= v_k set to 0   (M_D is all zero: a drop)
+
+so the filter's answer is M_{k-1} for the first step k that drops.
+
+Drop rule. APEM values are known only to the search resolution: each eps lies in its
+search bracket (lower, eps], so APEM lies in [apem_low, apem_high] (``MapScore``). A step
+*drops* when its APEM is certainly lower than the best accepted one: its ``apem_high`` is
+below the largest ``apem_low`` of the maps accepted so far. At resolution 0 this is the
+seed's ``apem < best_apem`` (accepted APEMs then never decrease, so the best is the
+previous one); comparing with the best rather than the previous map keeps small decreases
+from adding up, so the result's APEM is at least the original's minus the resolution. A
+map whose APEM is undefined (all zero) drops.
+
+- ``filter_exact``: the path step by step, one APEM per distinct value (small inputs, tests).
+- ``filter_fast`` (the served default): candidate steps at quantile levels of the positive
+  values (equal numbers of entries removed between candidates), each round's candidates
+  scored in the same forward calls, scanned in path order with the drop rule; the bracket
+  [last accepted, first drop] is refined while the forward-pass budget allows. It returns
+  the last accepted candidate: the largest threshold reached before the first drop seen.
+
+Maps are C x *spatial or 1 x *spatial in [0, 1] (``relevance_from_map`` of any stage).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from .apem import (
+    DEFAULT_BATCH,
+    UNDEFINED_PREDICTION,
+    ApemOptions,
+    Forward,
+    MapScore,
+    gradient_sign_and_logits,
+    max_calls_for,
+    resolve_options,
+    score_maps,
+    undefined_reason,
+)
+from .errors import InvalidArgument, ResourceExhausted
+from .forward import Budget
+from .types import FilteredRecord, FilterRequest, ReliabilityRequest
+
+STAGE = "apem_filter"
+MODES = ("fast", "exact")
+DEFAULT_FORWARD_BUDGET = 2048
+"""Images the fast filter may evaluate, its gradient and original APEM included."""
+CANDIDATES_PER_ROUND = 8
+
+
+@dataclass(frozen=True)
+class FilterOptions:
+    """Resolved filter options; ``forward_budget`` None: no cap of the filter's own."""
+
+    mode: str
+    forward_budget: int | None
+
+
+def apem_cost_bound(options: ApemOptions, batch: int = DEFAULT_BATCH) -> int:
+    """The most images one map's APEM (two searches) can cost."""
+    return 2 * batch * max_calls_for(options.resolution, batch)
+
+
+def minimum_budget(options: ApemOptions, batch: int = DEFAULT_BATCH) -> int:
+    """The gradient, the original's APEM and one candidate's, at their worst."""
+    return 1 + 2 * apem_cost_bound(options, batch)
+
+
+def resolve_filter_options(
+    request: FilterRequest | None,
+    options: ApemOptions,
+    *,
+    batch: int = DEFAULT_BATCH,
+    field: str = "methods[0]",
+) -> FilterOptions:
+    """Validates the mode and the budget; errors name ``<field>.filter.<option>``.
+
+    fast: forward_budget defaults to ``DEFAULT_FORWARD_BUDGET``; exact: no cap unless given
+    (the request's own forward-pass limit still applies).
+    """
+    request = request or FilterRequest()
+    if request.mode not in MODES:
+        raise InvalidArgument(
+            f"{field}.filter.mode", f"unknown mode {request.mode!r}; use one of {MODES}"
+        )
+    given = request.forward_budget
+    if given is None:
+        return FilterOptions(request.mode, DEFAULT_FORWARD_BUDGET if request.mode == "fast" else None)
+    if isinstance(given, bool) or not float(given).is_integer():
+        raise InvalidArgument(f"{field}.filter.forward_budget", f"must be an integer, got {given!r}")
+    least = minimum_budget(options, batch)
+    if given < least:
+        raise InvalidArgument(
+            f"{field}.filter.forward_budget",
+            f"must be at least {least} forward passes (the gradient, the original's APEM and "
+            f"one candidate's at resolution {options.resolution:g}), got {int(given)}",
+        )
+    return FilterOptions(request.mode, int(given))
+
+
+# ---------------------------------------------------------------------------- path parts
+
+
+def distinct_positive(relevance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v_1 < ... < v_D, cumulative entry counts): the steps of Algorithm 2's path."""
+    values, counts = torch.unique(relevance[relevance > 0], sorted=True, return_counts=True)
+    return values, counts.cumsum(0)
+
+
+def zero_through(relevance: torch.Tensor, value: float | torch.Tensor) -> torch.Tensor:
+    """M_k: R with every entry <= value set to 0 (same shape)."""
+    return torch.where(relevance > value, relevance, torch.zeros_like(relevance))
+
+
+def dropped(score: MapScore | None, best_low: float) -> bool:
+    """The drop rule: APEM certainly below the best accepted (undefined APEM drops)."""
+    return score is None or score.apem_high < best_low
+
+
+def quantile_steps(
+    counts: torch.Tensor, open_steps: list[int], count: int, front_loaded: bool = False
+) -> list[int]:
+    """Up to ``count`` of ``open_steps`` at quantile levels of the entries they remove.
+
+    counts: entries per distinct value (``distinct_positive``); step k removes the entries
+    of v_k. Levels are equally spaced in removed entries, or, ``front_loaded``, geometric
+    (1, r, r^2, ... entries: an exponential search from the start of the path). All of
+    ``open_steps`` when there are at most ``count``.
+    """
+    if len(open_steps) <= count:
+        return list(open_steps)
+    cumulative = counts[torch.tensor(open_steps) - 1].double().cumsum(0)
+    fractions = torch.arange(1, count + 1, dtype=torch.float64) / (count + 1)
+    total = cumulative[-1]
+    levels = total**fractions if front_loaded else total * fractions
+    picks = torch.searchsorted(cumulative, levels).clamp(max=len(open_steps) - 1)
+    return sorted({open_steps[int(i)] for i in picks})
+
+
+def nearest_score(scores: dict[int, MapScore | None], step: int) -> MapScore | None:
+    """The defined score of the evaluated step nearest ``step`` (a hint for its search)."""
+    known = [k for k, score in scores.items() if score is not None]
+    return scores[min(known, key=lambda k: (abs(k - step), k))] if known else None
+
+
+def first_known_drop(scores: dict[int, MapScore | None], end: int) -> int:
+    """The first evaluated step that drops against the evaluated steps before it (``end``
+    when none does). scores: step -> score, step 0 (the original) included."""
+    best_low = -math.inf
+    for k in sorted(scores):
+        score = scores[k]
+        if k > 0 and dropped(score, best_low):
+            return k
+        best_low = max(best_low, score.apem_low)
+    return end
+
+
+# ------------------------------------------------------------------------------ filters
+
+
+@dataclass
+class _Setup:
+    options: ApemOptions
+    filter_options: FilterOptions
+    sign: torch.Tensor | None
+    before: MapScore | None
+    reason: str
+
+
+def _setup(
+    forward: Forward,
+    module: nn.Module,
+    x: torch.Tensor,
+    y: int,
+    relevance: torch.Tensor,
+    options: ReliabilityRequest | None,
+    filter_request: FilterRequest | None,
+    mode: str,
+    budget: Budget,
+    batch: int,
+    field: str,
+) -> _Setup:
+    """Options, the gradient sign and the original's score (or why it is undefined)."""
+    resolved = resolve_options(options, x.numel(), field)
+    request = replace(filter_request or FilterRequest(), mode=mode)
+    filter_options = resolve_filter_options(request, resolved, batch=batch, field=field)
+    reason = undefined_reason(relevance)
+    if reason:
+        return _Setup(resolved, filter_options, None, None, reason)
+    sign, logits = gradient_sign_and_logits(module, x, y, budget, STAGE)
+    predicted = int(logits.argmax())
+    if predicted != y:
+        reason = UNDEFINED_PREDICTION.format(pred=predicted, y=y)
+        return _Setup(resolved, filter_options, None, None, reason)
+    (before,) = score_maps(forward, x, y, [relevance], sign, resolved, batch=batch, stage=STAGE)
+    return _Setup(resolved, filter_options, sign, before, "")
+
+
+def _record(
+    original: torch.Tensor,
+    kept: torch.Tensor,
+    before: MapScore | None,
+    after: MapScore | None,
+    forward_passes: int,
+) -> FilteredRecord:
+    """kept_fraction: positive entries kept / positive entries of the original (1.0 when the
+    original has none). APEMs are NaN when undefined."""
+    positive = int((original > 0).sum())
+    return FilteredRecord(
+        map=kept.detach().numpy().astype(np.float32),
+        kept_fraction=int((kept > 0).sum()) / positive if positive else 1.0,
+        apem_before=before.apem if before is not None else math.nan,
+        apem_after=after.apem if after is not None else math.nan,
+        forward_passes=forward_passes,
+    )
+
+
+def filter_exact(
+    forward: Forward,
+    module: nn.Module,
+    x: torch.Tensor,
+    y: int,
+    relevance: torch.Tensor,
+    options: ReliabilityRequest | None = None,
+    filter_request: FilterRequest | None = None,
+    *,
+    budget: Budget,
+    batch: int = DEFAULT_BATCH,
+    field: str = "methods[0]",
+) -> FilteredRecord:
+    """Algorithm 2 as written: one APEM per distinct positive value, until the first drop.
+
+    x: C x *spatial; relevance: R in [0, 1] (C x *spatial or 1 x *spatial). Costs up to
+    D + 1 APEMs (D distinct positive values): for small inputs and tests. A map whose APEM
+    is undefined comes back unchanged (APEMs NaN). With a ``forward_budget``, running out
+    raises ResourceExhausted naming ``<field>.filter.forward_budget``.
+    """
+    spent = budget.spent
+    setup = _setup(
+        forward, module, x, y, relevance, options, filter_request, "exact", budget, batch, field
+    )
+    if setup.reason:
+        return _record(relevance, relevance, None, None, budget.spent - spent)
+    cap = setup.filter_options.forward_budget
+    cost = apem_cost_bound(setup.options, batch)
+    best_map, best = relevance, setup.before
+    best_low = best.apem_low
+    values, _ = distinct_positive(relevance)
+    for value in values:
+        candidate = zero_through(relevance, value)
+        if cap is not None and budget.spent - spent + cost > cap:
+            raise ResourceExhausted(
+                f"{field}.filter.forward_budget",
+                f"the exact filter needs more than {cap} forward passes; use mode 'fast'",
+            )
+        (score,) = score_maps(
+            forward, x, y, [candidate], setup.sign, setup.options, batch=batch, stage=STAGE
+        )
+        if dropped(score, best_low):
+            break
+        best_map, best = candidate, score
+        best_low = max(best_low, score.apem_low)
+    return _record(relevance, best_map, setup.before, best, budget.spent - spent)
+
+
+def filter_fast(
+    forward: Forward,
+    module: nn.Module,
+    x: torch.Tensor,
+    y: int,
+    relevance: torch.Tensor,
+    options: ReliabilityRequest | None = None,
+    filter_request: FilterRequest | None = None,
+    *,
+    budget: Budget,
+    batch: int = DEFAULT_BATCH,
+    field: str = "methods[0]",
+) -> FilteredRecord:
+    """Algorithm 2 on quantile candidates within a forward-pass budget (module docstring).
+
+    x: C x *spatial; relevance: R in [0, 1] (C x *spatial or 1 x *spatial). Each round takes
+    up to ``CANDIDATES_PER_ROUND`` steps strictly inside the bracket (last accepted, first
+    drop), as many as the remaining budget covers at their worst cost, scores them in the
+    same forward calls and scans them in path order. Stops when the bracket is one step wide
+    (the exact answer, if no unvisited step drops) or the budget is spent. The filter's
+    images, its gradient and original APEM included, never exceed ``forward_budget``.
+    """
+    spent = budget.spent
+    setup = _setup(
+        forward, module, x, y, relevance, options, filter_request, "fast", budget, batch, field
+    )
+    if setup.reason:
+        return _record(relevance, relevance, None, None, budget.spent - spent)
+    cap = setup.filter_options.forward_budget
+    cost = apem_cost_bound(setup.options, batch)
+    values, counts = distinct_positive(relevance)
+    scores: dict[int, MapScore | None] = {0: setup.before}
+    drop = len(values)  # the first known drop; M_D (all zero) drops by definition
+    while True:
+        open_steps = [k for k in range(1, drop) if k not in scores]
+        room = math.inf if cap is None else (cap - (budget.spent - spent)) // cost
+        count = int(min(CANDIDATES_PER_ROUND, room, len(open_steps)))
+        if count < 1:
+            break
+        steps = quantile_steps(counts, open_steps, count, front_loaded=len(scores) == 1)
+        candidates = [zero_through(relevance, values[k - 1]) for k in steps]
+        found = score_maps(
+            forward,
+            x,
+            y,
+            candidates,
+            setup.sign,
+            setup.options,
+            batch=batch,
+            stage=STAGE,
+            hints=[nearest_score(scores, k) for k in steps],
+        )
+        scores.update(zip(steps, found))
+        drop = first_known_drop(scores, len(values))
+    last = max(k for k in scores if k < drop)
+    best_map = relevance if last == 0 else zero_through(relevance, values[last - 1])
+    best = scores[last]
+    return _record(relevance, best_map, setup.before, best, budget.spent - spent)
+
+
+def filter_map(
+    forward: Forward,
+    module: nn.Module,
+    x: torch.Tensor,
+    y: int,
+    relevance: torch.Tensor,
+    options: ReliabilityRequest | None = None,
+    filter_request: FilterRequest | None = None,
+    *,
+    budget: Budget,
+    batch: int = DEFAULT_BATCH,
+    field: str = "methods[0]",
+) -> FilteredRecord:
+    """``filter_fast`` or ``filter_exact`` as ``filter_request.mode`` says (default fast)."""
+    request = filter_request or FilterRequest()
+    if request.mode not in MODES:
+        raise InvalidArgument(
+            f"{field}.filter.mode", f"unknown mode {request.mode!r}; use one of {MODES}"
+        )
+    run = filter_exact if request.mode == "exact" else filter_fast
+    return run(
+        forward, module, x, y, relevance, options, request, budget=budget, batch=batch, field=field
+    )
