@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL_STORE ?= var/models
-PROTO := proto/xaiserve/v1/explain.proto
+PROTO := proto/xaiserve/v1/explain.proto proto/xaiserve/torchserve/inference.proto
 
 .PHONY: install proto serve test demo-model clean
 
@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Regenerates the committed Python stubs; tests/test_proto.py fails when they are stale.
+# Regenerates the committed Python stubs (the public API and the subset of TorchServe's
+# inference API the gateway calls); tests/proto/test_proto_stubs.py fails when they are stale.
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto \
 		--grpc_python_out=proto $(PROTO)

@@ -8,24 +8,37 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = ROOT / "proto"
-GENERATED = ("explain_pb2.py", "explain_pb2.pyi", "explain_pb2_grpc.py")
+# .proto file (relative to proto/) -> the stubs generated from it
+GENERATED = {
+    "xaiserve/v1/explain.proto": ("explain_pb2.py", "explain_pb2.pyi", "explain_pb2_grpc.py"),
+    "xaiserve/torchserve/inference.proto": (
+        "inference_pb2.py",
+        "inference_pb2.pyi",
+        "inference_pb2_grpc.py",
+    ),
+}
 
 
-def test_generated_stubs_are_current(tmp_path: Path) -> None:
+@pytest.mark.parametrize("proto", sorted(GENERATED))
+def test_generated_stubs_are_current(proto: str, tmp_path: Path) -> None:
     protoc = pytest.importorskip("grpc_tools.protoc")
+    # `python -m grpc_tools.protoc` (the Makefile) adds the well-known types' include path
+    well_known = Path(protoc.__file__).parent / "_proto"
     args = [
         "protoc",
         f"-I{PROTO_ROOT}",
+        f"-I{well_known}",
         f"--python_out={tmp_path}",
         f"--pyi_out={tmp_path}",
         f"--grpc_python_out={tmp_path}",
-        str(PROTO_ROOT / "xaiserve/v1/explain.proto"),
+        str(PROTO_ROOT / proto),
     ]
     assert protoc.main(args) == 0
-    for name in GENERATED:
-        fresh = (tmp_path / "xaiserve/v1" / name).read_text()
-        committed = (PROTO_ROOT / "xaiserve/v1" / name).read_text()
-        assert fresh == committed, f"{name} is stale: run `make proto`"
+    package = Path(proto).parent
+    for name in GENERATED[proto]:
+        fresh = (tmp_path / package / name).read_text()
+        committed = (PROTO_ROOT / package / name).read_text()
+        assert fresh == committed, f"{package / name} is stale: run `make proto`"
 
 
 def test_every_field_and_rpc_is_documented() -> None:
