@@ -4,6 +4,7 @@ The server carries three services: ``xaiserve.v1.ExplanationService``, ``grpc.he
 (``""`` and the explanation service are SERVING while the backend is ready, NOT_SERVING from
 the start of a shutdown) and server reflection. SIGTERM and SIGINT stop it gracefully:
 health goes NOT_SERVING, new calls are refused, calls in flight get ``grace_seconds``.
+``serve`` also answers Prometheus scrapes over HTTP on ``metrics_port`` (0: off).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import prometheus_client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
@@ -26,6 +28,7 @@ from xaiserve.handlers.errors import ModelLoadError
 from xaiserve.v1 import explain_pb2, explain_pb2_grpc
 
 from .backends import Backend, LocalBackend
+from .metrics import Metrics, MetricsHttpServer
 from .servicer import ExplanationServicer
 from .settings import Settings, configure_logging, parse_settings
 
@@ -50,6 +53,7 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     health: health_aio.HealthServicer
+    metrics: Metrics
 
     async def set_serving(self, serving: bool) -> None:
         """Reports every service in :data:`HEALTH_SERVICES` as SERVING or NOT_SERVING."""
@@ -76,17 +80,21 @@ def _server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-async def start(settings: Settings, backend: Backend) -> RunningServer:
+async def start(
+    settings: Settings, backend: Backend, metrics: Metrics | None = None
+) -> RunningServer:
     """Builds, binds and starts the server on ``settings.address`` (port 0: a free port).
 
     Health is SERVING when this returns if the backend is ready, NOT_SERVING otherwise.
+    Calls are recorded in ``metrics`` (a private registry when none is given).
 
     Raises:
         BindError: the address cannot be bound.
     """
+    metrics = metrics if metrics is not None else Metrics()
     server = grpc.aio.server(options=_server_options(settings))
     explain_pb2_grpc.add_ExplanationServiceServicer_to_server(
-        ExplanationServicer(backend, settings.default_deadline_seconds), server
+        ExplanationServicer(backend, settings.default_deadline_seconds, metrics), server
     )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -104,11 +112,42 @@ async def start(settings: Settings, backend: Backend) -> RunningServer:
         raise BindError(f"cannot listen on {settings.address}: {error}") from None
     if port == 0:
         raise BindError(f"cannot listen on {settings.address}")
-    running = RunningServer(server=server, port=port, health=health)
+    running = RunningServer(server=server, port=port, health=health, metrics=metrics)
     await running.set_serving(False)
     await server.start()
-    await running.set_serving(await backend.ready())
+    ready = await backend.ready()
+    if ready:
+        await _learn_models(metrics, backend)
+    await running.set_serving(ready)
     return running
+
+
+async def _learn_models(metrics: Metrics, backend: Backend) -> None:
+    """Adds the backend's model names to the metrics' ``model`` label vocabulary."""
+    try:
+        models = await asyncio.wait_for(backend.list_models(), HEALTH_POLL_SECONDS)
+    except Exception:  # noqa: BLE001 - names are learned again from ListModels and answers
+        logger.warning("cannot list the backend's models for metrics labels", exc_info=True)
+        return
+    metrics.add_models(m.name for m in models)
+
+
+def start_metrics_http(settings: Settings, metrics: Metrics) -> MetricsHttpServer | None:
+    """Serves ``metrics`` on ``settings.host:settings.metrics_port``; ``None`` when it is 0.
+
+    Raises:
+        BindError: the address cannot be bound.
+    """
+    if settings.metrics_port == 0:
+        return None
+    try:
+        http = metrics.serve_http(settings.host, settings.metrics_port)
+    except OSError as error:
+        raise BindError(
+            f"cannot serve metrics on {settings.host}:{settings.metrics_port}: {error}"
+        ) from None
+    logger.info("metrics on http://%s:%d/metrics", settings.host, http.port)
+    return http
 
 
 async def start_server(settings: Settings, backend: Backend) -> tuple[grpc.aio.Server, int]:
@@ -128,6 +167,8 @@ async def _watch_health(running: RunningServer, backend: Backend) -> None:
             ready = False
         if ready != serving:
             logger.info("health: %s", "SERVING" if ready else "NOT_SERVING")
+            if ready:
+                await _learn_models(running.metrics, backend)
             await running.set_serving(ready)
             serving = ready
         await asyncio.sleep(HEALTH_POLL_SECONDS)
@@ -149,8 +190,11 @@ async def serve(settings: Settings, backend: Backend | None = None) -> None:
             handled.append(sig)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
             logger.warning("cannot handle %s here; stop the server another way", sig.name)
+    metrics_http: MetricsHttpServer | None = None
     try:
-        running = await start(settings, backend)
+        metrics = Metrics()
+        metrics_http = start_metrics_http(settings, metrics)
+        running = await start(settings, backend, metrics)
         logger.info(
             "listening on %s:%d (backend %s)", settings.host, running.port, settings.backend
         )
@@ -164,6 +208,8 @@ async def serve(settings: Settings, backend: Backend | None = None) -> None:
                 await watcher
             await running.stop(settings.grace_seconds)
     finally:
+        if metrics_http is not None:
+            metrics_http.stop()
         await backend.close()
         for sig in handled:
             loop.remove_signal_handler(sig)
@@ -190,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``xaiserve-server``: parse settings, build the demo model if asked, serve."""
     settings = parse_settings(argv)
     configure_logging(settings.log_level)
+    prometheus_client.disable_created_metrics()  # no *_created series next to each counter
     if settings.build_demo:
         from xaiserve.model_store.build_demo import ensure_demo_model
 

@@ -9,11 +9,13 @@ import time
 import grpc
 
 from xaiserve.handlers.errors import DeadlineExceeded
+from xaiserve.handlers.types import ExplainResult
 from xaiserve.v1 import explain_pb2 as pb
 from xaiserve.v1 import explain_pb2_grpc
 
 from . import convert, status
 from .backends import Backend
+from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -26,16 +28,33 @@ class ExplanationServicer(explain_pb2_grpc.ExplanationServiceServicer):
     Deadlines: the client's deadline (or ``default_deadline_seconds`` when it sent none) is
     handed to the backend as a ``time.monotonic()`` time, and the call is abandoned with
     DEADLINE_EXCEEDED when it passes even if the backend is still working.
+
+    Every call is recorded in ``metrics`` (a private registry when none is given).
     """
 
-    def __init__(self, backend: Backend, default_deadline_seconds: float = 60.0) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        default_deadline_seconds: float = 60.0,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._backend = backend
         self._default_deadline = default_deadline_seconds
+        self._metrics = metrics if metrics is not None else Metrics()
 
     async def Explain(
         self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
     ) -> pb.ExplainResponse:
         """Predicts and explains one image (see the .proto)."""
+        self._metrics.requests_in_flight.inc()
+        try:
+            return await self._explain(request, context)
+        finally:
+            self._metrics.requests_in_flight.dec()
+
+    async def _explain(
+        self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExplainResponse:
         start = time.monotonic()
         remaining = context.time_remaining()
         if remaining is None:
@@ -43,10 +62,12 @@ class ExplanationServicer(explain_pb2_grpc.ExplanationServiceServicer):
         deadline = start + remaining
         try:
             plain = convert.request_from_proto(request)
+            sent = time.monotonic()
             try:
                 result = await asyncio.wait_for(
                     self._backend.explain(plain, deadline), timeout=max(remaining, 0.0)
                 )
+                backend_seconds = time.monotonic() - sent
             except TimeoutError:
                 if time.monotonic() < deadline:
                     raise  # not our timer: an error from the backend, reported as internal
@@ -55,14 +76,30 @@ class ExplanationServicer(explain_pb2_grpc.ExplanationServiceServicer):
         except asyncio.CancelledError:  # the client went away or its deadline passed
             late = time.monotonic() >= deadline
             code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
-            _log_call(request, code, start)
+            self._done(request, code, start)
             raise
         except Exception as error:  # noqa: BLE001 - status.to_status is the one mapping
             code, message = status.to_status(error)
-            _log_call(request, code, start)
+            self._done(request, code, start)
             await context.abort(code, message)
-        _log_call(request, grpc.StatusCode.OK, start)
+        self._done(request, grpc.StatusCode.OK, start, result, backend_seconds)
         return response
+
+    def _done(
+        self,
+        request: pb.ExplainRequest,
+        code: grpc.StatusCode,
+        start: float,
+        result: ExplainResult | None = None,
+        backend_seconds: float | None = None,
+    ) -> None:
+        """Logs and records a finished call."""
+        seconds = time.monotonic() - start
+        _log_call(request, code, seconds)
+        methods = {convert.METHOD_NAMES.get(m.method, "other") for m in request.methods}
+        self._metrics.observe_explain(
+            request.model_name, methods, code.name, seconds, result, backend_seconds
+        )
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -70,16 +107,19 @@ class ExplanationServicer(explain_pb2_grpc.ExplanationServiceServicer):
         """Lists the served models (see the .proto)."""
         start = time.monotonic()
         try:
-            response = convert.models_to_proto(await self._backend.list_models())
+            models = await self._backend.list_models()
+            response = convert.models_to_proto(models)
         except Exception as error:  # noqa: BLE001
             code, message = status.to_status(error)
             logger.info("ListModels status=%s seconds=%.3f", code.name, time.monotonic() - start)
+            self._metrics.observe_rpc_error("ListModels", code.name)
             await context.abort(code, message)
+        self._metrics.add_models(m.name for m in models)
         logger.debug("ListModels status=OK seconds=%.3f", time.monotonic() - start)
         return response
 
 
-def _log_call(request: pb.ExplainRequest, code: grpc.StatusCode, start: float) -> None:
+def _log_call(request: pb.ExplainRequest, code: grpc.StatusCode, seconds: float) -> None:
     """One line per call: model, methods, status, seconds (never the image)."""
     names = [convert.method_enum_name(m.method) for m in request.methods[:_LOGGED_METHODS]]
     if len(request.methods) > _LOGGED_METHODS:
@@ -90,7 +130,7 @@ def _log_call(request: pb.ExplainRequest, code: grpc.StatusCode, start: float) -
         _printable(request.model_name) or "-",
         methods,
         code.name,
-        time.monotonic() - start,
+        seconds,
     )
 
 

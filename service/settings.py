@@ -32,6 +32,9 @@ class Settings:
     host: address to listen on. The default, 127.0.0.1, only accepts local clients (a safe
         developer default); use ``0.0.0.0`` or ``[::]`` in a container.
     port: port to listen on; 0 picks a free one (it is logged).
+    metrics_port: port of the Prometheus ``/metrics`` endpoint (HTTP, on ``host``); 0 turns
+        it off. The default, 9464, stays clear of Prometheus (9090), the Pushgateway (9091),
+        node exporters (9100) and TorchServe (8080-8082, 7070-7071).
     model_store: directory with one sub-directory per model (each with a ``config.yaml``).
     build_demo: build the demo model into ``<model_store>/demo`` first if it is missing.
     backend: where requests go: ``local`` (the engine in this process).
@@ -47,6 +50,7 @@ class Settings:
 
     host: str = "127.0.0.1"
     port: int = 50051
+    metrics_port: int = 9464
     model_store: str = "var/models"
     build_demo: bool = False
     backend: str = "local"
@@ -144,6 +148,7 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
         "in a container",
     ),
     "port": (_port, "port to listen on; 0 picks a free one"),
+    "metrics_port": (_port, "port of the Prometheus /metrics endpoint (HTTP, on HOST); 0: off"),
     "model_store": (str, "directory with one sub-directory (with a config.yaml) per model"),
     "build_demo": (_boolean, "build the demo model into MODEL_STORE/demo first if it is missing"),
     "backend": (str, "where requests go"),

@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent(
 
     configure_logging("INFO")
     engine = FakeEngine(behaviour=sleep_for(1.0))
-    asyncio.run(serve(Settings(port=0, grace_seconds=5), LocalBackend(engine)))
+    asyncio.run(serve(Settings(port=0, metrics_port=0, grace_seconds=5), LocalBackend(engine)))
     """
 )
 
