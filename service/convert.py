@@ -247,6 +247,7 @@ def response_to_proto(
         ),
         explanations=[_explanation(e, want_array, want_png) for e in result.explanations],
         timings=timings_to_proto(result.timings),
+        forward_passes={stage: int(n) for stage, n in result.forward_passes.items()},
     )
 
 

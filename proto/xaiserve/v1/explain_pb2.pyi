@@ -412,18 +412,27 @@ class Explanation(_message.Message):
     def __init__(self, method: _Optional[_Union[Method, str]] = ..., stage: _Optional[_Union[MapStage, str]] = ..., map: _Optional[_Union[AttributionMap, _Mapping]] = ..., reliability: _Optional[_Union[Reliability, _Mapping]] = ..., filtered: _Optional[_Union[FilteredMap, _Mapping]] = ..., forward_passes: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "prediction", "explanations", "timings")
+    __slots__ = ("model_name", "model_version", "prediction", "explanations", "timings", "forward_passes")
+    class ForwardPassesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
     EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     prediction: Prediction
     explanations: _containers.RepeatedCompositeFieldContainer[Explanation]
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
+    forward_passes: _containers.ScalarMap[str, int]
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., forward_passes: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
