@@ -1,0 +1,125 @@
+"""The TorchServe handler: hosts the engine in a TorchServe worker.
+
+The only module of xaiserve that imports TorchServe. ``xaiserve.model_store.archive`` puts
+this file into every model archive as its handler; TorchServe imports it as a top-level
+module, so every xaiserve import here is absolute and the module defines exactly one class.
+
+Each request of a batch is answered on its own (its own model version check, target,
+methods, options and deadline): a bad request gets its error answer and the others their
+results. The wire format is :mod:`xaiserve.handlers.worker_protocol`. Every batch is counted
+in the ``XaiserveBatches`` metric (dimension ``BatchSize``) and logged, so the batches
+TorchServe forms can be observed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import DecodeError
+from ts.metrics.dimension import Dimension
+from ts.torch_handler.base_handler import BaseHandler
+
+from xaiserve.handlers import worker_protocol
+from xaiserve.handlers.engine import Engine
+from xaiserve.handlers.errors import DeadlineExceeded, InvalidArgument, ModelLoadError, XaiError
+from xaiserve.handlers.limits import EngineLimits
+from xaiserve.handlers.model import load_model_dir
+from xaiserve.service import convert
+from xaiserve.v1 import explain_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+#: Key of the xaiserve section in the archive's model-config.yaml.
+CONFIG_SECTION = "xaiserve"
+#: Counter of batches handled, by size.
+BATCH_METRIC = "XaiserveBatches"
+
+
+def engine_limits(model_yaml_config: Mapping[str, Any] | None) -> EngineLimits:
+    """The engine limits of ``xaiserve.limits`` in model-config.yaml (defaults otherwise).
+
+    Raises:
+        ModelLoadError: an unknown limit or a value that is not a positive integer.
+    """
+    section = (model_yaml_config or {}).get(CONFIG_SECTION) or {}
+    given = dict(section.get("limits") or {})
+    known = EngineLimits.__dataclass_fields__
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ModelLoadError(f"model-config.yaml: unknown xaiserve.limits {unknown}")
+    for name, value in given.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ModelLoadError(f"model-config.yaml: xaiserve.limits.{name} must be >= 1")
+    return EngineLimits(**given)
+
+
+def answer(engine: Engine, inputs: Mapping[str, Any]) -> bytes:
+    """The answer to one request of a batch; never raises (errors become error answers)."""
+    try:
+        command = worker_protocol.command_of(inputs)
+        if command == worker_protocol.LIST_MODELS:
+            return convert.models_to_proto(engine.list_models()).SerializeToString()
+        deadline = worker_protocol.deadline_of(inputs)
+        try:
+            message = pb.ExplainRequest.FromString(worker_protocol.body_of(inputs))
+        except DecodeError:
+            raise InvalidArgument("body", "not a serialized xaiserve.v1.ExplainRequest") from None
+        request = convert.request_from_proto(message)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded(None, "deadline passed while the request was queued")
+        result = engine.explain(request, deadline)
+        response = convert.response_to_proto(result, request.want_array, request.want_png)
+        return response.SerializeToString()
+    except XaiError as error:
+        return worker_protocol.encode_error(error.code, str(error))
+    except Exception:  # noqa: BLE001 - a bug must not fail the other requests of the batch
+        error_id = uuid.uuid4().hex[:12]
+        logger.exception("internal error (id %s)", error_id)
+        return worker_protocol.encode_error(
+            "INTERNAL", f"internal error in the TorchServe worker (id {error_id})"
+        )
+
+
+class XaiHandler(BaseHandler):
+    """Loads the archive's model directory into an :class:`Engine` and answers batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine: Engine | None = None
+
+    def initialize(self, context: Any) -> None:
+        """Loads ``config.yaml``, the model code and weights from the extracted archive.
+
+        The engine limits come from ``xaiserve.limits`` in the archive's model-config.yaml.
+        """
+        self.context = context
+        self.manifest = context.manifest
+        model_dir = Path(context.system_properties["model_dir"])
+        limits = engine_limits(getattr(context, "model_yaml_config", None))
+        served = load_model_dir(model_dir)
+        self.engine = Engine({served.config.name: served}, limits)
+        self.initialized = True
+        logger.info(
+            "xaiserve handler ready: model %s version %s from %s",
+            served.config.name,
+            served.config.version,
+            model_dir,
+        )
+
+    def handle(self, data: list[Mapping[str, Any]], context: Any) -> list[bytes]:
+        """One answer per request, in order (see :func:`answer`)."""
+        if self.engine is None:
+            raise RuntimeError("handle() before initialize()")
+        start = time.perf_counter()
+        answers = [answer(self.engine, inputs) for inputs in data]
+        size = len(data)
+        logger.info("xaiserve batch size=%d seconds=%.3f", size, time.perf_counter() - start)
+        metrics = getattr(context, "metrics", None)
+        if metrics is not None:
+            metrics.add_counter(BATCH_METRIC, 1, None, [Dimension("BatchSize", str(size))])
+        return answers

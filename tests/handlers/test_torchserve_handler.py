@@ -1,0 +1,220 @@
+"""The TorchServe handler in-process (no TorchServe server): mixed batches, errors, limits,
+the wire format. tests/torchserve/ runs it inside a real TorchServe."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from support.tiny_models import write_tiny_model_dir
+from xaiserve.handlers import worker_protocol
+from xaiserve.handlers.engine import Engine
+from xaiserve.handlers.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ModelLoadError,
+    NotFound,
+    ResourceExhausted,
+)
+from xaiserve.handlers.limits import EngineLimits
+from xaiserve.handlers.model import load_model_dir
+from xaiserve.service import convert
+from xaiserve.v1 import explain_pb2 as pb
+
+ts_context = pytest.importorskip("ts.context")
+handler_module = pytest.importorskip("xaiserve.handlers.torchserve_handler")
+
+
+class RecordingMetrics:
+    """Stands in for TorchServe's metrics cache."""
+
+    def __init__(self) -> None:
+        self.counters: list[tuple[str, float, dict[str, str]]] = []
+
+    def add_counter(self, name: str, value: float, idx: Any = None, dimensions: Any = ()) -> None:
+        self.counters.append((name, value, {d.name: d.value for d in dimensions}))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+def _context(model_dir: Path, yaml_config: dict[str, Any] | None = None) -> Any:
+    context = ts_context.Context(
+        "tiny", str(model_dir), {"model": {"modelName": "tiny"}}, 8, None, "0.12.0",
+        model_yaml_config=yaml_config or {},
+    )
+    context.metrics = RecordingMetrics()
+    return context
+
+
+@pytest.fixture(scope="module")
+def handler(model_dir: Path) -> Any:
+    instance = handler_module.XaiHandler()
+    instance.initialize(_context(model_dir, {"xaiserve": {"limits": {"max_methods": 3}}}))
+    return instance
+
+
+def _png(width: int, height: int, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _tensor(seed: int) -> pb.Image:
+    data = np.random.default_rng(seed).random((3, 16, 16), dtype=np.float32)
+    return pb.Image(tensor=pb.Tensor(shape=[3, 16, 16], data=data.astype("<f4").tobytes()))
+
+
+def _inputs(request: pb.ExplainRequest, deadline: float | None = None) -> dict[str, Any]:
+    # TorchServe hands the values over as bytearrays
+    raw = worker_protocol.explain_inputs(request.SerializeToString(), deadline)
+    return {k: bytearray(v) for k, v in raw.items()}
+
+
+def _mixed_batch() -> list[pb.ExplainRequest]:
+    return [
+        pb.ExplainRequest(
+            model_name="tiny", image=pb.Image(encoded=_png(16, 16, 1)), target=0,
+            methods=[pb.MethodRequest(method=pb.SALIENCY), pb.MethodRequest(method=pb.GRAD_CAM)],
+        ),
+        pb.ExplainRequest(
+            model_name="tiny", image=pb.Image(encoded=_png(40, 24, 2)), target=2, top_k=2,
+            methods=[pb.MethodRequest(method=pb.OCCLUSION, stage=pb.RAW,
+                                      occlusion=pb.OcclusionParams(window=4, stride=4))],
+            map_encoding=pb.FLOAT32_AND_PNG,
+        ),
+        pb.ExplainRequest(model_name="tiny", image=_tensor(3), top_k=5),  # bad: 3 labels
+        pb.ExplainRequest(
+            model_name="tiny", image=_tensor(4),
+            methods=[pb.MethodRequest(method=pb.INTEGRATED_GRADIENTS,
+                                      integrated_gradients=pb.IntegratedGradientsParams(steps=8))],
+            map_encoding=pb.PNG_OVERLAY,
+        ),
+    ]
+
+
+def test_a_mixed_batch_answers_each_request_with_its_own_result(
+    handler: Any, model_dir: Path
+) -> None:
+    requests = _mixed_batch()
+    context = _context(model_dir)
+    answers = handler.handle([_inputs(r, time.time() + 60) for r in requests], context)
+
+    assert len(answers) == len(requests)
+    reference = Engine({"tiny": load_model_dir(model_dir)}, EngineLimits(max_methods=3))
+    for index, (request, answer) in enumerate(zip(requests, answers, strict=True)):
+        if index == 2:
+            with pytest.raises(InvalidArgument, match="top_k: must be between 1 and 3"):
+                worker_protocol.decode_answer(answer)
+            continue
+        got = pb.ExplainResponse.FromString(worker_protocol.decode_answer(answer))
+        plain = convert.request_from_proto(request)
+        expected = convert.response_to_proto(
+            reference.explain(plain), plain.want_array, plain.want_png
+        )
+        assert got.prediction == expected.prediction
+        assert [e.method for e in got.explanations] == [m.method for m in request.methods]
+        for mine, theirs in zip(got.explanations, expected.explanations, strict=True):
+            assert mine.map.shape == theirs.map.shape
+            assert mine.map.data == theirs.map.data  # same engine, same bytes
+            assert bool(mine.map.png_overlay) == plain.want_png
+        assert got.forward_passes == expected.forward_passes
+    assert answers[0] != answers[1]
+    assert context.metrics.counters == [("XaiserveBatches", 1, {"BatchSize": "4"})]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "error", "message"),
+    [
+        ({"body": bytearray(b"\x0a\xff\xff")}, InvalidArgument, "body: not a serialized"),
+        ({"command": bytearray(b"reboot")}, InvalidArgument, "command: unknown command"),
+        ({"command": bytearray(b"explain")}, InvalidArgument, "body: required"),
+        (
+            {"body": bytearray(pb.ExplainRequest(model_name="other", image=_tensor(0))
+                               .SerializeToString())},
+            NotFound,
+            "model 'other' is not served",
+        ),
+        (
+            {"body": bytearray(pb.ExplainRequest(model_name="tiny", image=_tensor(0),
+                                                 methods=[pb.MethodRequest(method=pb.SALIENCY)] * 4)
+                               .SerializeToString())},
+            ResourceExhausted,
+            "at most 3 per call",
+        ),
+        (
+            {"body": bytearray(pb.ExplainRequest(model_name="tiny", image=_tensor(0))
+                               .SerializeToString()),
+             "deadline": bytearray(b"soon")},
+            InvalidArgument,
+            "deadline: must be Unix time",
+        ),
+        (
+            {"body": bytearray(pb.ExplainRequest(model_name="tiny", image=_tensor(0))
+                               .SerializeToString()),
+             "deadline": bytearray(repr(time.time() - 1).encode())},
+            DeadlineExceeded,
+            "deadline passed while the request was queued",
+        ),
+    ],
+)
+def test_bad_requests_get_error_answers(
+    handler: Any, model_dir: Path, inputs: dict[str, Any], error: type, message: str
+) -> None:
+    good = _inputs(pb.ExplainRequest(model_name="tiny", image=_tensor(9)))
+    answers = handler.handle([good, inputs, good], _context(model_dir))
+    with pytest.raises(error, match=message):
+        worker_protocol.decode_answer(answers[1])
+    first, last = (pb.ExplainResponse.FromString(answers[i]) for i in (0, 2))
+    assert first.prediction == last.prediction and first.model_name == "tiny"
+
+
+def test_list_models_command_describes_the_archive_model(handler: Any, model_dir: Path) -> None:
+    answer = handler.handle([worker_protocol.list_models_inputs()], _context(model_dir))[0]
+    models = pb.ListModelsResponse.FromString(worker_protocol.decode_answer(answer)).models
+    assert [m.name for m in models] == ["tiny"]
+    assert list(models[0].input_shape) == [3, 16, 16]
+    assert pb.GRAD_CAM in models[0].methods
+
+
+def test_a_bug_becomes_an_internal_error_answer_with_an_id(
+    handler: Any, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(handler.engine, "explain", broken)
+    answer = handler.handle([_inputs(pb.ExplainRequest(model_name="tiny", image=_tensor(0)))],
+                            _context(model_dir))[0]
+    with pytest.raises(worker_protocol.WorkerError) as caught:
+        worker_protocol.decode_answer(answer)
+    assert caught.value.code == "INTERNAL"
+    assert "internal error in the TorchServe worker (id " in str(caught.value)
+    assert "secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"xaiserve": {"limits": {"max_widgets": 3}}}, "unknown xaiserve.limits"),
+        ({"xaiserve": {"limits": {"max_methods": 0}}}, "max_methods must be >= 1"),
+        ({"xaiserve": {"limits": {"max_methods": "many"}}}, "max_methods must be >= 1"),
+    ],
+)
+def test_bad_limits_in_model_config_fail_the_load(config: dict[str, Any], message: str) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        handler_module.engine_limits(config)
+
+
+def test_limits_default_to_the_engine_defaults() -> None:
+    assert handler_module.engine_limits(None) == EngineLimits()
+    assert handler_module.engine_limits({"batchSize": 4}) == EngineLimits()

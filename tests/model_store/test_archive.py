@@ -1,0 +1,93 @@
+"""Model archives (.mar) built with torch-model-archiver from model directories."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from support.tiny_models import write_tiny_model_dir
+from xaiserve.handlers.errors import ModelLoadError
+from xaiserve.handlers.limits import EngineLimits
+from xaiserve.model_store import archive
+from xaiserve.service.torchserve_process import model_names
+
+pytest.importorskip("model_archiver")
+
+
+def _contents(path: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as packed:
+        return {name: packed.read(name) for name in packed.namelist()}
+
+
+def test_archive_holds_the_model_directory_handler_and_settings(tmp_path: Path) -> None:
+    model_dir = write_tiny_model_dir(tmp_path / "tiny")
+    (model_dir / "model.onnx").write_bytes(b"onnx graph")
+    (model_dir / "notes.txt").write_text("not part of the model")
+    settings = archive.ArchiveSettings(
+        batch_size=4, max_batch_delay_ms=20, response_timeout_s=30, min_workers=1,
+        max_workers=2, job_queue_size=10, limits=EngineLimits(max_methods=5),
+    )
+
+    path = archive.build_archive(model_dir, tmp_path / "store", settings)
+
+    assert path == tmp_path / "store" / "tiny.mar"
+    files = _contents(path)
+    assert set(files) == {
+        "config.yaml", "model.py", "weights.pt", "model.onnx", "torchserve_handler.py",
+        "model-config.yaml", "MAR-INF/MANIFEST.json",
+    }
+    assert files["weights.pt"] == (model_dir / "weights.pt").read_bytes()
+    assert files["torchserve_handler.py"] == archive.handler_file().read_bytes()
+    manifest = json.loads(files["MAR-INF/MANIFEST.json"])
+    assert manifest["model"]["modelName"] == "tiny" and manifest["model"]["modelVersion"] == "1"
+    assert manifest["model"]["handler"] == "torchserve_handler.py"
+    config = yaml.safe_load(files["model-config.yaml"])
+    assert config["batchSize"] == 4 and config["maxBatchDelay"] == 20
+    assert config["responseTimeout"] == 30 and config["jobQueueSize"] == 10
+    assert (config["minWorkers"], config["maxWorkers"]) == (1, 2)
+    assert config["xaiserve"]["limits"]["max_methods"] == 5
+    assert model_names(tmp_path / "store") == ["tiny"]
+
+
+def test_command_line_builds_one_archive_per_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = write_tiny_model_dir(tmp_path / "a")
+    second = write_tiny_model_dir(tmp_path / "b")
+    config = yaml.safe_load((second / "config.yaml").read_text())
+    config.update(name="tiny-two", version="7")
+    (second / "config.yaml").write_text(yaml.safe_dump(config))
+
+    code = archive.main(
+        ["--model-dir", str(first), "--model-dir", str(second), "--out", str(tmp_path / "s"),
+         "--batch-size", "2", "--max-forward-passes", "500"]
+    )
+
+    assert code == 0
+    assert capsys.readouterr().out.split() == [
+        str(tmp_path / "s" / "tiny.mar"), str(tmp_path / "s" / "tiny-two.mar")
+    ]
+    assert model_names(tmp_path / "s") == ["tiny", "tiny-two"]
+    settings = yaml.safe_load(_contents(tmp_path / "s" / "tiny-two.mar")["model-config.yaml"])
+    assert settings["batchSize"] == 2
+    assert settings["xaiserve"]["limits"]["max_forward_passes"] == 500
+
+
+def test_missing_weights_are_refused(tmp_path: Path) -> None:
+    model_dir = write_tiny_model_dir(tmp_path / "tiny")
+    (model_dir / "weights.pt").unlink()
+    with pytest.raises(ModelLoadError, match="'weights.pt' is not a file"):
+        archive.build_archive(model_dir, tmp_path / "store")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"batch_size": 0}, {"max_batch_delay_ms": -1}, {"min_workers": 2, "max_workers": 1}],
+)
+def test_bad_settings_are_refused(changes: dict[str, int]) -> None:
+    with pytest.raises(ValueError):
+        archive.ArchiveSettings(**changes)
