@@ -1,8 +1,10 @@
 """Backends: where the gateway sends a converted request.
 
 The servicer only knows the small :class:`Backend` protocol. :class:`LocalBackend` runs the
-engine in-process (the embedded default); a TorchServe backend will implement the same four
-methods over TorchServe's gRPC inference API.
+engine in-process (the embedded default);
+:class:`~xaiserve.service.torchserve_backend.TorchServeBackend` implements the same four
+methods over TorchServe's gRPC inference API. How many calls reach a backend at once is
+limited in front of both, by the gateway (``xaiserve.service.admission``).
 """
 
 from __future__ import annotations
@@ -10,11 +12,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, runtime_checkable
 
-from xaiserve.handlers.errors import ResourceExhausted, Unavailable
+from xaiserve.handlers.errors import Unavailable
 from xaiserve.handlers.types import ExplainRequest, ExplainResult, ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -54,48 +55,32 @@ class EngineLike(Protocol):
 
 
 class LocalBackend:
-    """The engine in this process, called from a bounded thread pool.
+    """The engine in this process, called from a thread pool of ``workers`` threads.
 
-    ``workers`` requests run at once; up to ``max_queue`` more wait for a worker, and a
-    request beyond that is refused with RESOURCE_EXHAUSTED rather than queued without bound.
-    When a caller gives up (deadline, cancellation) the engine call keeps its thread until
-    the engine itself notices the deadline it was given.
+    Calls beyond ``workers`` wait for a thread; how many may wait is bounded by the
+    gateway's in-flight limit, in front of every backend. A call abandoned while it waits
+    (deadline, cancellation) is dropped from the pool's queue; one abandoned while it runs
+    keeps its thread until the engine notices the deadline it was given.
     """
 
-    def __init__(self, engine: EngineLike, workers: int = 2, max_queue: int = 64) -> None:
+    def __init__(self, engine: EngineLike, workers: int = 2) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        if max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self._engine = engine
-        self._capacity = workers + max_queue
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xaiserve-engine")
-        self._lock = threading.Lock()
-        self._in_flight = 0  # submitted to the pool and not finished, abandoned ones included
         self._closed = False
 
     async def explain(self, request: ExplainRequest, deadline: float | None) -> ExplainResult:
         """Runs ``engine.explain(request, deadline)`` on a pool thread."""
         if self._closed:
             raise Unavailable(None, "server is shutting down")
-        with self._lock:
-            if self._in_flight >= self._capacity:
-                raise ResourceExhausted(
-                    None, f"server at capacity ({self._in_flight} requests in progress)"
-                )
-            self._in_flight += 1
         call = functools.partial(self._engine.explain, request, deadline)
         try:
             future = self._pool.submit(call)
-        except RuntimeError:  # pool shut down between the check and the submit
-            self._release()
+        except RuntimeError:  # the pool was shut down
             raise Unavailable(None, "server is shutting down") from None
-        future.add_done_callback(lambda _: self._release())
+        # cancelling the awaiting task cancels the pool's future while it is still queued
         return await asyncio.wrap_future(future)
-
-    def _release(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
 
     async def list_models(self) -> list[ModelInfo]:
         """The engine's models (in-memory metadata, answered without the pool)."""

@@ -184,12 +184,32 @@ def build_request(
     return request
 
 
+def tls_credentials(
+    ca_file: str | os.PathLike[str] | None = None,
+    cert_file: str | os.PathLike[str] | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS credentials from PEM files: the CA that signed the server's certificate (default:
+    the system's roots) and, for servers that require one, the client's certificate and key."""
+
+    def read(path: str | os.PathLike[str] | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(ca_file),
+        private_key=read(key_file),
+        certificate_chain=read(cert_file),
+    )
+
+
 class XaiClient:
     """Blocking client over one channel; use it as a context manager or call :meth:`close`.
 
     target: ``host:port`` of the server.
     timeout: deadline of each call, in seconds (``None``: the server's default applies).
     max_message_bytes: largest response accepted (maps with PNGs add up).
+    credentials: TLS credentials (see :func:`tls_credentials`); ``None``: plaintext.
+    token: bearer token sent with every call, for a server that requires one.
     """
 
     def __init__(
@@ -197,16 +217,20 @@ class XaiClient:
         target: str = "127.0.0.1:50051",
         timeout: float | None = 60.0,
         max_message_bytes: int = 64 * 1024 * 1024,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._stub = explain_pb2_grpc.ExplanationServiceStub(self._channel)
 
     def explain(
@@ -246,11 +270,13 @@ class XaiClient:
         request = build_request(
             image, model, methods, target, top_k, stage, png, params, reliability, filter, version
         )
-        return self._stub.Explain(request, timeout=self.timeout)
+        return self._stub.Explain(request, timeout=self.timeout, metadata=self._metadata)
 
     def list_models(self) -> pb.ListModelsResponse:
         """The served models."""
-        return self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
+        return self._stub.ListModels(
+            pb.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
+        )
 
     def close(self) -> None:
         """Closes the channel."""

@@ -27,6 +27,8 @@ from grpc_reflection.v1alpha import reflection
 from xaiserve.handlers.errors import ModelLoadError
 from xaiserve.v1 import explain_pb2, explain_pb2_grpc
 
+from . import security
+from .admission import InFlightLimit
 from .backends import Backend, LocalBackend
 from .metrics import Metrics, MetricsHttpServer
 from .servicer import ExplanationServicer
@@ -90,9 +92,15 @@ async def start(
 
     Raises:
         BindError: the address cannot be bound.
+        SecurityConfigError: the TLS or token settings cannot be used.
     """
     metrics = metrics if metrics is not None else Metrics()
-    server = grpc.aio.server(options=_server_options(settings))
+    credentials = security.server_credentials(
+        settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+    )
+    server = grpc.aio.server(
+        options=_server_options(settings), interceptors=_interceptors(settings, metrics)
+    )
     explain_pb2_grpc.add_ExplanationServiceServicer_to_server(
         ExplanationServicer(backend, settings.default_deadline_seconds, metrics), server
     )
@@ -107,7 +115,10 @@ async def start(
         server,
     )
     try:
-        port = server.add_insecure_port(settings.address)
+        if credentials is None:
+            port = server.add_insecure_port(settings.address)
+        else:
+            port = server.add_secure_port(settings.address, credentials)
     except RuntimeError as error:
         raise BindError(f"cannot listen on {settings.address}: {error}") from None
     if port == 0:
@@ -120,6 +131,23 @@ async def start(
         await _learn_models(metrics, backend)
     await running.set_serving(ready)
     return running
+
+
+def _interceptors(settings: Settings, metrics: Metrics) -> list[grpc.aio.ServerInterceptor]:
+    """Bearer-token authentication (when a token file is set), then the in-flight limit."""
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if settings.auth_token_file:
+        interceptors.append(
+            security.BearerTokenAuth(
+                security.read_tokens(settings.auth_token_file),
+                on_reject=metrics.observe_rpc_error,
+                metered=(SERVICE_NAME,),
+            )
+        )
+    interceptors.append(
+        InFlightLimit(settings.max_in_flight, (SERVICE_NAME,), on_reject=metrics.observe_rpc_error)
+    )
+    return interceptors
 
 
 async def _learn_models(metrics: Metrics, backend: Backend) -> None:
@@ -228,7 +256,31 @@ def build_backend(settings: Settings) -> Backend:
         engine = Engine.from_model_store(Path(settings.model_store), settings.engine_limits())
         models = ", ".join(m.name for m in engine.list_models())
         logger.info("local backend: models %s from %s", models, settings.model_store)
-        return LocalBackend(engine, workers=settings.workers, max_queue=settings.max_queue)
+        return LocalBackend(engine, workers=settings.workers)
+    if settings.backend == "torchserve":
+        from .torchserve_backend import TorchServeBackend
+        from .torchserve_process import TorchServeError, model_names
+
+        names = [n.strip() for n in settings.torchserve_models.split(",") if n.strip()]
+        if not names:
+            try:
+                names = model_names(Path(settings.model_store))
+            except TorchServeError as error:
+                raise ModelLoadError(str(error)) from None
+        if not names:
+            raise ModelLoadError(
+                f"{settings.model_store}: no model archives (*.mar); build them with "
+                "`python -m xaiserve.model_store.archive` or name them in --torchserve-models"
+            )
+        logger.info(
+            "torchserve backend: models %s at %s", ", ".join(names), settings.torchserve_target
+        )
+        return TorchServeBackend(
+            settings.torchserve_target,
+            Path(settings.torchserve_key_file),
+            names,
+            max_message_bytes=settings.max_message_bytes,
+        )
     raise ValueError(f"unknown backend {settings.backend!r}")
 
 
@@ -248,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         asyncio.run(serve(settings, backend))
-    except BindError as error:
+    except (BindError, security.SecurityConfigError) as error:
         logger.error("%s", error)
         return 1
     return 0

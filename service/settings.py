@@ -17,8 +17,8 @@ from typing import Any
 from xaiserve.handlers.limits import EngineLimits
 
 ENV_PREFIX = "XAISERVE_"
-#: Backends that can be selected; a TorchServe backend is added to this list later.
-BACKENDS = ("local",)
+#: Backends that can be selected.
+BACKENDS = ("local", "torchserve")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 _MIB = 1024 * 1024
@@ -35,11 +35,25 @@ class Settings:
     metrics_port: port of the Prometheus ``/metrics`` endpoint (HTTP, on ``host``); 0 turns
         it off. The default, 9464, stays clear of Prometheus (9090), the Pushgateway (9091),
         node exporters (9100) and TorchServe (8080-8082, 7070-7071).
-    model_store: directory with one sub-directory per model (each with a ``config.yaml``).
+    model_store: directory with one sub-directory per model (each with a ``config.yaml``);
+        for the torchserve backend, TorchServe's model store (``.mar`` archives), whose
+        model names ListModels reports unless ``torchserve_models`` names them.
     build_demo: build the demo model into ``<model_store>/demo`` first if it is missing.
-    backend: where requests go: ``local`` (the engine in this process).
+    backend: where requests go: ``local`` (the engine in this process) or ``torchserve``
+        (TorchServe's gRPC inference API, see ``xaiserve.service.torchserve_backend``).
     workers: requests the local backend runs at once (threads).
-    max_queue: requests that may wait for a worker; more are refused (RESOURCE_EXHAUSTED).
+    max_in_flight: Explain and ListModels calls the gateway handles at once, for either
+        backend; a call beyond that is refused at once with RESOURCE_EXHAUSTED.
+    torchserve_target: ``host:port`` of TorchServe's gRPC inference API.
+    torchserve_key_file: TorchServe's ``key_file.json`` (token authorization).
+    torchserve_models: comma-separated model names served by TorchServe; empty: the
+        names of the archives in ``model_store``.
+    tls_cert_file, tls_key_file: PEM server certificate (chain) and private key; when set,
+        the gateway accepts TLS connections only.
+    tls_client_ca_file: PEM CA certificates; when set, clients must present a certificate
+        signed by one of them (mutual TLS). Needs ``tls_cert_file``.
+    auth_token_file: file with the bearer tokens clients must send (one per line, in
+        ``authorization: Bearer <token>``); empty: no token needed. Health checks need none.
     max_message_bytes: largest gRPC message received or sent.
     max_image_bytes, max_image_pixels, max_methods, max_forward_passes: per-request limits
         of the engine (see :class:`~xaiserve.handlers.limits.EngineLimits`).
@@ -55,7 +69,14 @@ class Settings:
     build_demo: bool = False
     backend: str = "local"
     workers: int = 2
-    max_queue: int = 64
+    max_in_flight: int = 64
+    torchserve_target: str = "127.0.0.1:7070"
+    torchserve_key_file: str = "var/stack/torchserve/key_file.json"
+    torchserve_models: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    auth_token_file: str = ""
     max_message_bytes: int = 32 * _MIB
     max_image_bytes: int = _LIMIT_DEFAULTS.max_image_bytes
     max_image_pixels: int = _LIMIT_DEFAULTS.max_image_pixels
@@ -153,9 +174,23 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "build_demo": (_boolean, "build the demo model into MODEL_STORE/demo first if it is missing"),
     "backend": (str, "where requests go"),
     "workers": (_positive_int, "requests the local backend runs at once"),
-    "max_queue": (
-        _non_negative_int,
-        "requests that may wait for a worker; more get RESOURCE_EXHAUSTED",
+    "max_in_flight": (
+        _positive_int,
+        "Explain/ListModels calls handled at once (either backend); more get "
+        "RESOURCE_EXHAUSTED at once",
+    ),
+    "torchserve_target": (str, "host:port of TorchServe's gRPC inference API"),
+    "torchserve_key_file": (str, "TorchServe's key_file.json (token authorization)"),
+    "torchserve_models": (
+        str,
+        "comma-separated models served by TorchServe; empty: the archives in MODEL_STORE",
+    ),
+    "tls_cert_file": (str, "PEM server certificate chain; with --tls-key-file turns TLS on"),
+    "tls_key_file": (str, "PEM private key of the server certificate"),
+    "tls_client_ca_file": (str, "PEM CA certificates; when set, clients need a certificate"),
+    "auth_token_file": (
+        str,
+        "file of bearer tokens clients must send, one per line; empty: no token needed",
     ),
     "max_message_bytes": (_positive_int, "largest gRPC message received or sent, in bytes"),
     "max_image_bytes": (_positive_int, "largest encoded image or raw tensor, in bytes"),

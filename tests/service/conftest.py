@@ -29,7 +29,7 @@ def serve_fake(aio_loop: LoopThread) -> Iterator[Callable[..., Served]]:
     def start(engine: FakeEngine | None = None, **overrides: Any) -> Served:
         engine = engine or FakeEngine()
         settings = Settings(**{"port": 0, **overrides})
-        backend = LocalBackend(engine, workers=settings.workers, max_queue=settings.max_queue)
+        backend = LocalBackend(engine, workers=settings.workers)
         server, port = aio_loop.run(start_server(settings, backend))
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         started.append((server, backend, channel))

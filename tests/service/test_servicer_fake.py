@@ -232,7 +232,7 @@ def test_over_capacity_is_resource_exhausted(serve_fake: ServeFake) -> None:
         entered.set()
         release.wait(10)
 
-    served = serve_fake(FakeEngine(behaviour=behaviour), workers=1, max_queue=0)
+    served = serve_fake(FakeEngine(behaviour=behaviour), workers=1, max_in_flight=1)
     first = served.stub.Explain.future(_request(), timeout=10)
     try:
         assert entered.wait(5)

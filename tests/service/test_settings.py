@@ -54,7 +54,8 @@ def test_engine_limits_come_from_settings() -> None:
         (["--backend", "carrier-pigeon"], {}),
         ([], {"XAISERVE_WORKERS": "many"}),
         ([], {"XAISERVE_BUILD_DEMO": "perhaps"}),
-        ([], {"XAISERVE_BACKEND": "torchserve"}),
+        ([], {"XAISERVE_BACKEND": "carrier-pigeon"}),
+        (["--max-in-flight", "0"], {}),
     ],
 )
 def test_bad_values_are_refused(argv: list[str], environ: dict[str, str]) -> None:
@@ -74,3 +75,18 @@ def test_help_documents_every_setting_with_its_variable_and_default() -> None:
 def test_settings_are_frozen() -> None:
     with pytest.raises(FrozenInstanceError):
         Settings().port = 1  # type: ignore[misc]
+
+
+def test_torchserve_backend_and_security_settings_from_flags_and_environment() -> None:
+    settings = parse_settings(
+        ["--backend", "torchserve", "--torchserve-models", "demo,tiny", "--max-in-flight", "3"],
+        {
+            "XAISERVE_TORCHSERVE_TARGET": "10.0.0.2:7070",
+            "XAISERVE_TLS_CERT_FILE": "/certs/server.pem",
+            "XAISERVE_AUTH_TOKEN_FILE": "/secrets/tokens",
+        },
+    )
+    assert settings.backend == "torchserve" and settings.torchserve_models == "demo,tiny"
+    assert settings.torchserve_target == "10.0.0.2:7070" and settings.max_in_flight == 3
+    assert settings.tls_cert_file == "/certs/server.pem"
+    assert settings.auth_token_file == "/secrets/tokens"
