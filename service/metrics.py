@@ -102,6 +102,8 @@ TORCHSERVE_METRICS: dict[str, str] = {
     "GPUMemoryUsed": "gauge: megabytes {Level, DeviceId, Hostname}",
     "Requests4XX": "counter: HTTP 4xx answers {Level, Hostname}",
     "Requests5XX": "counter: HTTP 5xx answers {Level, Hostname}",
+    # the xaiserve handler's own counter (xaiserve.handlers.torchserve_handler)
+    "XaiserveBatches": "counter: batches the handler ran {BatchSize, ModelName, Level, ...}",
 }
 
 
