@@ -22,17 +22,28 @@ from ..model import ServedModel
 
 @dataclass(frozen=True)
 class Param:
-    """A method parameter: type, default and inclusive range (``high=None``: unbounded)."""
+    """A method parameter: type, default and inclusive range (``high=None``: unbounded).
+
+    ``kind=str`` parameters (proto enums, which arrive as lower-case names) list their
+    allowed values in ``choices``; ``low``/``high`` are then unused.
+    """
 
     name: str
     kind: type
-    default: float | int
+    default: float | int | str
     low: float
     high: float | None
     doc: str
+    choices: tuple[str, ...] = ()
 
-    def resolve(self, value: Any, field: str) -> float | int:
+    def resolve(self, value: Any, field: str) -> float | int | str:
         """Checks one given value; ``field`` is the full request path for errors."""
+        if self.kind is str:
+            if value not in self.choices:
+                raise InvalidArgument(
+                    field, f"must be one of {', '.join(self.choices)}, got {value!r}"
+                )
+            return str(value)
         if self.kind is int:
             if isinstance(value, bool) or not float(value).is_integer():
                 raise InvalidArgument(field, f"must be an integer, got {value!r}")
@@ -81,10 +92,16 @@ class AttributionMethod:
     needs_gradients: ClassVar[bool] = True
     needs_layer: ClassVar[bool] = False
     forward_only: ClassVar[bool] = False
+    spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
+    """Numbers of spatial axes the method handles: 2 (images), 3 (volumes N x C x D x H x W)."""
     params: ClassVar[tuple[Param, ...]] = ()
 
     def unsupported_reason(self, served: ServedModel) -> str | None:
         """Why this method cannot run on ``served``, or None when it can."""
+        dims = len(served.config.spatial)
+        if dims not in self.spatial_dims:
+            handled = " or ".join(f"{d}-D" for d in self.spatial_dims)
+            return f"{self.name} handles {handled} inputs; the model takes {dims}-D inputs"
         if self.needs_layer and served.cam_layer is None:
             return "the model configures no cam_layer"
         return None
