@@ -1,0 +1,132 @@
+"""DeepLIFT with the rescale rule (Shrikumar et al., 2017, "Learning important features
+through propagating activation differences").
+
+Against a constant reference image b (pixel value ``baseline``), every nonlinearity's
+derivative is replaced by the ratio of differences between the input's and the reference's
+forward passes, the multiplier m = (f(z) - f(z_b)) / (z - z_b) (the ordinary derivative
+where |z - z_b| < 1e-10); linear layers keep their weights. The attribution is
+
+    a(x) = (x - b) * dm f_y / dx,    summation-to-delta: sum a(x) = f_y(x) - f_y(b)
+
+(exact for networks whose nonlinearities are all element-wise). Max pooling follows
+Captum's rule: the difference of the cross maximum max(out, out_b) routed through the
+input's pooling indices, divided by the input difference. x and b go through the model in
+one batch (2N images, counted). Shapes: x N x C x *spatial -> N x C x *spatial.
+
+Rules exist for nn.ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus and MaxPool1d/2d/3d
+modules (Captum's list without Softmax); every other layer must be linear. A nonlinearity
+applied as a function (``torch.relu(x)``) is invisible to module hooks, so such networks
+are reported unsupported instead of getting a silently wrong map.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..forward import batches
+from ..model import ServedModel
+from .backward_override import overridden_backward
+from .base import AttributionMethod, MethodContext, Param, target_logits
+from .graph_inspect import NONLINEAR_FUNCTIONS, first_unhandled_module, functional_uses, traced
+
+EPS = 1e-10
+"""|z - z_b| below which the ordinary derivative is used (Captum's default)."""
+
+ELEMENTWISE = (nn.ReLU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus)
+MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+LINEAR_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+    nn.ConvTranspose3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d, nn.Identity,
+)
+"""Layers that are affine in eval mode: DeepLIFT keeps their ordinary gradient."""
+
+
+def _halves(t: torch.Tensor) -> torch.Tensor:
+    """The input half minus the reference half, repeated for both halves: 2N x ..."""
+    a, b = t.chunk(2)
+    return torch.cat([a - b, a - b])
+
+
+def _ordinary(module: nn.Module, z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The module's own vector-Jacobian product at z (hooks bypassed)."""
+    with torch.enable_grad():
+        leaf = z.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(module.forward(leaf * 1.0), leaf, grad)
+    return g
+
+
+def rescale(module: nn.Module, z: torch.Tensor, out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Element-wise nonlinearity: grad * (f(z) - f(z_b)) / (z - z_b)."""
+    dz, dout = _halves(z), _halves(out)
+    return torch.where(dz.abs() < EPS, _ordinary(module, z, grad), grad * dout / dz)
+
+
+def rescale_maxpool(
+    module: nn.Module, z: torch.Tensor, out: torch.Tensor, grad: torch.Tensor
+) -> torch.Tensor:
+    """Max pooling, Captum's rule: unpool(grad * (max(o, o_b) - o_b)) / (z - z_b)."""
+    dims = z.dim() - 2
+    pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[dims - 1]
+    unpool = (F.max_unpool1d, F.max_unpool2d, F.max_unpool3d)[dims - 1]
+    dz = _halves(z)
+    o, o_b = out.chunk(2)
+    cross = torch.max(o, o_b)
+    dout = torch.cat([cross - o_b, o - cross])
+    args = (module.kernel_size, module.stride, module.padding)
+    _, idx = pool(z, *args, module.dilation, module.ceil_mode, True)
+    up = unpool(grad * dout, idx, *args, output_size=list(z.shape))
+    up_x, up_b = up.chunk(2)
+    summed = torch.cat([up_x + up_b, up_x + up_b])
+    return torch.where(dz.abs() < EPS, _ordinary(module, z, grad), summed / dz)
+
+
+RULES = {**{t: rescale for t in ELEMENTWISE}, **{t: rescale_maxpool for t in MAXPOOL}}
+
+
+def _handled(module: nn.Module) -> bool:
+    return isinstance(module, ELEMENTWISE + MAXPOOL + LINEAR_LAYERS)
+
+
+class DeepLift(AttributionMethod):
+    name = "deeplift"
+    params = (Param("baseline", float, 0.0, 0.0, 1.0, "constant pixel value of the reference"),)
+
+    def unsupported_reason(self, served: ServedModel) -> str | None:
+        reason = super().unsupported_reason(served)
+        if reason:
+            return reason
+        net = served.module.net
+        found = first_unhandled_module(net, _handled)
+        if found is not None:
+            return f"deeplift has no rescale rule for layer type {type(found[1]).__name__} ({found[0]})"
+        graph = traced(net)
+        if not isinstance(graph, str):
+            uses = functional_uses(graph, NONLINEAR_FUNCTIONS)
+            if uses:
+                return (
+                    f"the network applies a nonlinearity as a function ({uses[0]}), which "
+                    "deeplift cannot intercept; it needs nonlinearities as nn modules"
+                )
+        return None
+
+    def attribute(
+        self, ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, params: dict[str, Any]
+    ) -> torch.Tensor:
+        reference = torch.full_like(x, params["baseline"])
+        out = []
+        for part in batches(x.shape[0], max(1, ctx.max_batch // 2)):
+            n = part.stop - part.start
+            ctx.budget.charge(2 * n, "attribute")
+            both = torch.cat([x[part], reference[part]]).requires_grad_(True)
+            with torch.enable_grad(), overridden_backward(ctx.model, RULES):
+                logits = ctx.model(both)
+                (grad,) = torch.autograd.grad(target_logits(logits[:n], target[part]).sum(), both)
+            out.append((x[part] - reference[part]) * grad[:n])
+        return torch.cat(out)

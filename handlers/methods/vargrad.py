@@ -1,0 +1,42 @@
+"""VarGrad (Adebayo et al., 2018, "Local explanation methods for deep neural networks lack
+sensitivity to parameter randomization"): the variance of the gradient over noisy copies.
+
+    a(x) = 1/n sum_i g_i^2 - (1/n sum_i g_i)^2,  g_i = grad f_y(x + z_i),
+    z_i ~ N(0, sigma^2), sigma = noise_level * (max x - min x) per image
+
+(the population variance, as Captum's NoiseTunnel ``vargrad``). Each image draws its n
+noise copies from its own generator seeded with ``seed``, so an image's map does not
+depend on the other images of its batch; for one image the noise is the one Captum draws
+after ``torch.manual_seed(seed)``. Shapes: x N x C x *spatial -> N x C x *spatial.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import AttributionMethod, MethodContext, input_gradients
+from .smoothgrad import SmoothGrad, smoothgrad_noise
+
+
+def per_image_noise(x: torch.Tensor, samples: int, noise_level: float, seed: int) -> torch.Tensor:
+    """(N * samples) x C x *spatial, image-major; image i's noise is independent of N."""
+    return torch.cat(
+        [smoothgrad_noise(x[i : i + 1], samples, noise_level, seed) for i in range(x.shape[0])]
+    )
+
+
+class VarGrad(AttributionMethod):
+    name = "vargrad"
+    params = SmoothGrad.params
+
+    def attribute(
+        self, ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, params: dict[str, Any]
+    ) -> torch.Tensor:
+        n = params["samples"]
+        noisy = x.repeat_interleave(n, dim=0)
+        noisy = noisy + per_image_noise(x, n, params["noise_level"], params["seed"])
+        grads = input_gradients(ctx, noisy, target.repeat_interleave(n))
+        grads = grads.view(x.shape[0], n, *x.shape[1:])
+        return grads.pow(2).mean(dim=1) - grads.mean(dim=1).pow(2)
