@@ -4,16 +4,35 @@ from __future__ import annotations
 
 from ..errors import InvalidArgument
 from .base import AttributionMethod
+from .deconvolution import Deconvolution
+from .deeplift import DeepLift
+from .fullgrad import FullGrad
 from .grad_cam import GradCam
+from .grad_cam_plus_plus import GradCamPlusPlus
+from .guided_backprop import GuidedBackprop
+from .guided_grad_cam import GuidedGradCam
+from .hires_cam import HiResCam
 from .input_x_gradient import InputXGradient
 from .integrated_gradients import IntegratedGradients
+from .kernel_shap import KernelShap
+from .layer_cam import LayerCam
+from .lime import Lime
+from .lrp import Lrp
 from .occlusion import Occlusion
+from .rise import Rise
 from .saliency import Saliency
+from .score_cam import ScoreCam
 from .smoothgrad import SmoothGrad
+from .vargrad import VarGrad
+from .xgrad_cam import XGradCam
 
 METHODS: dict[str, type[AttributionMethod]] = {
     cls.name: cls
-    for cls in (Saliency, InputXGradient, SmoothGrad, IntegratedGradients, GradCam, Occlusion)
+    for cls in (
+        Saliency, InputXGradient, SmoothGrad, IntegratedGradients, GradCam, Occlusion,
+        GuidedBackprop, Deconvolution, DeepLift, Lrp, GradCamPlusPlus, XGradCam, HiResCam,
+        LayerCam, FullGrad, GuidedGradCam, VarGrad, Lime, KernelShap, ScoreCam, Rise,
+    )
 }
 
 
