@@ -15,7 +15,9 @@ as Unix time), and the handler's ``ExplainResponse`` or error answer comes back.
 TorchServe's failures become domain errors (and so gRPC codes, in ``status``):
 
 - a model or version TorchServe does not have: NOT_FOUND;
-- TorchServe down or restarting, a full job queue, no free worker: UNAVAILABLE;
+- TorchServe down or restarting, the model's job queue full or no worker for it:
+  UNAVAILABLE (TorchServe answers the last two alike, with INTERNAL and "has no worker to
+  serve inference request");
 - TorchServe at capacity (HTTP 429/413 inside TorchServe): RESOURCE_EXHAUSTED;
 - the deadline passing: DEADLINE_EXCEEDED;
 - TorchServe refusing the key, even after re-reading the key file: UNAVAILABLE (and an
@@ -97,8 +99,7 @@ class InferenceKey:
             raise Unavailable(None, "TorchServe is unavailable (no key file)") from None
         stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
         if self._key is None or stamp != self._stamp:
-            self._read(stamp)
-        assert self._key is not None
+            return self._read(stamp)
         return self._key
 
     def refresh(self) -> bool:
@@ -111,7 +112,7 @@ class InferenceKey:
             return False
         return self._key != before
 
-    def _read(self, stamp: tuple[int, int, int]) -> None:
+    def _read(self, stamp: tuple[int, int, int]) -> str:
         try:
             document = json.loads(self.path.read_text())
             key = document["inference"]["key"]
@@ -122,6 +123,7 @@ class InferenceKey:
         if self._key is not None and key != self._key:
             logger.info("TorchServe's inference key changed; using the new one")
         self._key, self._stamp = key, stamp
+        return key
 
 
 def map_rpc_error(error: grpc.RpcError, model: str, version: str) -> XaiError:
@@ -132,6 +134,11 @@ def map_rpc_error(error: grpc.RpcError, model: str, version: str) -> XaiError:
         return NotFound("model_name", f"model {model!r} is not served")
     if "ModelVersionNotFoundException" in details:
         return NotFound("model_version", f"model {model!r} version {version!r} is not served")
+    if "has no worker to serve inference request" in details:  # queue full, or no worker
+        logger.warning("TorchServe has no capacity for model %r: %s", model, details)
+        return Unavailable(
+            None, f"TorchServe has no free capacity for model {model!r}; retry later"
+        )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(None, "deadline exceeded waiting for TorchServe")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -204,7 +211,7 @@ class TorchServeBackend:
                 )
                 if not (refused and attempt == 1 and self._key.refresh()):
                     raise
-        raise AssertionError("unreachable")
+        raise RuntimeError("unreachable: the second attempt returns or raises")
 
     async def _predict(
         self, model: str, version: str, inputs: dict[str, bytes], deadline: float
