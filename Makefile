@@ -5,9 +5,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL_STORE ?= var/models
+ARCHIVES ?= var/model-archives
 PROTO := proto/xaiserve/v1/explain.proto proto/xaiserve/torchserve/inference.proto
 
-.PHONY: install proto serve test demo-model clean
+.PHONY: install proto serve test demo-model archives stack-up stack-down test-torchserve clean
 
 # torch goes in first, from the CPU build, so nothing that depends on it pulls a CUDA build.
 $(STAMP): pyproject.toml
@@ -32,8 +33,26 @@ serve: $(STAMP)
 demo-model: $(STAMP)
 	$(BIN)/python -m xaiserve.model_store.build_demo --out $(MODEL_STORE)/demo
 
+# TorchServe model archives (.mar) of every model directory in MODEL_STORE.
+archives: demo-model
+	$(BIN)/python -m xaiserve.model_store.archive --out $(ARCHIVES) \
+		$$(for c in $(MODEL_STORE)/*/config.yaml; do printf -- '--model-dir %s ' "$${c%/config.yaml}"; done)
+
+# The full stack in the background: TorchServe (token auth, Prometheus metrics, management
+# API on 127.0.0.1) with the archives, then the gateway on 127.0.0.1:50051 in front of it.
+# PIDs and logs in var/stack/.
+stack-up: $(STAMP)
+	$(BIN)/python -m xaiserve.service.stack up --model-store $(MODEL_STORE) --archives $(ARCHIVES)
+
+stack-down: $(STAMP)
+	$(BIN)/python -m xaiserve.service.stack down
+
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Only the tests against a real TorchServe (`make test` runs them too).
+test-torchserve: $(STAMP)
+	$(BIN)/python -m pytest -m torchserve
 
 clean:
 	rm -rf $(VENV) var
