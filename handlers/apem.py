@@ -19,10 +19,11 @@ seeded) whose two searches both flip gives eps_minus_shuffle and eps_plus_shuffl
 score near 0.
 
 The seed scans eps = 1, 2, 3, ... with one forward pass per step (``reference_search``).
-``search_first_flips`` evaluates many eps values per forward call instead: a geometric grid
-over (0, eps_max] first, then geometric grids inside the bracket [last not flipped, first
-flipped] until (hi - lo) / hi <= resolution, and it searches several directions (relevance,
-irrelevance, shuffles, filter candidates) in the same forward calls.
+``search_first_flips`` evaluates many eps values per forward call instead, on a geometric
+``Lattice`` whose neighbours differ by the resolution: a grid over [eps_max * 1e-6, eps_max]
+first, then grids splitting the bracket [last not flipped, first flipped] until
+(hi - lo) / hi <= resolution (1% in 3 calls of 12 values), and it searches several
+directions (relevance, irrelevance, shuffles, filter candidates) in the same forward calls.
 
 Shapes: x is one image, C x *spatial (no batch dimension); maps are C x *spatial or
 1 x *spatial; directions are K x C x *spatial.
@@ -53,7 +54,8 @@ MAX_RESOLUTION = 0.5
 DEFAULT_BATCH = 12
 """eps values per direction per forward call: 12 reach 1% in 3 calls from a 1e-6 span."""
 GEOMETRIC_SPAN = 1e-6
-"""The first grid covers [eps_max * GEOMETRIC_SPAN, eps_max] geometrically."""
+"""The first grid covers [eps_max * GEOMETRIC_SPAN, eps_max] geometrically (lower flips
+are still found, one round later)."""
 MAX_IMAGES_PER_CALL = 512
 """Perturbed images built at once (memory bound); a round with more takes several calls."""
 SHUFFLE_SEED = 0
@@ -65,6 +67,9 @@ UNDEFINED_ONE = "the relevance map is one everywhere, so the irrelevance map 1 -
 UNDEFINED_PREDICTION = (
     "the model predicts class {pred}, not the explained class {y}, on the unperturbed "
     "input, so eps would be 0"
+)
+UNDEFINED_GRADIENT = (
+    "the loss gradient is zero everywhere (the prediction is saturated), so R_dir is zero"
 )
 
 
@@ -97,7 +102,9 @@ def resolve_options(
     """
     options = options or ReliabilityRequest()
     prefix = f"{field}.reliability"
-    eps_max = float(numel) if options.eps_max is None else _finite(options.eps_max, f"{prefix}.eps_max")
+    eps_max = (
+        float(numel) if options.eps_max is None else _finite(options.eps_max, f"{prefix}.eps_max")
+    )
     if eps_max <= 0:
         raise InvalidArgument(f"{prefix}.eps_max", f"must be > 0, got {eps_max:g}")
     resolution = (
@@ -110,7 +117,7 @@ def resolve_options(
             f"{prefix}.resolution", f"must be in (0, {MAX_RESOLUTION:g}], got {resolution:g}"
         )
     shuffles = DEFAULT_SHUFFLES if options.shuffles is None else options.shuffles
-    if isinstance(shuffles, bool) or not float(shuffles).is_integer():
+    if isinstance(shuffles, bool) or not _finite(shuffles, f"{prefix}.shuffles").is_integer():
         raise InvalidArgument(f"{prefix}.shuffles", f"must be an integer, got {shuffles!r}")
     if not 0 <= shuffles <= MAX_SHUFFLES:
         raise InvalidArgument(
@@ -203,55 +210,87 @@ class SearchResult:
     lower: float = 0.0
 
 
+@dataclass(frozen=True)
+class Lattice:
+    """The eps values a search may report: e_j = eps_max * q^(top - j), q = 1 - resolution.
+
+    e_top = eps_max; e_0 is about eps_max * GEOMETRIC_SPAN; j < 0 continue below. Neighbours
+    differ by the resolution (relative), so the first flipped lattice value brackets the
+    flip to it. Searches on one lattice report the same value for a flip that is monotone in
+    eps whatever grids they tried (hinted or not), so APEMs of similar maps compare cleanly.
+    """
+
+    eps_max: float
+    resolution: float
+
+    @property
+    def log_q(self) -> float:
+        return math.log1p(-self.resolution)
+
+    @property
+    def top(self) -> int:
+        return math.ceil(math.log(GEOMETRIC_SPAN) / self.log_q)
+
+    def eps(self, j: int) -> float:
+        return self.eps_max * math.exp((self.top - j) * self.log_q)
+
+    def index(self, eps: float) -> int:
+        """The lattice index nearest ``eps`` (> 0)."""
+        return self.top - round(math.log(eps / self.eps_max) / self.log_q)
+
+    def width(self, steps: int) -> float:
+        """The relative width (hi - lo) / hi of a bracket ``steps`` indices wide."""
+        return self.resolution if steps == 1 else -math.expm1(steps * self.log_q)
+
+    def hint_width(self) -> int:
+        """Indices spanning a factor HINT_WIDTH."""
+        return math.ceil(math.log(HINT_WIDTH) / -self.log_q)
+
+
 def calls_needed(resolution: float, batch: int = DEFAULT_BATCH) -> int:
     """Forward calls for a flip inside the first grid to reach ``resolution`` (worst case)."""
-    width = 1.0 - GEOMETRIC_SPAN ** (1.0 / (batch - 1))
+    gap = math.ceil(Lattice(1.0, resolution).top / (batch - 1))
     calls = 1
-    while width > resolution:
-        width = 1.0 - (1.0 - width) ** (1.0 / (batch + 1))
+    while gap > 1:
+        gap = 1 if gap - 1 <= batch else math.ceil(gap / (batch + 1))
         calls += 1
     return calls
 
 
 def max_calls_for(resolution: float, batch: int = DEFAULT_BATCH) -> int:
     """The default cap on calls per direction: ``calls_needed`` plus one spare round (a flip
-    below the first grid's smallest value needs a second geometric grid)."""
+    below the first grid, or outside a hint's window, needs another wide grid)."""
     return calls_needed(resolution, batch) + 1
 
 
-def _next_grid(
-    lo: float,
-    hi: float | None,
-    eps_max: float,
-    batch: int,
-    resolution: float,
-    hint: float | None = None,
-) -> torch.Tensor:
-    """The eps values of the next round, ascending (float64).
+def _spread(start: int, stop: int, count: int) -> list[int]:
+    """Up to ``count`` distinct integers evenly spread over [start, stop], both included."""
+    if stop - start + 1 <= count:
+        return list(range(start, stop + 1))
+    return sorted({start + round((stop - start) * i / (count - 1)) for i in range(count)})
 
-    - first round with a hint: ``batch`` values geometric over
-      [hint / HINT_WIDTH, min(hint * HINT_WIDTH, eps_max)];
-    - no flip seen yet: ``batch`` values geometric over [eps_max * span, eps_max], or over
-      (lo, eps_max] after a hinted round that did not flip;
-    - flipped at hi, nothing below seen: ``batch`` values geometric over [hi * span, hi);
-    - bracket (lo, hi): interior values geometric over it, as few as reach ``resolution``
-      in this round (at most ``batch``).
+
+def _next_indices(
+    lo: int | None, hi: int | None, top: int, batch: int, hint: int | None, width: int
+) -> list[int]:
+    """Lattice indices of the next round, ascending (lo: largest known not to flip; hi:
+    smallest known to flip; None: not known).
+
+    - first round with a hint: ``batch`` indices over [hint - width, min(hint + width, top)];
+    - first round: ``batch`` indices over [0, top] (geometric over [eps_max * span, eps_max]);
+    - no flip seen yet: over (lo, top];
+    - flipped at hi, nothing below seen: over [hi - top, hi);
+    - bracket (lo, hi): ``batch`` indices splitting it evenly, or all of its inside.
     """
-    steps = torch.arange(1, batch + 1, dtype=torch.float64) / batch
     if hint is not None:
-        bottom = hint / HINT_WIDTH
-        top = min(hint * HINT_WIDTH, eps_max)
-        return bottom * (top / bottom) ** torch.linspace(0.0, 1.0, batch, dtype=torch.float64)
+        return _spread(min(hint, top) - width, min(hint + width, top), batch)
     if hi is None:
-        if lo <= 0.0:
-            return eps_max * GEOMETRIC_SPAN ** torch.linspace(1.0, 0.0, batch, dtype=torch.float64)
-        return lo * (eps_max / lo) ** steps
-    if lo <= 0.0:
-        return hi * GEOMETRIC_SPAN ** steps.flip(0)
-    needed = math.ceil(math.log(lo / hi) / math.log1p(-resolution) - 1e-9) - 1
-    n = max(1, min(batch, needed))
-    ratio = (hi / lo) ** (torch.arange(1, n + 1, dtype=torch.float64) / (n + 1))
-    return lo * ratio
+        return _spread(0, top, batch) if lo is None else _spread(lo + 1, top, batch)
+    if lo is None:
+        return _spread(hi - top, hi - 1, batch)
+    if hi - lo - 1 <= batch:
+        return list(range(lo + 1, hi))
+    return sorted({lo + round((hi - lo) * i / (batch + 1)) for i in range(1, batch + 1)})
 
 
 def _flips(
@@ -294,12 +333,16 @@ def search_first_flips(
 ) -> list[SearchResult]:
     """The first flip of argmax f(x + eps * d) away from y, for K directions at once.
 
-    x: C x *spatial; directions: K x C x *spatial. Every round puts all unfinished
-    directions' eps values into one forward call (several only when a round has more than
-    ``max_images`` images). A direction stops at (hi - lo) / hi <= resolution, when nothing
-    flips up to eps_max (censored), or after ``max_calls`` rounds (default
-    ``max_calls_for``). hints: per direction an eps expected near its flip (e.g. a similar
-    map's), or None; a hinted first round searches around it instead of over (0, eps_max].
+    x: C x *spatial; directions: K x C x *spatial. eps runs over a ``Lattice`` (relative
+    spacing ``resolution``): the first round tries ``batch`` values geometric over
+    [eps_max * GEOMETRIC_SPAN, eps_max], later rounds split the bracket [last not flipped,
+    first flipped] evenly until the two are neighbours, i.e. (hi - lo) / hi <= resolution.
+    Every round puts all unfinished directions' values into one forward call (several only
+    past ``max_images`` images). A direction also stops when nothing flips up to eps_max
+    (censored) or after ``max_calls`` rounds (default ``max_calls_for``; the bracket is then
+    wider, as ``resolution_reached`` says). hints: per direction an eps expected near its
+    flip (a similar map's), or None; a hinted first round searches a factor HINT_WIDTH
+    around it instead.
     """
     if batch < 2:
         raise ValueError(f"batch must be >= 2, got {batch}")
@@ -308,59 +351,54 @@ def search_first_flips(
     k_total = directions.shape[0]
     if hints is not None and len(hints) != k_total:
         raise ValueError(f"{len(hints)} hints for {k_total} directions")
+    lattice = Lattice(eps_max, resolution)
+    top, width = lattice.top, lattice.hint_width()
     cap = max_calls if max_calls is not None else max_calls_for(resolution, batch)
-    lo = [0.0] * k_total
-    hi: list[float | None] = [None] * k_total
+    lo: list[int | None] = [None] * k_total
+    hi: list[int | None] = [None] * k_total
     calls = [0] * k_total
     passes = [0] * k_total
     active = list(range(k_total))
     while active:
-        grids = [
-            _next_grid(
-                lo[k],
-                hi[k],
-                eps_max,
-                batch,
-                resolution,
-                hints[k] if hints is not None and calls[k] == 0 else None,
-            )
-            for k in active
-        ]
-        rows = torch.cat([torch.full((len(g),), k) for k, g in zip(active, grids)])
-        flipped = _flips(
-            forward, x, directions, rows, torch.cat(grids), y, clamp, stage, max_images
-        ).tolist()
+        rounds = []
+        for k in active:
+            hint = hints[k] if hints is not None and calls[k] == 0 else None
+            hint_index = lattice.index(hint) if hint is not None and hint > 0 else None
+            rounds.append(_next_indices(lo[k], hi[k], top, batch, hint_index, width))
+        rows = torch.cat([torch.full((len(r),), k) for k, r in zip(active, rounds)])
+        eps = torch.tensor([lattice.eps(j) for r in rounds for j in r], dtype=torch.float64)
+        flipped = _flips(forward, x, directions, rows, eps, y, clamp, stage, max_images).tolist()
         still = []
         offset = 0
-        for k, grid in zip(active, grids):
-            values = grid.tolist()
-            hits = flipped[offset : offset + len(values)]
-            offset += len(values)
+        for k, indices in zip(active, rounds):
+            hits = flipped[offset : offset + len(indices)]
+            offset += len(indices)
             calls[k] += 1
-            passes[k] += len(values)
-            first = hits.index(True) if True in hits else None
-            if first is None:
-                if hi[k] is None and values[-1] >= eps_max:  # no flip up to eps_max: censored
-                    continue
-                lo[k] = values[-1]
-            else:
-                hi[k] = values[first]
+            passes[k] += len(indices)
+            if True in hits:
+                first = hits.index(True)
+                hi[k] = indices[first]
                 if first > 0:
-                    lo[k] = values[first - 1]
-            top = hi[k]
-            unresolved = top is None or (top - lo[k]) / top > resolution
-            if unresolved and (calls[k] < cap or top is None):
+                    lo[k] = indices[first - 1]
+            else:
+                lo[k] = indices[-1]
+            if hi[k] is None:
+                if lo[k] != top:  # eps_max not tried yet (after a hinted round)
+                    still.append(k)
+            elif (lo[k] is None or hi[k] - lo[k] > 1) and calls[k] < cap:
                 still.append(k)
         active = still
     results = []
     for k in range(k_total):
-        top = hi[k]
-        if top is None:
+        top_k, lo_k = hi[k], lo[k]
+        if top_k is None:
             results.append(SearchResult(eps_max, True, 0.0, calls[k], passes[k], eps_max))
-        else:
-            results.append(
-                SearchResult(top, False, (top - lo[k]) / top, calls[k], passes[k], lo[k])
-            )
+            continue
+        lower = 0.0 if lo_k is None else lattice.eps(lo_k)
+        width = 1.0 if lo_k is None else lattice.width(top_k - lo_k)
+        results.append(
+            SearchResult(lattice.eps(top_k), False, width, calls[k], passes[k], lower)
+        )
     return results
 
 
@@ -436,8 +474,8 @@ class MapScore:
 
     @property
     def apem_low(self) -> float:
-        """The smallest APEM the brackets allow (censored eps_plus: > eps_max)."""
-        return self.plus.lower - self.minus.eps
+        """The smallest APEM the brackets allow (-inf when eps_minus is censored)."""
+        return self.plus.lower - (math.inf if self.minus.censored else self.minus.eps)
 
     @property
     def apem_high(self) -> float:
@@ -456,6 +494,27 @@ def undefined_reason(relevance: torch.Tensor) -> str:
     if bool((relevance >= 1).all()):
         return UNDEFINED_ONE
     return ""
+
+
+def undefined_at(sign: torch.Tensor, logits: torch.Tensor, y: int) -> str:
+    """Why APEM is undefined at this input ('' when it is defined): the model does not
+    predict y, or the loss gradient is zero everywhere. logits: K, of the unperturbed x."""
+    predicted = int(logits.argmax())
+    if predicted != y:
+        return UNDEFINED_PREDICTION.format(pred=predicted, y=y)
+    if not bool(sign.any()):
+        return UNDEFINED_GRADIENT
+    return ""
+
+
+def check_relevance(relevance: torch.Tensor, x: torch.Tensor) -> None:
+    """Raises ValueError unless relevance is in [0, 1] and broadcasts to x (C x *spatial)."""
+    fits = relevance.dim() == x.dim() and relevance.shape[0] in (1, x.shape[0])
+    if not fits or relevance.shape[1:] != x.shape[1:]:
+        shapes = f"{tuple(relevance.shape)} vs x {tuple(x.shape)}"
+        raise ValueError(f"relevance does not broadcast to x: {shapes}")
+    if relevance.numel() and (relevance.min() < 0 or relevance.max() > 1):
+        raise ValueError("relevance must lie in [0, 1]; use relevance_from_map on a raw map")
 
 
 def score_maps(
@@ -569,13 +628,14 @@ def apem(
             undefined_reason=reason,
         )
 
+    check_relevance(relevance, x)
     reason = undefined_reason(relevance)
     if reason:
         return undefined(reason)
     sign, logits = gradient_sign_and_logits(module, x, y, budget, stage)
-    predicted = int(logits.argmax())
-    if predicted != y:
-        return undefined(UNDEFINED_PREDICTION.format(pred=predicted, y=y))
+    reason = undefined_at(sign, logits, y)
+    if reason:
+        return undefined(reason)
 
     generator = torch.Generator().manual_seed(seed)
     shuffles = [shuffled(relevance, generator) for _ in range(resolved.shuffles)]

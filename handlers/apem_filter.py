@@ -14,15 +14,21 @@ search bracket (lower, eps], so APEM lies in [apem_low, apem_high] (``MapScore``
 below the largest ``apem_low`` of the maps accepted so far. At resolution 0 this is the
 seed's ``apem < best_apem`` (accepted APEMs then never decrease, so the best is the
 previous one); comparing with the best rather than the previous map keeps small decreases
-from adding up, so the result's APEM is at least the original's minus the resolution. A
-map whose APEM is undefined (all zero) drops.
+from adding up, so the result's APEM is at least the original's minus what the brackets
+blur, resolution * (eps_plus of the original + eps_minus of the result). A map whose APEM
+is undefined (all zero) drops.
 
 - ``filter_exact``: the path step by step, one APEM per distinct value (small inputs, tests).
-- ``filter_fast`` (the served default): candidate steps at quantile levels of the positive
-  values (equal numbers of entries removed between candidates), each round's candidates
-  scored in the same forward calls, scanned in path order with the drop rule; the bracket
-  [last accepted, first drop] is refined while the forward-pass budget allows. It returns
-  the last accepted candidate: the largest threshold reached before the first drop seen.
+- ``filter_fast`` (the served default): evaluates a subset of the steps, in rounds whose
+  candidates are scored in the same forward calls (their eps searches start from the
+  nearest evaluated step's eps), within a forward-pass budget. The first round is an
+  exponential search from the start of the path (steps removing 1, r, r^2, ... entries);
+  later rounds refine the gaps between evaluated steps below the first known drop, riskiest
+  first (``next_steps``). The answer is chosen as the exact algorithm would on the steps
+  seen: the last evaluated step before the first one that drops against the steps before
+  it. With a budget that covers every step below the drop it is the exact answer (eps
+  values lie on one lattice, so hinted and unhinted searches agree where flips are
+  monotone in eps).
 
 Maps are C x *spatial or 1 x *spatial in [0, 1] (``relevance_from_map`` of any stage).
 """
@@ -38,14 +44,15 @@ from torch import nn
 
 from .apem import (
     DEFAULT_BATCH,
-    UNDEFINED_PREDICTION,
     ApemOptions,
     Forward,
     MapScore,
+    check_relevance,
     gradient_sign_and_logits,
     max_calls_for,
     resolve_options,
     score_maps,
+    undefined_at,
     undefined_reason,
 )
 from .errors import InvalidArgument, ResourceExhausted
@@ -96,26 +103,28 @@ def resolve_filter_options(
         )
     given = request.forward_budget
     if given is None:
-        return FilterOptions(request.mode, DEFAULT_FORWARD_BUDGET if request.mode == "fast" else None)
-    if isinstance(given, bool) or not float(given).is_integer():
-        raise InvalidArgument(f"{field}.filter.forward_budget", f"must be an integer, got {given!r}")
+        default = DEFAULT_FORWARD_BUDGET if request.mode == "fast" else None
+        return FilterOptions(request.mode, default)
+    name = f"{field}.filter.forward_budget"
+    if isinstance(given, bool) or not isinstance(given, int):
+        raise InvalidArgument(name, f"must be an integer, got {given!r}")
     least = minimum_budget(options, batch)
     if given < least:
         raise InvalidArgument(
-            f"{field}.filter.forward_budget",
+            name,
             f"must be at least {least} forward passes (the gradient, the original's APEM and "
-            f"one candidate's at resolution {options.resolution:g}), got {int(given)}",
+            f"one candidate's at resolution {options.resolution:g}), got {given}",
         )
-    return FilterOptions(request.mode, int(given))
+    return FilterOptions(request.mode, given)
 
 
 # ---------------------------------------------------------------------------- path parts
 
 
 def distinct_positive(relevance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(v_1 < ... < v_D, cumulative entry counts): the steps of Algorithm 2's path."""
+    """(v_1 < ... < v_D, entries equal to each): the steps of Algorithm 2's path."""
     values, counts = torch.unique(relevance[relevance > 0], sorted=True, return_counts=True)
-    return values, counts.cumsum(0)
+    return values, counts
 
 
 def zero_through(relevance: torch.Tensor, value: float | torch.Tensor) -> torch.Tensor:
@@ -154,6 +163,64 @@ def nearest_score(scores: dict[int, MapScore | None], step: int) -> MapScore | N
     return scores[min(known, key=lambda k: (abs(k - step), k))] if known else None
 
 
+def next_steps(
+    scores: dict[int, MapScore | None], counts: torch.Tensor, end: int, count: int
+) -> list[int]:
+    """Up to ``count`` unevaluated steps below ``end`` (the first known drop), riskiest
+    gaps first.
+
+    A gap is a run of unevaluated steps between evaluated ones a < b. A step inside it
+    changes the answer if it dips (its APEM certainly below the best accepted so far, T) or
+    spikes (raising T above the APEM of an evaluated step after it, F = the smallest
+    ``apem_high`` from b on). Its slack is the smaller distance of its ends from these:
+    ``min(high(a), high(b)) - T`` and ``F - max(low(a), low(b))``; its risk is the entries it
+    removes per unit of slack. The bracket before the known drop has infinite risk; the
+    unexplored tail (no drop known) only dips. Points are dealt to gaps round-robin in order
+    of risk and placed at quantile levels inside each gap, so gaps between comfortable
+    neighbours are refined last.
+    """
+    ends = sorted(k for k in scores if k < end)
+    floors = [math.inf] * (len(ends) + 1)
+    for i in range(len(ends) - 1, -1, -1):
+        floors[i] = min(floors[i + 1], scores[ends[i]].apem_high)
+    gaps = []
+    best_low = -math.inf
+    for i, a in enumerate(ends):
+        score_a = scores[a]
+        best_low = max(best_low, score_a.apem_low)
+        b = ends[i + 1] if i + 1 < len(ends) else end
+        if b - a <= 1:
+            continue
+        if b < end:
+            score_b = scores[b]
+            dip = min(score_a.apem_high, score_b.apem_high) - best_low
+            spike = floors[i + 1] - max(score_a.apem_low, score_b.apem_low)
+            slack = min(dip, spike)
+        elif end in scores:  # the bracket before the first known drop
+            slack = -math.inf
+        else:  # the tail: nothing evaluated after it
+            slack = score_a.apem_high - best_low
+        entries = float(counts[a : b - 1].sum())
+        risk = math.inf if slack <= 0 else entries / slack
+        gaps.append((-risk, a, b))
+    gaps.sort()
+    dealt = [0] * len(gaps)
+    left = count
+    while left > 0:
+        before = left
+        for i, (_, a, b) in enumerate(gaps):
+            if left > 0 and dealt[i] < b - a - 1:
+                dealt[i] += 1
+                left -= 1
+        if left == before:
+            break
+    steps = []
+    for n, (_, a, b) in zip(dealt, gaps):
+        if n:
+            steps += quantile_steps(counts, list(range(a + 1, b)), n)
+    return sorted(steps)
+
+
 def first_known_drop(scores: dict[int, MapScore | None], end: int) -> int:
     """The first evaluated step that drops against the evaluated steps before it (``end``
     when none does). scores: step -> score, step 0 (the original) included."""
@@ -185,7 +252,7 @@ def _setup(
     y: int,
     relevance: torch.Tensor,
     options: ReliabilityRequest | None,
-    filter_request: FilterRequest | None,
+    request: FilterRequest | None,
     mode: str,
     budget: Budget,
     batch: int,
@@ -193,15 +260,15 @@ def _setup(
 ) -> _Setup:
     """Options, the gradient sign and the original's score (or why it is undefined)."""
     resolved = resolve_options(options, x.numel(), field)
-    request = replace(filter_request or FilterRequest(), mode=mode)
+    request = replace(request or FilterRequest(), mode=mode)
     filter_options = resolve_filter_options(request, resolved, batch=batch, field=field)
+    check_relevance(relevance, x)
     reason = undefined_reason(relevance)
     if reason:
         return _Setup(resolved, filter_options, None, None, reason)
     sign, logits = gradient_sign_and_logits(module, x, y, budget, STAGE)
-    predicted = int(logits.argmax())
-    if predicted != y:
-        reason = UNDEFINED_PREDICTION.format(pred=predicted, y=y)
+    reason = undefined_at(sign, logits, y)
+    if reason:
         return _Setup(resolved, filter_options, None, None, reason)
     (before,) = score_maps(forward, x, y, [relevance], sign, resolved, batch=batch, stage=STAGE)
     return _Setup(resolved, filter_options, sign, before, "")
@@ -233,8 +300,8 @@ def filter_exact(
     y: int,
     relevance: torch.Tensor,
     options: ReliabilityRequest | None = None,
-    filter_request: FilterRequest | None = None,
     *,
+    request: FilterRequest | None = None,
     budget: Budget,
     batch: int = DEFAULT_BATCH,
     field: str = "methods[0]",
@@ -242,13 +309,14 @@ def filter_exact(
     """Algorithm 2 as written: one APEM per distinct positive value, until the first drop.
 
     x: C x *spatial; relevance: R in [0, 1] (C x *spatial or 1 x *spatial). Costs up to
-    D + 1 APEMs (D distinct positive values): for small inputs and tests. A map whose APEM
+    D APEMs (the original's and D - 1 steps', D distinct positive values): for small
+    inputs and tests. A map whose APEM
     is undefined comes back unchanged (APEMs NaN). With a ``forward_budget``, running out
     raises ResourceExhausted naming ``<field>.filter.forward_budget``.
     """
     spent = budget.spent
     setup = _setup(
-        forward, module, x, y, relevance, options, filter_request, "exact", budget, batch, field
+        forward, module, x, y, relevance, options, request, "exact", budget, batch, field
     )
     if setup.reason:
         return _record(relevance, relevance, None, None, budget.spent - spent)
@@ -257,7 +325,7 @@ def filter_exact(
     best_map, best = relevance, setup.before
     best_low = best.apem_low
     values, _ = distinct_positive(relevance)
-    for value in values:
+    for value in values[:-1]:  # the last step, the all-zero map, drops by definition
         candidate = zero_through(relevance, value)
         if cap is not None and budget.spent - spent + cost > cap:
             raise ResourceExhausted(
@@ -281,24 +349,24 @@ def filter_fast(
     y: int,
     relevance: torch.Tensor,
     options: ReliabilityRequest | None = None,
-    filter_request: FilterRequest | None = None,
     *,
+    request: FilterRequest | None = None,
     budget: Budget,
     batch: int = DEFAULT_BATCH,
     field: str = "methods[0]",
 ) -> FilteredRecord:
-    """Algorithm 2 on quantile candidates within a forward-pass budget (module docstring).
+    """Algorithm 2 on a budgeted subset of its steps (module docstring).
 
-    x: C x *spatial; relevance: R in [0, 1] (C x *spatial or 1 x *spatial). Each round takes
-    up to ``CANDIDATES_PER_ROUND`` steps strictly inside the bracket (last accepted, first
-    drop), as many as the remaining budget covers at their worst cost, scores them in the
-    same forward calls and scans them in path order. Stops when the bracket is one step wide
-    (the exact answer, if no unvisited step drops) or the budget is spent. The filter's
-    images, its gradient and original APEM included, never exceed ``forward_budget``.
+    x: C x *spatial; relevance: R in [0, 1] (C x *spatial or 1 x *spatial). Each round
+    scores up to ``CANDIDATES_PER_ROUND`` steps, as many as the remaining budget covers at
+    their worst cost (``apem_cost_bound``), so the filter's images, its gradient and the
+    original's APEM included, never exceed ``forward_budget``. Stops when every step below
+    the first known drop is evaluated or the budget is spent. A map whose APEM is undefined
+    comes back unchanged (APEMs NaN).
     """
     spent = budget.spent
     setup = _setup(
-        forward, module, x, y, relevance, options, filter_request, "fast", budget, batch, field
+        forward, module, x, y, relevance, options, request, "fast", budget, batch, field
     )
     if setup.reason:
         return _record(relevance, relevance, None, None, budget.spent - spent)
@@ -308,12 +376,14 @@ def filter_fast(
     scores: dict[int, MapScore | None] = {0: setup.before}
     drop = len(values)  # the first known drop; M_D (all zero) drops by definition
     while True:
-        open_steps = [k for k in range(1, drop) if k not in scores]
         room = math.inf if cap is None else (cap - (budget.spent - spent)) // cost
-        count = int(min(CANDIDATES_PER_ROUND, room, len(open_steps)))
-        if count < 1:
+        count = int(min(CANDIDATES_PER_ROUND, room))
+        if len(scores) == 1:  # first round: an exponential search from the start
+            steps = quantile_steps(counts, list(range(1, drop)), count, front_loaded=True)
+        else:
+            steps = next_steps(scores, counts, drop, count)
+        if not steps:
             break
-        steps = quantile_steps(counts, open_steps, count, front_loaded=len(scores) == 1)
         candidates = [zero_through(relevance, values[k - 1]) for k in steps]
         found = score_maps(
             forward,
@@ -341,19 +411,28 @@ def filter_map(
     y: int,
     relevance: torch.Tensor,
     options: ReliabilityRequest | None = None,
-    filter_request: FilterRequest | None = None,
     *,
+    request: FilterRequest | None = None,
     budget: Budget,
     batch: int = DEFAULT_BATCH,
     field: str = "methods[0]",
 ) -> FilteredRecord:
-    """``filter_fast`` or ``filter_exact`` as ``filter_request.mode`` says (default fast)."""
-    request = filter_request or FilterRequest()
+    """``filter_fast`` or ``filter_exact`` as ``request.mode`` says (default fast)."""
+    request = request or FilterRequest()
     if request.mode not in MODES:
         raise InvalidArgument(
             f"{field}.filter.mode", f"unknown mode {request.mode!r}; use one of {MODES}"
         )
     run = filter_exact if request.mode == "exact" else filter_fast
     return run(
-        forward, module, x, y, relevance, options, request, budget=budget, batch=batch, field=field
+        forward,
+        module,
+        x,
+        y,
+        relevance,
+        options,
+        request=request,
+        budget=budget,
+        batch=batch,
+        field=field,
     )

@@ -7,14 +7,17 @@ benchmarks all call ``Engine.explain``. Nothing here imports gRPC or TorchServe.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .apem import ApemOptions, apem, relevance_from_map, resolve_options
+from .apem_filter import filter_map, resolve_filter_options
 from .errors import InvalidArgument, ModelLoadError, NotFound, ResourceExhausted
 from .forward import Budget, TorchForward
 from .limits import EngineLimits
@@ -34,6 +37,7 @@ from .types import (
     MethodRequest,
     ModelInfo,
     Prediction,
+    ReliabilityRequest,
 )
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,16 @@ class _Planned:
     request: MethodRequest
     method: AttributionMethod
     params: dict[str, Any]
+    apem_options: ApemOptions | None
+    ranked: bool = False  # one of AUTO's candidates
+
+
+def _apem_rank(explanation: Explanation) -> tuple[int, float]:
+    """Sort key: defined APEM first, highest first."""
+    record = explanation.reliability
+    if record is None or record.undefined_reason or math.isnan(record.apem):
+        return (1, 0.0)
+    return (0, -record.apem)
 
 
 class Engine:
@@ -120,7 +134,9 @@ class Engine:
             target = torch.tensor([prediction.target.index])
             ctx = MethodContext(served, forward, budget, self.limits.max_batch)
             explanations = tuple(
-                self._explain_one(ctx, item, x, target, request) for item in plan
+                explanation
+                for group in plan
+                for explanation in self._explain_group(ctx, group, x, target, request)
             )
         timings["total"] = time.perf_counter() - start
         return ExplainResult(
@@ -147,8 +163,8 @@ class Engine:
             )
         return served
 
-    def _plan(self, request: ExplainRequest, served: ServedModel) -> list[_Planned]:
-        """Validates every method request before any work starts."""
+    def _plan(self, request: ExplainRequest, served: ServedModel) -> list[list[_Planned]]:
+        """Validates every method request before any work starts; one group per request."""
         if len(request.methods) > self.limits.max_methods:
             raise ResourceExhausted(
                 "methods",
@@ -162,31 +178,50 @@ class Engine:
             raise InvalidArgument(
                 "target", f"class index must be between 0 and {n_labels - 1}, got {request.target}"
             )
-        plan = []
-        for item in request.methods:
-            method = get_method(item.name, f"{item.field}.method")
-            reason = method.unsupported_reason(served)
-            if reason:
-                raise InvalidArgument(
-                    f"{item.field}.method",
-                    f"{item.name} cannot run on model {served.config.name!r}: {reason}",
-                )
-            if item.stage not in STAGES:
-                raise InvalidArgument(f"{item.field}.stage", f"unknown stage {item.stage!r}")
-            if item.gad:
-                raise InvalidArgument(
-                    f"{item.field}.gad",
-                    f"model {served.config.name!r} has no GAD support models "
-                    "(train them with `xaiserve gad-train`)",
-                )
-            if item.reliability is not None or item.filter is not None:
-                raise InvalidArgument(
-                    f"{item.field}.reliability", "reliability and filtering are not available yet"
-                )
-            params_field = f"{item.field}.{item.params_field or item.name}"
-            params = method.resolve_params(item.params, served.config.input_shape, params_field)
-            plan.append(_Planned(item, method, params))
-        return plan
+        return [self._plan_one(item, served) for item in request.methods]
+
+    def _plan_one(self, item: MethodRequest, served: ServedModel) -> list[_Planned]:
+        """One requested method as the methods to run: itself, or AUTO's candidates."""
+        method = self._supported(item.name, f"{item.field}.method", served)
+        if item.stage not in STAGES:
+            raise InvalidArgument(f"{item.field}.stage", f"unknown stage {item.stage!r}")
+        if item.gad:
+            raise InvalidArgument(
+                f"{item.field}.gad",
+                f"model {served.config.name!r} has no GAD support models "
+                "(train them with `xaiserve gad-train`)",
+            )
+        params_field = f"{item.field}.{item.params_field or item.name}"
+        params = method.resolve_params(item.params, served.config.input_shape, params_field)
+        if method.composite:  # AUTO: every candidate gets a reliability record
+            item = replace(item, reliability=item.reliability or ReliabilityRequest())
+        apem_options = None
+        if item.reliability is not None or item.filter is not None:
+            numel = math.prod(served.config.input_shape)
+            apem_options = resolve_options(item.reliability, numel, item.field)
+        if item.filter is not None:
+            resolve_filter_options(item.filter, apem_options, field=item.field)
+        if not method.composite:
+            return [_Planned(item, method, params, apem_options)]
+        candidates = []
+        for i, name in enumerate(params["candidates"]):
+            field = f"{params_field}.candidates[{i}]"
+            candidate = self._supported(name, field, served)
+            defaults = candidate.resolve_params({}, served.config.input_shape, field)
+            candidates.append(
+                _Planned(replace(item, name=name), candidate, defaults, apem_options, ranked=True)
+            )
+        return candidates
+
+    @staticmethod
+    def _supported(name: str, field: str, served: ServedModel) -> AttributionMethod:
+        method = get_method(name, field)
+        reason = method.unsupported_reason(served)
+        if reason:
+            raise InvalidArgument(
+                field, f"{name} cannot run on model {served.config.name!r}: {reason}"
+            )
+        return method
 
     def _prediction(
         self, logits: torch.Tensor, served: ServedModel, request: ExplainRequest
@@ -202,6 +237,18 @@ class Engine:
         target = request.target if request.target is not None else int(order[0])
         return Prediction(top_k=tuple(score(int(i)) for i in order[:k]), target=score(target))
 
+    def _explain_group(
+        self,
+        ctx: MethodContext,
+        group: list[_Planned],
+        x: torch.Tensor,
+        target: torch.Tensor,
+        request: ExplainRequest,
+    ) -> list[Explanation]:
+        """The explanations of one requested method; AUTO's ranked by APEM, best first."""
+        explanations = [self._explain_one(ctx, item, x, target, request) for item in group]
+        return sorted(explanations, key=_apem_rank) if group[0].ranked else explanations
+
     def _explain_one(
         self,
         ctx: MethodContext,
@@ -215,14 +262,40 @@ class Engine:
         raw = item.method.attribute(ctx, x, target, item.params)
         timings = {"attribute": time.perf_counter() - t0}
         t0 = time.perf_counter()
-        attr_map = apply_stage(raw, x, item.request.stage)[0].detach().numpy().astype("float32")
-        png = overlay_png(attr_map, x[0].numpy()) if request.want_png and x.dim() == 4 else None
+        staged = apply_stage(raw, x, item.request.stage)[0].detach()
+        attr_map = staged.numpy().astype("float32")
+        png = self._png(attr_map, x, request)
         timings["postprocess"] = time.perf_counter() - t0
+        forward_passes = ctx.budget.spent - spent_before
+
+        reliability = filtered = None
+        if item.apem_options is not None:
+            relevance = relevance_from_map(staged)
+            y = int(target[0])
+            args = (ctx.forward, ctx.model, x[0], y, relevance, item.request.reliability)
+            common = {"budget": ctx.budget, "field": item.request.field}
+            if item.request.reliability is not None:
+                t0 = time.perf_counter()
+                reliability = apem(*args, **common)
+                timings["apem"] = time.perf_counter() - t0
+            if item.request.filter is not None:
+                t0 = time.perf_counter()
+                record = filter_map(*args, request=item.request.filter, **common)
+                kept = attr_map * (record.map > 0)  # the original's values where R was kept
+                filtered = replace(record, map=kept, png=self._png(kept, x, request))
+                timings["filter"] = time.perf_counter() - t0
         return Explanation(
             method=item.method.name,
             stage=item.request.stage,
             map=attr_map,
-            forward_passes=ctx.budget.spent - spent_before,
+            forward_passes=forward_passes,
             timings=timings,
             png=png,
+            reliability=reliability,
+            filtered=filtered,
         )
+
+    @staticmethod
+    def _png(attr_map: Any, x: torch.Tensor, request: ExplainRequest) -> bytes | None:
+        """The PNG overlay when asked for (2-D images only)."""
+        return overlay_png(attr_map, x[0].numpy()) if request.want_png and x.dim() == 4 else None

@@ -92,6 +92,7 @@ class AttributionMethod:
     needs_gradients: ClassVar[bool] = True
     needs_layer: ClassVar[bool] = False
     forward_only: ClassVar[bool] = False
+    composite: ClassVar[bool] = False  # expanded by the engine (AUTO), computes no map itself
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     """Numbers of spatial axes the method handles: 2 (images), 3 (volumes N x C x D x H x W)."""
     params: ClassVar[tuple[Param, ...]] = ()

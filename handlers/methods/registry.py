@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import InvalidArgument
+from .auto import Auto
 from .base import AttributionMethod
 from .deconvolution import Deconvolution
 from .deeplift import DeepLift
@@ -31,7 +32,7 @@ METHODS: dict[str, type[AttributionMethod]] = {
     for cls in (
         Saliency, InputXGradient, SmoothGrad, IntegratedGradients, GradCam, Occlusion,
         GuidedBackprop, Deconvolution, DeepLift, Lrp, GradCamPlusPlus, XGradCam, HiResCam,
-        LayerCam, FullGrad, GuidedGradCam, VarGrad, Lime, KernelShap, ScoreCam, Rise,
+        LayerCam, FullGrad, GuidedGradCam, VarGrad, Lime, KernelShap, ScoreCam, Rise, Auto,
     )
 }
 

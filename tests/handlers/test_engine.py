@@ -170,7 +170,7 @@ def test_image_byte_limit(store):
         ({"target": 3}, (), "target", InvalidArgument),
         ({"target": -1}, (), "target", InvalidArgument),
         ({"top_k": 0}, (), "top_k", InvalidArgument),
-        ({}, (method("lrp"),), "methods[0].method", InvalidArgument),
+        ({}, (method("no_such_method"),), "methods[0].method", InvalidArgument),
         ({}, (method("saliency"), method("nope", 1)), "methods[1].method", InvalidArgument),
         ({}, (method("integrated_gradients", steps=0),), "methods[0].integrated_gradients.steps",
          InvalidArgument),
@@ -234,3 +234,81 @@ def test_config_errors_name_the_key(tmp_path):
     (directory / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ModelLoadError, match="labels"):
         load_model_dir(directory)
+
+
+def test_reliability_and_filter_records(engine):
+    from xaiserve.handlers.types import FilterRequest, ReliabilityRequest
+
+    item = MethodRequest(
+        "saliency", field="methods[0]",
+        reliability=ReliabilityRequest(shuffles=2), filter=FilterRequest(forward_budget=600),
+    )
+    result = engine.explain(request(EncodedImage(png_bytes(rgb_image(seed=4))), item))
+    (explanation,) = result.explanations
+    record, filtered = explanation.reliability, explanation.filtered
+    assert record.apem == pytest.approx(record.eps_plus - record.eps_minus)
+    assert record.forward_passes == result.forward_passes["apem"]
+    assert filtered.forward_passes == result.forward_passes["apem_filter"] <= 600
+    assert filtered.apem_before == pytest.approx(record.apem, rel=0.05)
+    kept = filtered.map > 0
+    assert np.array_equal(filtered.map[kept], explanation.map[kept])  # original values kept
+    assert filtered.kept_fraction == pytest.approx(kept.mean() / (explanation.map > 0).mean())
+
+
+@pytest.mark.parametrize(
+    "options,field",
+    [
+        ({"eps_max": 0.0}, "methods[0].reliability.eps_max"),
+        ({"resolution": 0.9}, "methods[0].reliability.resolution"),
+        ({"shuffles": 100}, "methods[0].reliability.shuffles"),
+    ],
+)
+def test_bad_reliability_options(engine, options, field):
+    from xaiserve.handlers.types import ReliabilityRequest
+
+    item = MethodRequest("saliency", field="methods[0]", reliability=ReliabilityRequest(**options))
+    with pytest.raises(InvalidArgument) as info:
+        engine.explain(request(EncodedImage(png_bytes(rgb_image())), item))
+    assert info.value.field == field
+
+
+def test_filter_budget_too_small(engine):
+    from xaiserve.handlers.types import FilterRequest
+
+    item = MethodRequest("saliency", field="methods[0]", filter=FilterRequest(forward_budget=5))
+    with pytest.raises(InvalidArgument) as info:
+        engine.explain(request(EncodedImage(png_bytes(rgb_image())), item))
+    assert info.value.field == "methods[0].filter.forward_budget"
+
+
+def test_all_zero_map_is_undefined_not_an_error(engine):
+    """A flat image gives a zero Grad-CAM/occlusion map: the record says why."""
+    from xaiserve.handlers.types import ReliabilityRequest
+
+    flat = EncodedImage(png_bytes(np.full((16, 16, 3), 128, np.uint8)))
+    item = MethodRequest("occlusion", {"window": 4, "stride": 4, "baseline": 128 / 255},
+                         field="methods[0]", params_field="occlusion",
+                         reliability=ReliabilityRequest())
+    (explanation,) = engine.explain(request(flat, item)).explanations
+    assert not explanation.map.any()
+    assert "zero everywhere" in explanation.reliability.undefined_reason
+
+
+def test_auto_ranks_candidates_by_apem(engine):
+    item = MethodRequest("auto", {"candidates": ["saliency", "grad_cam", "occlusion"]},
+                         field="methods[1]", params_field="auto")
+    result = engine.explain(request(EncodedImage(png_bytes(rgb_image(seed=2))),
+                                    method("input_x_gradient"), item))
+    names = [e.method for e in result.explanations]
+    assert names[0] == "input_x_gradient" and sorted(names[1:]) == ["grad_cam", "occlusion",
+                                                                    "saliency"]
+    scores = [e.reliability.apem for e in result.explanations[1:]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_auto_rejects_bad_candidates(engine):
+    item = MethodRequest("auto", {"candidates": ["saliency", "auto"]}, field="methods[0]",
+                         params_field="auto")
+    with pytest.raises(InvalidArgument) as info:
+        engine.explain(request(EncodedImage(png_bytes(rgb_image())), item))
+    assert info.value.field == "methods[0].auto.candidates[1]"
