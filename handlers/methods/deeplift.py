@@ -9,9 +9,11 @@ where |z - z_b| < 1e-10); linear layers keep their weights. The attribution is
     a(x) = (x - b) * dm f_y / dx,    summation-to-delta: sum a(x) = f_y(x) - f_y(b)
 
 (exact for networks whose nonlinearities are all element-wise). Max pooling follows
-Captum's rule: the difference of the cross maximum max(out, out_b) routed through the
-input's pooling indices, divided by the input difference. x and b go through the model in
-one batch (2N images, counted). Shapes: x N x C x *spatial -> N x C x *spatial.
+Captum's rule: with the cross maximum m = max(out, out_b), the gradient times (m - out_b)
+routed through the input's pooling indices plus the reference's gradient times
+(out - m) routed through the reference's, divided by the input difference; so the
+reference's score f_y(b) is back-propagated too. x and b go through the model in one batch
+(2N images, counted). Shapes: x N x C x *spatial -> N x C x *spatial.
 
 Rules exist for nn.ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus and MaxPool1d/2d/3d
 modules (Captum's list without Softmax); every other layer must be linear. A nonlinearity
@@ -127,6 +129,8 @@ class DeepLift(AttributionMethod):
             both = torch.cat([x[part], reference[part]]).requires_grad_(True)
             with torch.enable_grad(), overridden_backward(ctx.model, RULES):
                 logits = ctx.model(both)
-                (grad,) = torch.autograd.grad(target_logits(logits[:n], target[part]).sum(), both)
+                # both halves' scores: the max-pool rule mixes their gradients (as Captum)
+                score = target_logits(logits, target[part].repeat(2)).sum()
+                (grad,) = torch.autograd.grad(score, both)
             out.append((x[part] - reference[part]) * grad[:n])
         return torch.cat(out)

@@ -86,8 +86,21 @@ def leaf_modules(net: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     return ((name, m) for name, m in net.named_modules() if not any(m.children()))
 
 
+def called_modules(net: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """The modules the network calls as opaque steps: torch.nn's own modules when fx
+    traces it (custom modules are traced through), every leaf module when it does not."""
+    graph = traced(net)
+    if isinstance(graph, str):
+        return leaf_modules(net)
+    return (
+        (str(node.target), graph.get_submodule(str(node.target)))
+        for node in graph.graph.nodes
+        if node.op == "call_module"
+    )
+
+
 def first_unhandled_module(
     net: nn.Module, handled: Callable[[nn.Module], bool]
 ) -> tuple[str, nn.Module] | None:
-    """The first leaf module for which ``handled`` is false, or None."""
-    return next(((n, m) for n, m in leaf_modules(net) if not handled(m)), None)
+    """The first module of ``called_modules`` for which ``handled`` is false, or None."""
+    return next(((n, m) for n, m in called_modules(net) if not handled(m)), None)
