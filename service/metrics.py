@@ -89,8 +89,9 @@ APEM_NORM_BUCKETS = (
 )
 
 #: TorchServe's own Prometheus metrics (``metrics_mode=prometheus``, default metrics.yaml of
-#: TorchServe 0.12, served on its metrics port 8082) that the dashboard queries. Counters of
-#: cumulative microseconds are divided by ``ts_inference_requests_total`` for a mean.
+#: TorchServe 0.12, served on its metrics port 8082) that the dashboard queries, with the
+#: names exactly as TorchServe 0.12 exposes them. Counters of cumulative microseconds are
+#: divided by ``ts_inference_requests_total`` for a mean.
 TORCHSERVE_METRICS: dict[str, str] = {
     "ts_inference_requests_total": "counter: inference requests {model_name, model_version}",
     "ts_inference_latency_microseconds": "counter: cumulative inference time {model_name, ...}",
