@@ -8,12 +8,13 @@ where |z - z_b| < 1e-10); linear layers keep their weights. The attribution is
 
     a(x) = (x - b) * dm f_y / dx,    summation-to-delta: sum a(x) = f_y(x) - f_y(b)
 
-(exact for networks whose nonlinearities are all element-wise). Max pooling follows
-Captum's rule: with the cross maximum m = max(out, out_b), the gradient times (m - out_b)
-routed through the input's pooling indices plus the reference's gradient times
-(out - m) routed through the reference's, divided by the input difference; so the
-reference's score f_y(b) is back-propagated too. x and b go through the model in one batch
-(2N images, counted). Shapes: x N x C x *spatial -> N x C x *spatial.
+(the rescale rule keeps it exact). Max pooling follows Captum's rule: with the cross
+maximum m = max(out, out_b), the gradient times (m - out_b) routed to the input's argmax
+plus the reference's gradient times (out - m) routed to the reference's argmax, divided by
+the input difference; so the reference's score f_y(b) is back-propagated too. Routing
+sums where pooling windows overlap (the pooling's own backward); Captum's max_unpool keeps
+one of the overlapping values instead, which breaks summation-to-delta (the two agree for
+non-overlapping windows). x and b go through the model in one batch (2N images, counted). Shapes: x N x C x *spatial -> N x C x *spatial.
 
 Rules exist for nn.ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus and MaxPool1d/2d/3d
 modules (Captum's list without Softmax); every other layer must be linear. A nonlinearity
@@ -26,7 +27,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..forward import batches
@@ -73,17 +73,13 @@ def rescale(module: nn.Module, z: torch.Tensor, out: torch.Tensor, grad: torch.T
 def rescale_maxpool(
     module: nn.Module, z: torch.Tensor, out: torch.Tensor, grad: torch.Tensor
 ) -> torch.Tensor:
-    """Max pooling, Captum's rule: unpool(grad * (max(o, o_b) - o_b)) / (z - z_b)."""
-    dims = z.dim() - 2
-    pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[dims - 1]
-    unpool = (F.max_unpool1d, F.max_unpool2d, F.max_unpool3d)[dims - 1]
+    """Max pooling: (route_x(g_x (m - o_b)) + route_b(g_b (o - m))) / (z - z_b), both
+    halves alike, m = max(o, o_b); route = the pooling's own backward (sums overlaps)."""
     dz = _halves(z)
     o, o_b = out.chunk(2)
     cross = torch.max(o, o_b)
     dout = torch.cat([cross - o_b, o - cross])
-    args = (module.kernel_size, module.stride, module.padding)
-    _, idx = pool(z, *args, module.dilation, module.ceil_mode, True)
-    up = unpool(grad * dout, idx, *args, output_size=list(z.shape))
+    up = _ordinary(module, z, grad * dout)  # routed to each half's argmax, summed
     up_x, up_b = up.chunk(2)
     summed = torch.cat([up_x + up_b, up_x + up_b])
     return torch.where(dz.abs() < EPS, _ordinary(module, z, grad), summed / dz)

@@ -79,6 +79,9 @@ class Unhooked(nn.Module):
         return x * 1.0
 
 
+POOLS = (nn.MaxPool2d, nn.MaxPool3d)
+
+
 def separated(served):
     """The same network with ``Unhooked`` after every ReLU that feeds a max pool directly.
 
@@ -98,15 +101,27 @@ def separated(served):
     return served
 
 
-POOLS = (nn.MaxPool2d, nn.MaxPool3d)
+def without_overlapping_pools(served):
+    """Max pools with overlapping windows (the ResNet stem's 3x3, stride 2) become 2x2,
+    stride 2. Where windows overlap, Captum routes the max-pool multiplier with
+    ``max_unpool``, which keeps one of the values landing on a shared argmax; ours sums
+    them as the pooling's backward does, which keeps summation-to-delta
+    (``test_method_properties.test_deeplift_summation_to_delta``)."""
+    net = served.module.net
+    for parent in list(net.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, POOLS) and child.kernel_size != child.stride:
+                setattr(parent, name, type(child)(2))
+    return served
 
 
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("baseline", [0.0, 0.3])
 def test_deeplift(model, baseline):
-    """The ResNet has an overlapping 3x3 max pool and residual additions; the 3-D net a
-    MaxPool3d (both with the separator, see ``separated``)."""
-    served = separated(MODELS[model]())
+    """The ResNet has residual additions, the 3-D net a MaxPool3d; both get the separator
+    (``separated``) and the ResNet's stem pool loses its overlap
+    (``without_overlapping_pools``)."""
+    served = without_overlapping_pools(separated(MODELS[model]()))
     x, target = inputs(served)
     ref = DeepLift(served.module).attribute(x, baselines=baseline, target=target)
     assert_close(ours(served, "deeplift", x, target, baseline=baseline), ref, x)
