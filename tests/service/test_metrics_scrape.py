@@ -57,6 +57,17 @@ def test_counts_move_by_exactly_the_calls_made(gateway: Gateway) -> None:
             _request(pb.SALIENCY, top_k=2),
             _request(pb.GRAD_CAM, pb.SALIENCY),
             _request(pb.SALIENCY, pb.GRAD_CAM, pb.OCCLUSION),
+            pb.ExplainRequest(  # with its APEM record (2 shuffles) and filtered map
+                model_name="tiny",
+                image=pb.Image(encoded=tiny_png(1)),
+                methods=[
+                    pb.MethodRequest(
+                        method=pb.SALIENCY,
+                        reliability=pb.ReliabilityOptions(enabled=True, shuffles=2),
+                        filter=pb.FilterOptions(enabled=True, forward_budget=300),
+                    )
+                ],
+            ),
         ]
         for request in good:
             answers.append(stub.Explain(request, timeout=TIMEOUT))
@@ -79,7 +90,7 @@ def test_counts_move_by_exactly_the_calls_made(gateway: Gateway) -> None:
     after = _values(gateway)
     count = after["xaiserve_request_duration_seconds_count"]
     assert _select(count, model="tiny", method_set="saliency", code="OK") == {
-        (("code", "OK"), ("method_set", "saliency"), ("model", "tiny")): 2.0
+        (("code", "OK"), ("method_set", "saliency"), ("model", "tiny")): 3.0
     }
     assert sum(_select(count, method_set="grad_cam+saliency", code="OK").values()) == 1
     assert sum(_select(count, method_set="multi", code="OK").values()) == 1
@@ -105,9 +116,27 @@ def test_counts_move_by_exactly_the_calls_made(gateway: Gateway) -> None:
             (("model", "tiny"), ("stage", stage)): float(len(good))
         }, stage
     method_stages = after["xaiserve_method_stage_duration_seconds_count"]
-    for method, calls in (("saliency", 4), ("grad_cam", 2), ("occlusion", 1)):
+    for method, calls in (("saliency", 5), ("grad_cam", 2), ("occlusion", 1)):
         for stage in ("attribute", "postprocess"):
             assert sum(_select(method_stages, method=method, stage=stage).values()) == calls
+    for stage in ("apem", "filter"):  # only the last call asked for them
+        assert _select(method_stages, method="saliency", stage=stage) == {
+            (("method", "saliency"), ("model", "tiny"), ("stage", stage)): 1.0
+        }
+
+    # the APEM histograms hold the record of the one scored map, in the right bucket
+    (scored,) = answers[-1].explanations
+    assert scored.HasField("reliability")
+    apem_buckets = {
+        float(dict(k)["le"]): v
+        for k, v in _select(after["xaiserve_apem_score_bucket"], model="tiny",
+                            method="saliency").items()
+    }
+    assert all(v == (1.0 if le >= scored.reliability.apem else 0.0)
+               for le, v in apem_buckets.items()), (scored.reliability.apem, apem_buckets)
+    norm_count = after.get("xaiserve_apem_norm_score_count", {})
+    expected = 1.0 if scored.reliability.HasField("apem_norm") else 0.0
+    assert sum(_select(norm_count, model="tiny", method="saliency").values()) == expected
 
     passes = {dict(k)["stage"]: v for k, v in after["xaiserve_forward_passes_total"].items()}
     by_stage: Counter[str] = Counter()
@@ -115,9 +144,15 @@ def test_counts_move_by_exactly_the_calls_made(gateway: Gateway) -> None:
         by_stage.update(dict(answer.forward_passes))
     assert passes == {stage: float(n) for stage, n in by_stage.items()}
     assert passes["predict"] == len(good)  # one image per answered call
-    per_method = sum(e.forward_passes for a in answers for e in a.explanations)
-    assert per_method > 0  # occlusion evaluates many occluded images
-    assert sum(passes.values()) - passes["predict"] == per_method
+    # every other image is accounted for by a map: its attribution, APEM record and filter
+    per_map = sum(
+        e.forward_passes + e.reliability.forward_passes + e.filtered.forward_passes
+        for a in answers
+        for e in a.explanations
+    )
+    assert sum(passes.values()) - passes["predict"] == per_map
+    assert passes["attribute"] > len(good)  # occlusion evaluates many occluded images
+    assert passes["apem"] > 0 and passes["apem_filter"] > 0
 
 
 def test_metrics_endpoint_serves_text_format(gateway: Gateway) -> None:
