@@ -27,16 +27,15 @@ from .graph_inspect import RELU_FUNCTIONS, functional_uses, traced
 def relu_module_reason(served: ServedModel, method: str) -> str | None:
     """Why ``method`` (which overrides nn.ReLU's backward) cannot run, or None."""
     net = served.module.net
+    graph = traced(net)
+    uses = [] if isinstance(graph, str) else functional_uses(graph, RELU_FUNCTIONS)
+    if uses:
+        return (
+            f"the network applies ReLU as a function ({uses[0]}), which {method} cannot "
+            "override; it needs every ReLU to be an nn.ReLU module"
+        )
     if not any(isinstance(m, nn.ReLU) for m in net.modules()):
         return f"{method} overrides the backward pass of nn.ReLU modules and the network has none"
-    graph = traced(net)
-    if not isinstance(graph, str):
-        uses = functional_uses(graph, RELU_FUNCTIONS)
-        if uses:
-            return (
-                f"the network applies ReLU as a function ({uses[0]}), which {method} cannot "
-                "override; it needs every ReLU to be an nn.ReLU module"
-            )
     return None
 
 
