@@ -24,6 +24,7 @@ import numpy as np
 
 from xaiserve.v1 import explain_pb2 as pb
 
+from . import offline
 from .client import METHODS, STAGES, XaiClient, map_to_array
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -339,6 +340,8 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("explain", "explain images, write maps and a JSON summary",
                _configure_explain, run_explain),
     Subcommand("models", "list the served models", _configure_models, run_models),
+    Subcommand("evaluate", "score methods by APEM over a data set (offline, in-process)",
+               offline.configure_evaluate, offline.run_evaluate),
 )
 
 
