@@ -1,0 +1,1 @@
+"""The demo model: a synthetic shape data set, a small CNN, its training and its model directory."""
