@@ -16,9 +16,11 @@ drawn with seed ``TEST_SEED``.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -219,3 +221,36 @@ def save_png(sample_image: np.ndarray, path: str | os.PathLike[str]) -> None:
         raise ValueError(f"expected a 3 x H x W image, got shape {sample_image.shape}")
     pixels = np.clip(np.rint(np.asarray(sample_image, dtype=np.float64) * 255.0), 0, 255)
     Image.fromarray(pixels.astype(np.uint8).transpose(1, 2, 0)).save(path, format="PNG")
+
+
+EXAMPLE_SEED = 99
+"""Seed of the example images written by ``main`` (neither training nor held-out)."""
+
+
+def write_examples(out: Path, per_class: int = 1) -> list[Path]:
+    """Writes ``per_class`` PNGs of every class into ``out`` as ``<label>.png`` (then
+    ``<label>-2.png``, ...) and each object mask as ``<name>.mask.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(per_class * len(LABELS)):
+        sample = make_sample(EXAMPLE_SEED, i)
+        rank = i // len(LABELS)
+        stem = LABELS[sample.label] + (f"-{rank + 1}" if rank else "")
+        save_png(sample.image, out / f"{stem}.png")
+        Image.fromarray(sample.mask.astype(np.uint8) * 255).save(out / f"{stem}.mask.png")
+        written.append(out / f"{stem}.png")
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m xaiserve.model_store.synthetic --out examples/``: sample images."""
+    parser = argparse.ArgumentParser(description="Write example images of the demo data set.")
+    parser.add_argument("--out", type=Path, default=Path("examples"))
+    parser.add_argument("--per-class", type=int, default=1)
+    args = parser.parse_args(argv)
+    for path in write_examples(args.out, args.per_class):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -103,3 +103,12 @@ def test_save_png_round_trip(tmp_path: Path) -> None:
 
 def test_split_seeds_differ() -> None:
     assert synthetic.TRAIN_SEED != synthetic.TEST_SEED
+
+
+def test_examples_one_per_class(tmp_path):
+    written = synthetic.write_examples(tmp_path)
+    assert sorted(p.stem for p in written) == sorted(synthetic.LABELS)
+    for path in written:
+        image = np.asarray(Image.open(path))
+        mask = np.asarray(Image.open(path.with_suffix(".mask.png"))) > 0
+        assert image.shape == (64, 64, 3) and 0 < mask.mean() < 0.5
