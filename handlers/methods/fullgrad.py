@@ -105,6 +105,7 @@ class FullGrad(AttributionMethod):
         cam = psi(input_grad * x).sum(dim=1, keepdim=True)
         for term in bias_terms:
             if term.dim() == x.dim():
-                up = F.interpolate(psi(term), size=spatial, mode=mode, align_corners=True)
-                cam = cam + up.sum(dim=1, keepdim=True)
+                # interpolation is linear per channel: sum the channels first
+                summed = psi(term).sum(dim=1, keepdim=True)
+                cam = cam + F.interpolate(summed, size=spatial, mode=mode, align_corners=True)
         return cam

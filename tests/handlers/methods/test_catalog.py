@@ -94,7 +94,6 @@ def test_method(served, name):
     scale = raw.abs().max().clamp(min=1e-12)
     assert (one_by_one - raw).abs().max() <= 1e-4 * scale
 
-    # TODO: when the engine computes APEM per map, also check the engine's records here
     one_channel = apply_stage(raw, x, "one_channel")
     record = apem(
         ctx.forward, served.module, x[0], int(target[0]),

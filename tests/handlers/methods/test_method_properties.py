@@ -161,3 +161,16 @@ def test_grid_segments(spatial, segments, count, side):
 def test_vargrad_is_a_variance(served, images):
     attr, ctx = run(served, "vargrad", images, torch.tensor([0, 1]), samples=4)
     assert (attr >= -1e-12).all() and ctx.budget.spent == 8
+
+
+@pytest.mark.parametrize("name", ["guided_backprop", "deconvolution", "deeplift", "lrp"])
+def test_inplace_relu_gives_the_same_map(images, name):
+    """nn.ReLU(inplace=True) overwrites its input; the rules must still see it."""
+    maps = []
+    for inplace in (False, True):
+        served = tiny_served()
+        served.module.net.features[2] = nn.ReLU(inplace=inplace)
+        served.module.net.features[4] = nn.ReLU(inplace=inplace)
+        served.cam_layer = served.module.net.features[4]
+        maps.append(run(served, name, images, torch.tensor([0, 1]))[0])
+    assert torch.allclose(maps[0], maps[1], atol=1e-7)
