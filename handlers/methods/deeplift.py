@@ -9,12 +9,15 @@ where |z - z_b| < 1e-10); linear layers keep their weights. The attribution is
     a(x) = (x - b) * dm f_y / dx,    summation-to-delta: sum a(x) = f_y(x) - f_y(b)
 
 (the rescale rule keeps it exact). Max pooling follows Captum's rule: with the cross
-maximum m = max(out, out_b), the gradient times (m - out_b) routed to the input's argmax
-plus the reference's gradient times (out - m) routed to the reference's argmax, divided by
-the input difference; so the reference's score f_y(b) is back-propagated too. Routing
-sums where pooling windows overlap (the pooling's own backward); Captum's max_unpool keeps
-one of the overlapping values instead, which breaks summation-to-delta (the two agree for
-non-overlapping windows). x and b go through the model in one batch (2N images, counted). Shapes: x N x C x *spatial -> N x C x *spatial.
+maximum c = max(out, out_b), the gradient times (c - out_b) routed to the input's argmax
+plus the reference's gradient times (out - c) routed to the reference's argmax, divided by
+the input difference; so the reference's score f_y(b) is back-propagated too. Routing sums
+where pooling windows overlap (the pooling's own backward); Captum's max_unpool keeps one
+of the overlapping values, which breaks summation-to-delta (the two agree for
+non-overlapping windows). Captum also differs where a ReLU feeds a max pool directly (its
+hooks on the shared tensor collide); ours applies every multiplier by the chain rule. x
+and b go through the model in one batch (2N images, counted).
+Shapes: x N x C x *spatial -> N x C x *spatial.
 
 Rules exist for nn.ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus and MaxPool1d/2d/3d
 modules (Captum's list without Softmax); every other layer must be linear. A nonlinearity
