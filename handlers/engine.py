@@ -20,6 +20,7 @@ from .apem import ApemOptions, apem, relevance_from_map, resolve_options
 from .apem_filter import filter_map, resolve_filter_options
 from .errors import InvalidArgument, ModelLoadError, NotFound, ResourceExhausted
 from .forward import Budget, TorchForward
+from .gad import gad_map, gad_reason
 from .limits import EngineLimits
 from .methods.base import AttributionMethod, MethodContext
 from .methods.registry import METHODS, get_method
@@ -103,6 +104,8 @@ class Engine:
                     labels=m.config.labels,
                     methods=tuple(name for name, why in reasons.items() if why is None),
                     cam_layer=m.config.cam_layer,
+                    calibrated=m.calibration is not None,
+                    gad_class_pairs=m.gad.names(m.config.labels) if m.gad else (),
                     unsupported_methods=tuple(f"{n}: {why}" for n, why in reasons.items() if why),
                 )
             )
@@ -185,12 +188,8 @@ class Engine:
         method = self._supported(item.name, f"{item.field}.method", served)
         if item.stage not in STAGES:
             raise InvalidArgument(f"{item.field}.stage", f"unknown stage {item.stage!r}")
-        if item.gad:
-            raise InvalidArgument(
-                f"{item.field}.gad",
-                f"model {served.config.name!r} has no GAD support models "
-                "(train them with `xaiserve gad-train`)",
-            )
+        if item.gad and (why := gad_reason(method, served)):
+            raise InvalidArgument(f"{item.field}.gad", why)
         params_field = f"{item.field}.{item.params_field or item.name}"
         params = method.resolve_params(item.params, served.config.input_shape, params_field)
         if method.composite:  # AUTO: every candidate gets a reliability record
@@ -263,9 +262,14 @@ class Engine:
         timings = {"attribute": time.perf_counter() - t0}
         t0 = time.perf_counter()
         staged = apply_stage(raw, x, item.request.stage)[0].detach()
+        if item.request.gad:  # keep what the support models agree on (seed 002)
+            t1 = time.perf_counter()
+            staged = gad_map(ctx, item.method, item.params, x, target, staged,
+                             item.request.stage, item.request.field)
+            timings["gad"] = time.perf_counter() - t1
         attr_map = staged.numpy().astype("float32")
         png = self._png(attr_map, x, request)
-        timings["postprocess"] = time.perf_counter() - t0
+        timings["postprocess"] = time.perf_counter() - t0 - timings.get("gad", 0.0)
         forward_passes = ctx.budget.spent - spent_before
 
         reliability = filtered = None

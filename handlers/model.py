@@ -7,6 +7,9 @@ A model directory holds::
     model.py      the network's code (trusted, as in any model archive)
     weights.pt    a state dict, loaded with torch.load(weights_only=True): no arbitrary
                   objects are unpickled
+    calibration.json, calibration.npz   optional: the data-set calibration of the CAM
+                  methods (``xaiserve calibrate``, see ``calibration``)
+    gad/          optional: GAD support models (``xaiserve gad-train``, see ``gad_store``)
 
 The engine works in pixel space [0, 1]: ``ServedModel.module`` applies the configured
 mean/std itself, so every attribution is with respect to the pixels the client sent.
@@ -26,7 +29,10 @@ import torch
 import yaml
 from torch import nn
 
+from .artifacts import file_sha256
+from .calibration import Calibration, load_calibration
 from .errors import ModelLoadError
+from .gad_store import GadSupport, load_gad_support
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +127,18 @@ class PixelSpaceModel(nn.Module):
 
 @dataclass
 class ServedModel:
-    """A loaded model: its configuration, pixel-space module and CAM layer (if any)."""
+    """A loaded model: its configuration, pixel-space module and CAM layer (if any).
+
+    calibration: the data-set calibration of the CAM methods (seed 003), when stored.
+    gad: the GAD support models (seed 002), when stored.
+    """
 
     config: ModelConfig
     module: PixelSpaceModel
     cam_layer: nn.Module | None
     directory: Path
+    calibration: Calibration | None = None
+    gad: GadSupport | None = None
 
 
 def _import_model_class(directory: Path, cfg: ModelConfig) -> type[nn.Module]:
@@ -170,8 +182,24 @@ def load_model_dir(directory: Path) -> ServedModel:
             cam = net.get_submodule(cfg.cam_layer)
         except AttributeError as err:
             raise ModelLoadError(f"{directory}: cam_layer {cfg.cam_layer!r} not found") from err
+    module = _pixel_space(net, cfg)
+    sha = file_sha256(weights)
+    calibration = load_calibration(directory, cfg.cam_layer, sha)
+
+    def support_module(support_state: dict[str, torch.Tensor]) -> nn.Module:
+        support = cls(**cfg.model_kwargs)
+        support.load_state_dict(support_state)
+        return _pixel_space(support, cfg)
+
+    gad = load_gad_support(directory, support_module, sha, len(cfg.labels))
+    log.info("loaded model %s version %s from %s", cfg.name, cfg.version, directory)
+    return ServedModel(config=cfg, module=module, cam_layer=cam, directory=directory,
+                       calibration=calibration, gad=gad)
+
+
+def _pixel_space(net: nn.Module, cfg: ModelConfig) -> PixelSpaceModel:
+    """``net`` wrapped for pixel-space input, in eval mode, parameters frozen."""
     module = PixelSpaceModel(net, cfg.mean, cfg.std).eval()
     for p in module.parameters():
         p.requires_grad_(False)
-    log.info("loaded model %s version %s from %s", cfg.name, cfg.version, directory)
-    return ServedModel(config=cfg, module=module, cam_layer=cam, directory=directory)
+    return module

@@ -21,6 +21,10 @@ from .lime import Lime
 from .lrp import Lrp
 from .occlusion import Occlusion
 from .rise import Rise
+from .s_grad_cam import SGradCam
+from .s_grad_cam_pixel import SGradCamPixel
+from .s_grad_cam_plus_plus import SGradCamPlusPlus
+from .s_xgrad_cam import SXGradCam
 from .saliency import Saliency
 from .score_cam import ScoreCam
 from .smoothgrad import SmoothGrad
@@ -33,6 +37,7 @@ METHODS: dict[str, type[AttributionMethod]] = {
         Saliency, InputXGradient, SmoothGrad, IntegratedGradients, GradCam, Occlusion,
         GuidedBackprop, Deconvolution, DeepLift, Lrp, GradCamPlusPlus, XGradCam, HiResCam,
         LayerCam, FullGrad, GuidedGradCam, VarGrad, Lime, KernelShap, ScoreCam, Rise, Auto,
+        SGradCam, SXGradCam, SGradCamPlusPlus, SGradCamPixel,
     )
 }
 
