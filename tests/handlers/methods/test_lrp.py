@@ -12,6 +12,7 @@ from support.tiny_models import make_context
 from xaiserve.handlers.errors import InvalidArgument
 from xaiserve.handlers.methods.lrp_graph import lrp_graph
 from xaiserve.handlers.methods.registry import get_method
+from xaiserve.model_store.resnets import resnet50
 
 
 def lrp(served, x, target, **params) -> torch.Tensor:
@@ -76,11 +77,17 @@ def zero_biases(net: nn.Module) -> nn.Module:
     return net
 
 
-@pytest.mark.parametrize("model", ["resnet18", "volume"])
+def resnet50_served():
+    torch.manual_seed(0)
+    return served_from_net(resnet50(num_classes=5, width=4), (3, 32, 32), "layer4", 0.45, 0.25, 5)
+
+
+@pytest.mark.parametrize("model", ["resnet18", "resnet50", "volume"])
 def test_conservation_without_biases(model):
     """Bias-free network, epsilon 1e-9: sum_i R_i = f_y(x) to 1e-4 relative (the input
     normalization's mean shift is a relabeling, not a bias)."""
-    served = resnet_served(side=32) if model == "resnet18" else volume_served()
+    served = {"resnet18": lambda: resnet_served(side=32), "resnet50": resnet50_served,
+              "volume": volume_served}[model]()
     zero_biases(served.module.net)
     x = torch.rand(2, *served.config.input_shape, generator=torch.Generator().manual_seed(1))
     target = torch.tensor([1, 2])
