@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from google.protobuf.message import DecodeError
 from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
@@ -105,10 +106,11 @@ class XaiHandler(BaseHandler):
         self.engine = Engine({served.config.name: served}, limits)
         self.initialized = True
         logger.info(
-            "xaiserve handler ready: model %s version %s from %s",
+            "xaiserve handler ready: model %s version %s from %s (torch threads %d)",
             served.config.name,
             served.config.version,
             model_dir,
+            torch.get_num_threads(),
         )
 
     def handle(self, data: list[Mapping[str, Any]], context: Any) -> list[bytes]:
