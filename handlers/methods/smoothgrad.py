@@ -1,9 +1,9 @@
 """SmoothGrad: the gradient averaged over noisy copies of the input (Smilkov et al., 2017).
 
 a(x) = 1/n sum_i grad f_y(x + z_i), z_i ~ N(0, sigma^2), sigma = noise_level * (max x - min x)
-per sample. The noise comes from a generator seeded by the ``seed`` parameter, drawn for all
-samples of an image at once in the order Captum's NoiseTunnel uses, so equal seeds give
-equal noise.
+per image. Each image draws its n noise copies from its own generator seeded with ``seed``,
+so an image's map does not depend on the other images of its batch; for one image the noise
+is the one Captum's NoiseTunnel draws after ``torch.manual_seed(seed)``.
 """
 
 from __future__ import annotations
@@ -15,18 +15,25 @@ import torch
 from .base import AttributionMethod, MethodContext, Param, input_gradients
 
 
-def smoothgrad_noise(
-    x: torch.Tensor, samples: int, noise_level: float, seed: int
-) -> torch.Tensor:
-    """Noise for every copy: x N x C x *spatial -> (N * samples) x C x *spatial.
+def noise_for_image(x: torch.Tensor, samples: int, noise_level: float, seed: int) -> torch.Tensor:
+    """The noise of one image's copies: x 1 x C x *spatial -> samples x C x *spatial."""
+    spread = float(x.max() - x.min()) * noise_level
+    std = torch.full((samples, *x.shape[1:]), spread)
+    return torch.normal(torch.zeros_like(std), std, generator=torch.Generator().manual_seed(seed))
 
-    Rows are sample-major (image 0's copies first), as ``repeat_interleave`` orders them.
-    """
-    spread = (x.flatten(1).amax(1) - x.flatten(1).amin(1)) * noise_level
-    std = spread.repeat_interleave(samples).view(-1, *([1] * (x.dim() - 1)))
-    std = std.expand(x.shape[0] * samples, *x.shape[1:])
-    generator = torch.Generator().manual_seed(seed)
-    return torch.normal(torch.zeros_like(std), std, generator=generator)
+
+def noisy_gradients(
+    ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, params: dict[str, Any]
+) -> torch.Tensor:
+    """Gradients at the noisy copies: x N x C x *spatial -> N x samples x C x *spatial."""
+    n = params["samples"]
+    noise = torch.cat(
+        [noise_for_image(x[i : i + 1], n, params["noise_level"], params["seed"])
+         for i in range(x.shape[0])]
+    )
+    noisy = x.repeat_interleave(n, dim=0) + noise
+    grads = input_gradients(ctx, noisy, target.repeat_interleave(n))
+    return grads.view(x.shape[0], n, *x.shape[1:])
 
 
 class SmoothGrad(AttributionMethod):
@@ -40,8 +47,4 @@ class SmoothGrad(AttributionMethod):
     def attribute(
         self, ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, params: dict[str, Any]
     ) -> torch.Tensor:
-        n = params["samples"]
-        noisy = x.repeat_interleave(n, dim=0)
-        noisy = noisy + smoothgrad_noise(x, n, params["noise_level"], params["seed"])
-        grads = input_gradients(ctx, noisy, target.repeat_interleave(n))
-        return grads.view(x.shape[0], n, *x.shape[1:]).mean(dim=1)
+        return noisy_gradients(ctx, x, target, params).mean(dim=1)

@@ -16,15 +16,8 @@ from typing import Any
 
 import torch
 
-from .base import AttributionMethod, MethodContext, input_gradients
-from .smoothgrad import SmoothGrad, smoothgrad_noise
-
-
-def per_image_noise(x: torch.Tensor, samples: int, noise_level: float, seed: int) -> torch.Tensor:
-    """(N * samples) x C x *spatial, image-major; image i's noise is independent of N."""
-    return torch.cat(
-        [smoothgrad_noise(x[i : i + 1], samples, noise_level, seed) for i in range(x.shape[0])]
-    )
+from .base import AttributionMethod, MethodContext
+from .smoothgrad import SmoothGrad, noisy_gradients
 
 
 class VarGrad(AttributionMethod):
@@ -34,9 +27,5 @@ class VarGrad(AttributionMethod):
     def attribute(
         self, ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, params: dict[str, Any]
     ) -> torch.Tensor:
-        n = params["samples"]
-        noisy = x.repeat_interleave(n, dim=0)
-        noisy = noisy + per_image_noise(x, n, params["noise_level"], params["seed"])
-        grads = input_gradients(ctx, noisy, target.repeat_interleave(n))
-        grads = grads.view(x.shape[0], n, *x.shape[1:])
+        grads = noisy_gradients(ctx, x, target, params)
         return grads.pow(2).mean(dim=1) - grads.mean(dim=1).pow(2)

@@ -34,10 +34,6 @@ SMALL_PARAMS: dict[str, dict[str, float]] = {
 }
 """Parameters small enough for a fast test; the rest run with defaults."""
 
-BATCH_XFAIL = {
-    "smoothgrad": "smoothgrad draws the noise of all images from one generator stream, so "
-    "an image's noise depends on its position in the batch (vargrad uses per-image streams)"
-}
 
 MODELS = {"tiny": tiny_served, "resnet18": resnet_served, "volume": volume_served}
 
@@ -85,8 +81,6 @@ def test_method(served, name):
     assert torch.isfinite(raw).all()
     assert ctx.budget.spent > 0, "forward passes must be counted"
 
-    if name in BATCH_XFAIL:
-        pytest.xfail(BATCH_XFAIL[name])
     one_by_one = torch.cat(
         [method.attribute(make_context(served), x[i : i + 1], target[i : i + 1], params)
          for i in range(2)]
