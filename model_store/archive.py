@@ -28,15 +28,18 @@ from typing import Any
 
 import yaml
 
+from xaiserve.handlers.calibration import CALIBRATION_FILES
 from xaiserve.handlers.errors import ModelLoadError
+from xaiserve.handlers.gad_store import index_files, read_index
 from xaiserve.handlers.limits import EngineLimits
 from xaiserve.handlers.model import read_config
 
 logger = logging.getLogger(__name__)
 
 HANDLER_MODULE = "xaiserve.handlers.torchserve_handler"
-#: Optional files of a model directory that go into the archive when present.
-OPTIONAL_FILES = ("model.onnx",)
+#: Optional files of a model directory that go into the archive when present (the
+#: calibration of ``xaiserve calibrate``; GAD support models come from ``gad/index.json``).
+OPTIONAL_FILES = ("model.onnx", *CALIBRATION_FILES)
 DEFAULT_OUT = "var/model-archives"
 
 
@@ -97,6 +100,8 @@ def _model_files(model_dir: Path) -> list[str]:
     config = read_config(model_dir / "config.yaml")
     files = ["config.yaml", config.model_file, config.weights]
     files += [name for name in OPTIONAL_FILES if (model_dir / name).is_file()]
+    gad_index = read_index(model_dir)
+    files += index_files(gad_index) if gad_index is not None else []
     root = model_dir.resolve()
     for name in files:
         path = (model_dir / name).resolve()
@@ -137,7 +142,7 @@ def build_archive(model_dir: Path, out: Path, settings: ArchiveSettings | None =
             "--handler",
             str(handler_file()),
             "--extra-files",
-            ",".join(str(p) for p in sorted(stage.iterdir())),
+            str(stage),  # the folder's contents, subfolders (gad/) kept as they are
             "--config-file",
             str(model_config),
             "--export-path",

@@ -342,6 +342,10 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("models", "list the served models", _configure_models, run_models),
     Subcommand("evaluate", "score methods by APEM over a data set (offline, in-process)",
                offline.configure_evaluate, offline.run_evaluate),
+    Subcommand("calibrate", "measure and store the S-CAM calibration of a model (offline)",
+               offline.configure_calibrate, offline.run_calibrate),
+    Subcommand("gad-train", "train and store GAD support models for a class pair (offline)",
+               offline.configure_gad_train, offline.run_gad_train),
 )
 
 

@@ -1,25 +1,36 @@
 """Offline commands of the ``xaiserve`` tool that run the engine in-process (no server):
-``xaiserve evaluate`` scores methods by APEM over a data set (seed 004's tables).
+``xaiserve evaluate`` scores methods by APEM over a data set (seed 004's tables);
+``xaiserve calibrate`` measures the S-CAM calibration (seed 003) and ``xaiserve gad-train``
+trains GAD support models (seed 002), both stored in the model directory.
 
     xaiserve evaluate --model demo --data demo --n 500 --out var/eval
     xaiserve evaluate --model mynet --data images/ --methods saliency,grad_cam
+    xaiserve calibrate --model demo --data demo --n 2000
+    xaiserve gad-train --model demo --classes circle,square --alphas 0,2,4,6,8
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from tqdm import tqdm
 
+from xaiserve.handlers.calibration import IMPORTANCE_MODES, save_calibration
+from xaiserve.handlers.calibration_pass import LabeledImage, calibrate
 from xaiserve.handlers.engine import Engine
 from xaiserve.handlers.errors import ModelLoadError, XaiError
 from xaiserve.handlers.evaluation import EvalImage, evaluate_images
 from xaiserve.handlers.evaluation_report import format_table, write_report
 from xaiserve.handlers.evaluation_tables import ranking
+from xaiserve.handlers.gad_train import GadTrainSettings, train_pair
 from xaiserve.handlers.limits import EngineLimits
 from xaiserve.handlers.methods.registry import METHODS
 from xaiserve.handlers.model import ModelConfig
@@ -122,4 +133,184 @@ def run_evaluate(args: argparse.Namespace) -> int:
                                                    "apem_median", "apem_norm_median",
                                                    "mask_mass_mean", "seconds_per_map"]))
     print(f"\n{len(rows)} maps; tables and plots in {args.out}/ ({len(written)} files)")
+    return 0
+
+
+# ------------------------------------------------------------ calibrate, gad-train
+
+
+def demo_train_images(n: int) -> Iterator[EvalImage]:
+    """The first ``n`` images of the demo model's training split, with labels."""
+    from xaiserve.model_store.synthetic import TRAIN_SEED, make_sample
+
+    for i in range(n):
+        sample = make_sample(TRAIN_SEED, i)
+        yield EvalImage(f"train-{i}", sample.image, sample.label, sample.mask)
+
+
+def _data_images(data: str, cfg: ModelConfig, limits: EngineLimits, n: int) -> Iterator[EvalImage]:
+    """``demo``: the training split (the data set the model learned from); else a folder."""
+    return demo_train_images(n) if data == "demo" else folder_images(Path(data), cfg, limits, n)
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: steady on shared machines)")
+
+
+def _add_store(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="demo", help="model name in the store (default demo)")
+    parser.add_argument("--model-store", type=Path, default=Path("var/models"),
+                        help="directory of model directories (default var/models)")
+
+
+def configure_calibrate(parser: argparse.ArgumentParser) -> None:
+    _add_store(parser)
+    parser.add_argument("--data", default="demo",
+                        help="'demo' (the demo training split) or an image folder")
+    parser.add_argument("--n", type=int, default=2000, help="number of images (default 2000)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")
+    parser.add_argument("--importance", choices=["auto", *IMPORTANCE_MODES], default="auto",
+                        help="importance matrix from every class per image (seed eq. 3) or "
+                        "each image's true class (eq. 4); auto: eq. 3 up to 32 classes")
+    _add_threads(parser)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    """Measures and stores the S-CAM calibration of one model (seed 003)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    limits = EngineLimits()
+    torch.set_num_threads(args.threads)
+    try:
+        engine = load_engine(args.model_store, args.model, limits)
+        served = engine.models.get(args.model)
+        if served is None:
+            print(f"xaiserve: model {args.model!r} not in {args.model_store}", file=sys.stderr)
+            return 2
+        images = (LabeledImage(item.image, item.label)
+                  for item in _data_images(args.data, served.config, limits, args.n))
+        calibration = calibrate(
+            served, images, importance_mode=args.importance, batch_size=args.batch_size,
+            data=args.data if args.data == "demo" else str(Path(args.data).resolve()),
+            progress=lambda it: tqdm(it, total=math.ceil(args.n / args.batch_size),
+                                     desc="calibrate", unit="batch"),
+        )
+    except (ModelLoadError, XaiError, ValueError) as err:
+        print(f"xaiserve: {err}", file=sys.stderr)
+        return 2
+    written = save_calibration(served.directory, calibration)
+    rows = [{"cam": key, "p10": cam.p10, "p90": cam.p90, "maps": cam.maps,
+             "features": cam.features} for key, cam in calibration.cams.items()]
+    print(format_table(rows, ["cam", "p10", "p90", "maps", "features"]))
+    print(f"{calibration.images} images, importance {calibration.importance_mode}, "
+          f"{calibration.seconds:.1f} s; wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def configure_gad_train(parser: argparse.ArgumentParser) -> None:
+    defaults = GadTrainSettings()
+    _add_store(parser)
+    parser.add_argument("--classes", required=True, metavar="A,B",
+                        help="the class pair, as labels or indices (e.g. circle,square)")
+    parser.add_argument("--alphas", type=_floats, default=[0.0, 2.0, 4.0, 6.0, 8.0],
+                        help="logit distances, one support model per alpha > 0 (0,2,4,6,8)")
+    parser.add_argument("--data", default="demo",
+                        help="'demo' (the demo training split) or a folder of images in "
+                        "folders named after their labels")
+    parser.add_argument("--n", type=int, default=2000,
+                        help="training images of the pair's two classes (default 2000)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs,
+                        help=f"epochs per support model (the seed's {defaults.epochs})")
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
+                        help=f"Adam learning rate (the seed's {defaults.learning_rate:g})")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    _add_threads(parser)
+
+
+def _pair(text: str, labels: tuple[str, ...]) -> tuple[int, int]:
+    parts = [t.strip() for t in text.split(",")]
+    if len(parts) != 2:
+        raise ValueError(f"--classes: expected two classes A,B, got {text!r}")
+    pair = []
+    for part in parts:
+        if part in labels:
+            pair.append(labels.index(part))
+        elif part.isdigit() and int(part) < len(labels):
+            pair.append(int(part))
+        else:
+            raise ValueError(f"--classes: unknown class {part!r}; labels: {', '.join(labels)}")
+    if pair[0] == pair[1]:
+        raise ValueError("--classes: the two classes must differ")
+    return pair[0], pair[1]
+
+
+def _pair_images(data: str, cfg: ModelConfig, limits: EngineLimits, pair: tuple[int, int],
+                 n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``n`` labeled images of the pair's classes: N x C x H x W and labels N."""
+    if data == "demo":  # labels cycle through the classes: n x K images hold n of each
+        source = demo_train_images(n * len(cfg.labels))
+    else:
+        source = folder_images(Path(data), cfg, limits, 10**9)
+    chosen = []
+    for item in source:
+        if item.label in pair:
+            chosen.append(item)
+            if len(chosen) == n:
+                break
+    if not chosen:
+        raise ValueError(f"no labeled images of classes {pair} in {data}")
+    x = torch.from_numpy(np.stack([item.image for item in chosen]))
+    return x, torch.tensor([int(item.label) for item in chosen])  # type: ignore[arg-type]
+
+
+def _bar(unit: str) -> Callable[[int, str], Callable[[int], None]]:
+    """A progress factory for ``train_pair``: one tqdm bar per call."""
+
+    def progress(total: int, description: str) -> Callable[[int], None]:
+        bar = tqdm(total=total, desc=description, unit=unit)
+
+        def update(steps: int) -> None:
+            bar.update(steps)
+            if bar.n >= total:
+                bar.close()
+
+        return update
+
+    return progress
+
+
+def run_gad_train(args: argparse.Namespace) -> int:
+    """Trains and stores the GAD support models of one class pair (seed 002)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    limits = EngineLimits()
+    try:
+        engine = load_engine(args.model_store, args.model, limits)
+        served = engine.models.get(args.model)
+        if served is None:
+            print(f"xaiserve: model {args.model!r} not in {args.model_store}", file=sys.stderr)
+            return 2
+        pair = _pair(args.classes, served.config.labels)
+        x, labels = _pair_images(args.data, served.config, limits, pair, args.n)
+        settings = GadTrainSettings(epochs=args.epochs, learning_rate=args.learning_rate,
+                                    batch_size=args.batch_size, seed=args.seed,
+                                    threads=args.threads)
+        entry = train_pair(served, x, labels, pair, args.alphas, settings,
+                           progress=_bar("batch"))
+    except (ModelLoadError, XaiError, ValueError) as err:
+        print(f"xaiserve: {err}", file=sys.stderr)
+        return 2
+    rows = [{"alpha": a, "file": f or "(the original model)", "final_mse": m}
+            for a, f, m in zip(entry["alphas"], entry["files"], entry["final_mse"], strict=True)]
+    print(format_table(rows, ["alpha", "file", "final_mse"]))
+    print(f"pair {','.join(entry['labels'])}: {entry['images']} images, "
+          f"{settings.epochs} epochs, {entry['seconds']:.1f} s; stored in "
+          f"{served.directory / 'gad'}")
     return 0
