@@ -298,6 +298,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     """Measures and stores the S-CAM calibration of one model (seed 003)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     limits = EngineLimits()
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
         engine = load_engine(args.model_store, args.model, limits)
@@ -316,6 +317,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     except (ModelLoadError, XaiError, ValueError) as err:
         print(f"xaiserve: {err}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)
     written = save_calibration(served.directory, calibration)
     rows = [{"cam": key, "p10": cam.p10, "p90": cam.p90, "maps": cam.maps,
              "features": cam.features} for key, cam in calibration.cams.items()]
