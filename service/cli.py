@@ -308,6 +308,8 @@ def run_models(args: argparse.Namespace) -> int:
             "labels": list(m.labels),
             "methods": [pb.Method.Name(v).lower() for v in m.methods],
             "cam_layer": m.cam_layer,
+            "calibrated": m.calibrated,
+            "gad_class_pairs": list(m.gad_class_pairs),
         }
         for m in response.models
     ]
@@ -323,6 +325,8 @@ def run_models(args: argparse.Namespace) -> int:
         print(f"  labels     {len(m['labels'])}: {labels}")
         print(f"  methods    {', '.join(m['methods'])}")
         print(f"  cam layer  {m['cam_layer'] or '-'}")
+        print(f"  calibrated {'yes' if m['calibrated'] else 'no (xaiserve calibrate)'}")
+        print(f"  GAD pairs  {'; '.join(m['gad_class_pairs']) or '-'}")
     return 0
 
 
