@@ -95,10 +95,11 @@ def region_rows(
     progress: Callable[[Iterator[EvalImage]], Iterator[EvalImage]] = lambda it: it,
 ) -> list[RegionRow]:
     """RC and RS for every image of a GAD pair's classes (its label, or its predicted class
-    when unlabeled), both classes of the pair explained, every method."""
+    when unlabeled), both classes of the pair explained, every method. 2-D models only
+    (the regions are polygons); none for other models or without support models."""
     served = engine.models[model]
     support = served.gad
-    if support is None:
+    if support is None or len(served.config.spatial) != 2:
         return []
     labels = served.config.labels
     requests = tuple(
