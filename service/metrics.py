@@ -66,7 +66,7 @@ OTHER = "other"
 #: ``total``) come from the result; ``backend`` is the gateway's round trip to the backend.
 REQUEST_STAGES = ("decode", "predict", "engine", "backend")
 #: Per-method stages, from each explanation's timings.
-METHOD_STAGES = ("attribute", "postprocess", "apem", "filter")
+METHOD_STAGES = ("attribute", "postprocess", "gad", "apem", "filter")
 #: Stages images are charged to (``Budget.by_stage``); anything else counts as ``other``.
 FORWARD_STAGES = ("predict", "attribute", "apem", "apem_filter")
 #: Timing keys of the engine that are recorded under another stage name.
@@ -189,7 +189,7 @@ class Metrics:
         )
         self.method_stage_duration = histogram(
             "method_stage_duration_seconds",
-            "Per-method stages of answered Explain calls: attribute, postprocess, apem, filter.",
+            "Per-method stages of answered Explain calls: attribute, postprocess, gad, apem, filter.",
             ("model", "method", "stage"),
             STAGE_BUCKETS,
         )
