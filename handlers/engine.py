@@ -136,10 +136,13 @@ class Engine:
             timings["predict"] = time.perf_counter() - t0
             target = torch.tensor([prediction.target.index])
             ctx = MethodContext(served, forward, budget, self.limits.max_batch)
+            attributions: dict[tuple[str, str], torch.Tensor] = {}
             explanations = tuple(
                 explanation
                 for group in plan
-                for explanation in self._explain_group(ctx, group, x, target, request)
+                for explanation in self._explain_group(
+                    ctx, group, x, target, request, attributions
+                )
             )
         timings["total"] = time.perf_counter() - start
         return ExplainResult(
@@ -243,9 +246,12 @@ class Engine:
         x: torch.Tensor,
         target: torch.Tensor,
         request: ExplainRequest,
+        attributions: dict[tuple[str, str], torch.Tensor],
     ) -> list[Explanation]:
         """The explanations of one requested method; AUTO's ranked by APEM, best first."""
-        explanations = [self._explain_one(ctx, item, x, target, request) for item in group]
+        explanations = [
+            self._explain_one(ctx, item, x, target, request, attributions) for item in group
+        ]
         return sorted(explanations, key=_apem_rank) if group[0].ranked else explanations
 
     def _explain_one(
@@ -255,10 +261,17 @@ class Engine:
         x: torch.Tensor,
         target: torch.Tensor,
         request: ExplainRequest,
+        attributions: dict[tuple[str, str], torch.Tensor],
     ) -> Explanation:
+        """One map. ``attributions`` holds the raw maps computed so far in this request, by
+        method and parameters, so one method asked for at several stages runs once (the
+        later explanations then report no forward passes of their own)."""
         spent_before = ctx.budget.spent
         t0 = time.perf_counter()
-        raw = item.method.attribute(ctx, x, target, item.params)
+        key = (item.method.name, repr(sorted(item.params.items())))
+        raw = attributions.get(key)
+        if raw is None:  # the same method and parameters at another stage: computed once
+            raw = attributions[key] = item.method.attribute(ctx, x, target, item.params)
         timings = {"attribute": time.perf_counter() - t0}
         t0 = time.perf_counter()
         staged = apply_stage(raw, x, item.request.stage)[0].detach()

@@ -126,6 +126,7 @@ def configure_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--principal-fractions", type=_floats, default=[0.05, 0.1, 0.25],
                         help="fractions of principal features in the ifa section's accuracy "
                         "table (default 0.05,0.1,0.25)")
+    _add_threads(parser)
 
 
 def _sections(text: str) -> list[str]:
@@ -140,6 +141,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     per_call = max(len(args.methods) * len(args.stages), 2 * len(args.gad_methods),
                    2 * len(cam_pairs()))
     limits = EngineLimits(max_methods=per_call, max_forward_passes=10**9)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     try:
         engine = load_engine(args.model_store, args.model, limits)
         if args.model not in engine.models:
@@ -166,6 +169,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     except (ModelLoadError, XaiError) as err:
         print(f"xaiserve: {err}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)
     print(f"\ntables and plots in {args.out}/ ({written} files)")
     return 0
 

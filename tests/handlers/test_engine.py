@@ -312,3 +312,21 @@ def test_auto_rejects_bad_candidates(engine):
     with pytest.raises(InvalidArgument) as info:
         engine.explain(request(EncodedImage(png_bytes(rgb_image())), item))
     assert info.value.field == "methods[0].auto.candidates[1]"
+
+
+def test_one_method_at_several_stages_runs_once(engine):
+    steps = {"steps": 8}
+    items = [
+        MethodRequest("integrated_gradients", steps, stage, field=f"methods[{i}]",
+                      params_field="integrated_gradients")
+        for i, stage in enumerate(("raw", "one_channel", "times_image"))
+    ]
+    items.append(MethodRequest("integrated_gradients", {"steps": 4}, "raw", field="methods[3]",
+                               params_field="integrated_gradients"))
+    result = engine.explain(request(EncodedImage(png_bytes(rgb_image())), *items))
+    assert [e.forward_passes for e in result.explanations] == [8, 0, 0, 4]
+    raw = result.explanations[0].map
+    from xaiserve.handlers.postprocess import apply_stage
+
+    staged = apply_stage(torch.from_numpy(raw)[None], torch.zeros(1, 3, 16, 16), "one_channel")
+    np.testing.assert_allclose(result.explanations[1].map, staged[0].numpy(), atol=1e-6)
