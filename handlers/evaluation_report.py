@@ -13,6 +13,26 @@ from . import evaluation_tables as tables
 from .evaluation import MapRow
 
 
+def read_rows(path: Path) -> list[MapRow]:
+    """The per-map rows of a ``maps.csv`` written by ``write_report`` (to merge shards)."""
+    types = {f.name: f.type for f in fields(MapRow)}
+
+    def parse(name: str, text: str) -> object:
+        kind = str(types[name])
+        if text == "" or text == "None":
+            return None if "None" in kind else ("" if kind == "str" else math.nan)
+        if kind.startswith("bool"):
+            return text == "True"
+        if kind.startswith("int"):
+            return int(text)
+        if kind.startswith("float"):
+            return float(text)
+        return text
+
+    with path.open(newline="") as f:
+        return [MapRow(**{k: parse(k, v) for k, v in row.items()}) for row in csv.DictReader(f)]
+
+
 def write_csv(path: Path, rows: Sequence[dict[str, object]]) -> None:
     """One CSV with a header from the first row's keys (floats with 6 significant digits)."""
     path.parent.mkdir(parents=True, exist_ok=True)

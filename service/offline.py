@@ -27,7 +27,7 @@ from xaiserve.handlers.calibration import IMPORTANCE_MODES, save_calibration
 from xaiserve.handlers.calibration_pass import LabeledImage, calibrate
 from xaiserve.handlers.engine import Engine
 from xaiserve.handlers.errors import ModelLoadError, XaiError
-from xaiserve.handlers.evaluation import EvalImage, evaluate_images
+from xaiserve.handlers.evaluation import EvalImage, MapRow, evaluate_images
 from xaiserve.handlers.evaluation_gad import (
     SEED_METHODS,
     complexity_table,
@@ -42,7 +42,7 @@ from xaiserve.handlers.evaluation_ifa import (
     scatter_plot,
     table_one,
 )
-from xaiserve.handlers.evaluation_report import format_table, write_csv, write_report
+from xaiserve.handlers.evaluation_report import format_table, read_rows, write_csv, write_report
 from xaiserve.handlers.evaluation_tables import ranking
 from xaiserve.handlers.gad_train import GadTrainSettings, train_pair
 from xaiserve.handlers.limits import EngineLimits
@@ -107,6 +107,12 @@ def configure_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="demo",
                         help="'demo' (the held-out synthetic set) or an image folder")
     parser.add_argument("--n", type=int, default=100, help="number of images (default 100)")
+    parser.add_argument("--offset", type=int, default=0,
+                        help="first demo image index, to split a long run into shards "
+                        "(default 0)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
+                        help="instead of evaluating, merge the maps.csv of earlier runs "
+                        "(shards) and write the tables of all of them to --out")
     parser.add_argument("--methods", type=_names, default=list(DEFAULT_METHODS),
                         help="comma-separated methods, or 'all' (default: %(default)s)")
     parser.add_argument("--stages", type=_stages, default=list(STAGES),
@@ -138,6 +144,10 @@ def _sections(text: str) -> list[str]:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.merge:
+        rows = [row for directory in args.merge for row in read_rows(directory / "maps.csv")]
+        _print_apem_report(args, rows)
+        return 0
     per_call = max(len(args.methods) * len(args.stages), 2 * len(args.gad_methods),
                    2 * len(cam_pairs()))
     limits = EngineLimits(max_methods=per_call, max_forward_passes=10**9)
@@ -156,7 +166,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             print(f"xaiserve: {missing}", file=sys.stderr)
             return 2
         if args.data == "demo":
-            images = list(demo_images(args.n))
+            images = list(demo_images(args.n, args.offset))
         else:
             images = list(folder_images(Path(args.data), cfg, limits, args.n))
         written = 0
@@ -195,8 +205,13 @@ def _apem_section(args: argparse.Namespace, engine: Engine, images: list[EvalIma
         shuffles=args.shuffles, resolution=args.resolution,
         progress=lambda it: tqdm(it, total=len(images), desc="evaluate", unit="image"),
     )
+    return _print_apem_report(args, rows)
+
+
+def _print_apem_report(args: argparse.Namespace, rows: list[MapRow]) -> int:
+    """Writes the APEM tables and plots of ``rows`` and prints the rankings."""
     written = write_report(args.out, rows)
-    for stage in args.stages:
+    for stage in sorted({r.stage for r in rows}):
         print(f"\nAPEM ranking, stage {stage}:")
         print(format_table(ranking(rows, stage), ["rank", "method", "maps", "apem_mean",
                                                    "apem_median", "apem_norm_median",
