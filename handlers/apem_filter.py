@@ -61,8 +61,11 @@ from .types import FilteredRecord, FilterRequest, ReliabilityRequest
 
 STAGE = "apem_filter"
 MODES = ("fast", "exact")
-DEFAULT_FORWARD_BUDGET = 2048
-"""Images the fast filter may evaluate, its gradient and original APEM included."""
+DEFAULT_FORWARD_BUDGET = 4096
+"""Images the fast filter may evaluate, its gradient and original APEM included. A cap, not
+a cost: on 12 x 12 test maps the fast filter spent about 1,200 on average; with a cap of
+2048 one map in 16 ran out before matching the exact result (IoU 0.71), with 3072 and
+4096 all 16 matched it."""
 CANDIDATES_PER_ROUND = 8
 
 

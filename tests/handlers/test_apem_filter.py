@@ -137,8 +137,9 @@ def tiny_cases(count: int, size: int = 12):
 
 
 def test_fast_filter_against_exact_on_small_images():
-    """16 maps of 12 x 12 (144 distinct values): IoU(fast, exact) >= 0.9 for >= 14 of 16 and
-    median >= 0.95 at the default budget; APEM after >= APEM before - resolution."""
+    """16 maps of 12 x 12 (144 distinct values): IoU(fast, exact) >= 0.9 for every map at
+    the default budget, with fewer forward passes in all than the exact algorithm; APEM
+    after >= APEM before - resolution."""
     ious, fast_passes, exact_passes, t_fast, t_exact = [], [], [], 0.0, 0.0
     for served, ctx, x, y, relevance in tiny_cases(16):
         t0 = time.perf_counter()
@@ -171,8 +172,8 @@ def test_fast_filter_against_exact_on_small_images():
         f"{statistics.mean(fast_passes):.0f} exact {statistics.mean(exact_passes):.0f}; "
         f"time fast {t_fast:.2f} s exact {t_exact:.2f} s"
     )
-    assert sum(v >= 0.9 for v in ious) >= 14
-    assert statistics.median(ious) >= 0.95
+    assert min(ious) >= 0.9
+    assert sum(fast_passes) < sum(exact_passes)
 
 
 def test_fast_filter_with_an_ample_budget_is_exact():
@@ -267,5 +268,5 @@ def test_undefined_map_comes_back_unchanged(served, images):
 
 def test_defaults():
     options = A.resolve_options(None, 768)
-    assert AF.resolve_filter_options(None, options) == AF.FilterOptions("fast", 2048)
+    assert AF.resolve_filter_options(None, options) == AF.FilterOptions("fast", 4096)
     assert AF.resolve_filter_options(FilterRequest(mode="exact"), options).forward_budget is None
