@@ -19,7 +19,8 @@ import torch
 from .apem import ApemOptions, apem, relevance_from_map, resolve_options
 from .apem_filter import filter_map, resolve_filter_options
 from .errors import InvalidArgument, ModelLoadError, NotFound, ResourceExhausted
-from .forward import Budget, TorchForward
+from .forward import Budget, CountedForward
+from .forward_backends import ForwardConfig, ModelForwards, prepare_forwards
 from .gad import gad_map, gad_reason
 from .limits import EngineLimits
 from .methods.base import AttributionMethod, MethodContext
@@ -69,15 +70,28 @@ class Engine:
     """Serves the models of a model store. Thread-safe: calls on one model are serialized
     (CAM methods hook the model's layers), calls on different models run concurrently."""
 
-    def __init__(self, models: dict[str, ServedModel], limits: EngineLimits) -> None:
+    def __init__(
+        self,
+        models: dict[str, ServedModel],
+        limits: EngineLimits,
+        forward_config: ForwardConfig | None = None,
+    ) -> None:
+        """forward_config: how forward-only batches run (ONNX Runtime or torch, threads,
+        providers, memory budget); each model's ONNX forward is prepared here."""
         if not models:
             raise ModelLoadError("no models to serve")
         self.models = models
         self.limits = limits
+        self.forward_config = forward_config or ForwardConfig()
+        self.forwards: dict[str, ModelForwards] = {
+            name: prepare_forwards(served, self.forward_config) for name, served in models.items()
+        }
         self._locks = {name: threading.Lock() for name in models}
 
     @classmethod
-    def from_model_store(cls, root: Path, limits: EngineLimits) -> Engine:
+    def from_model_store(
+        cls, root: Path, limits: EngineLimits, forward_config: ForwardConfig | None = None
+    ) -> Engine:
         """Loads every subdirectory of ``root`` that holds a ``config.yaml``."""
         root = Path(root)
         dirs = sorted(p.parent for p in root.glob("*/config.yaml"))
@@ -89,7 +103,7 @@ class Engine:
             if served.config.name in models:
                 raise ModelLoadError(f"{directory}: model name {served.config.name!r} repeated")
             models[served.config.name] = served
-        return cls(models, limits)
+        return cls(models, limits, forward_config)
 
     def list_models(self) -> list[ModelInfo]:
         """The served models, sorted by name, with the methods each supports."""
@@ -104,6 +118,8 @@ class Engine:
                     labels=m.config.labels,
                     methods=tuple(name for name, why in reasons.items() if why is None),
                     cam_layer=m.config.cam_layer,
+                    forward_backend=self.forwards[m.config.name].default_backend,
+                    onnx_status=self.forwards[m.config.name].onnx_status,
                     calibrated=m.calibration is not None,
                     gad_class_pairs=m.gad.names(m.config.labels) if m.gad else (),
                     unsupported_methods=tuple(f"{n}: {why}" for n, why in reasons.items() if why),
@@ -129,7 +145,7 @@ class Engine:
         timings = {"decode": time.perf_counter() - t0}
 
         with self._locks[served.config.name]:
-            forward = TorchForward(served.module, budget, self.limits.max_batch)
+            forward = self.forward(served.config.name, budget, request.forward_backend)
             t0 = time.perf_counter()
             logits = forward(x, "predict")[0]
             prediction = self._prediction(logits, served, request)
@@ -144,6 +160,7 @@ class Engine:
                     ctx, group, x, target, request, attributions
                 )
             )
+        timings[f"forward.{forward.label}"] = forward.seconds
         timings["total"] = time.perf_counter() - start
         return ExplainResult(
             model=served.config.name,
@@ -153,6 +170,14 @@ class Engine:
             timings=timings,
             forward_passes=dict(budget.by_stage),
         )
+
+    def forward(self, model: str, budget: Budget, backend: str = "") -> CountedForward:
+        """The counted forward-only forward of a served model for one request.
+
+        backend: "" (the model's default), "torch" or "onnxruntime" (torch, labelled
+        ``torch_fallback``, where ONNX Runtime is unavailable for the model).
+        """
+        return self.forwards[model].forward(budget, backend)
 
     def _model(self, request: ExplainRequest) -> ServedModel:
         served = self.models.get(request.model)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .apem import apem, relevance_from_map, shuffled
 from .engine import Engine
-from .forward import Budget, TorchForward
+from .forward import Budget
 from .types import ExplainRequest, MethodRequest, RawTensor, ReliabilityRequest
 
 
@@ -107,7 +107,7 @@ def evaluate_images(
         result = engine.explain(ExplainRequest(model=model, image=raw, methods=requests))
         seconds = (time.perf_counter() - t0) / max(len(requests), 1)
         budget = Budget(10**12)
-        forward = TorchForward(served.module, budget, engine.limits.max_batch)
+        forward = engine.forward(model, budget)  # the model's forward-only backend
         generator = torch.Generator().manual_seed(len(rows))
         for explanation in result.explanations:
             record = explanation.reliability

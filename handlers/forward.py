@@ -3,13 +3,22 @@
 Every image the model evaluates is counted (the machine-independent cost figure). The
 ``Budget`` also carries the caller's deadline, checked between batches, so a long method
 stops with DEADLINE_EXCEEDED instead of running past it.
+
+Forward-only work (occlusion, APEM searches, filtering, Score-CAM, RISE, LIME/KernelSHAP)
+calls one interface, :class:`CountedForward`: ``forward(x, stage) -> logits``, batched and
+counted the same way whatever runs the batches. Two implementations: :class:`TorchForward`
+(torch eager, no grad) and ``OnnxForward`` (an ONNX Runtime session, in
+:mod:`.forward_backends`, which also chooses between them per model and request). The
+batch size comes from a memory budget (:func:`memory_batch_size`): bytes per image x
+batch <= budget.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -52,22 +61,89 @@ def batches(total: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, total))
 
 
-class TorchForward:
+class CountedForward:
     """Batched, counted, gradient-free forward passes of a pixel-space model.
 
-    ``__call__(x)``: x is N x C x H x W (any N); returns logits N x K. Batches of at most
-    ``max_batch`` images; each image is charged to ``budget`` under ``stage``.
+    ``__call__(x, stage)``: x is N x C x *spatial (any N), float32 in pixel space; returns
+    logits N x K (float32, CPU). Batches of at most ``batch_size`` images; each image is
+    charged to ``budget`` under ``stage`` before its batch runs. ``seconds`` adds up the
+    wall time spent inside calls (batching included); ``label`` names what ran them in
+    timings (the backend, or ``torch_fallback``). Subclasses implement ``_logits``.
     """
 
-    def __init__(self, module: nn.Module, budget: Budget, max_batch: int) -> None:
-        self.module = module
-        self.budget = budget
-        self.max_batch = max_batch
+    backend: ClassVar[str] = ""
 
-    @torch.no_grad()
+    def __init__(self, budget: Budget, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.budget = budget
+        self.batch_size = batch_size
+        self.seconds = 0.0
+        self.label = self.backend
+
+    @property
+    def max_batch(self) -> int:
+        """Alias of ``batch_size`` (the older name)."""
+        return self.batch_size
+
     def __call__(self, x: torch.Tensor, stage: str) -> torch.Tensor:
-        outputs = []
-        for part in batches(x.shape[0], self.max_batch):
-            self.budget.charge(part.stop - part.start, stage)
-            outputs.append(self.module(x[part]))
-        return torch.cat(outputs)
+        start = time.perf_counter()
+        try:
+            outputs = []
+            for part in batches(x.shape[0], self.batch_size):
+                self.budget.charge(part.stop - part.start, stage)
+                outputs.append(self._logits(x[part]))
+            return torch.cat(outputs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of one batch (B x C x *spatial -> B x K), no gradients."""
+        raise NotImplementedError
+
+
+class TorchForward(CountedForward):
+    """``CountedForward`` on torch eager: ``module(x)`` under ``torch.no_grad()``."""
+
+    backend = "torch"
+
+    def __init__(self, module: nn.Module, budget: Budget, max_batch: int) -> None:
+        super().__init__(budget, max_batch)
+        self.module = module
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.module(x)
+
+
+# ----------------------------------------------------------------------- memory budget
+
+
+def image_bytes(module: nn.Module, input_shape: Sequence[int]) -> int:
+    """Bytes one image occupies in a forward pass: the float32 input plus the output of
+    every leaf module (each activation counted once, as if all were alive at the same time,
+    an upper bound for both torch eager and ONNX Runtime). Measured with one forward of a
+    1 x ``input_shape`` zero image through forward hooks (no gradients).
+    """
+    total = [4 * int(torch.Size(input_shape).numel())]
+
+    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+        if isinstance(output, torch.Tensor):
+            total[0] += output.numel() * output.element_size()
+
+    leaves = [m for m in module.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, *input_shape))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total[0]
+
+
+def memory_batch_size(bytes_per_image: int, memory_budget: int, cap: int | None = None) -> int:
+    """The largest batch with bytes_per_image x batch <= memory_budget (at least 1, at most
+    ``cap`` when given)."""
+    size = max(1, memory_budget // max(1, bytes_per_image))
+    return size if cap is None else max(1, min(size, cap))

@@ -28,6 +28,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from xaiserve.handlers import worker_protocol
 from xaiserve.handlers.engine import Engine
 from xaiserve.handlers.errors import DeadlineExceeded, InvalidArgument, ModelLoadError, XaiError
+from xaiserve.handlers.forward_config import ForwardConfig
 from xaiserve.handlers.limits import EngineLimits
 from xaiserve.handlers.model import load_model_dir
 from xaiserve.service import convert
@@ -57,6 +58,28 @@ def engine_limits(model_yaml_config: Mapping[str, Any] | None) -> EngineLimits:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ModelLoadError(f"model-config.yaml: xaiserve.limits.{name} must be >= 1")
     return EngineLimits(**given)
+
+
+def forward_config(model_yaml_config: Mapping[str, Any] | None) -> ForwardConfig:
+    """How forward-only batches run, from ``xaiserve.forward`` in model-config.yaml
+    (``backend``, ``onnx_threads``, ``onnx_providers`` (a list), ``memory_mb``; defaults
+    otherwise).
+
+    Raises:
+        ModelLoadError: an unknown key or a bad value.
+    """
+    section = (model_yaml_config or {}).get(CONFIG_SECTION) or {}
+    given = dict(section.get("forward") or {})
+    known = {"backend", "onnx_threads", "onnx_providers", "memory_mb"}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ModelLoadError(f"model-config.yaml: unknown xaiserve.forward {unknown}")
+    if "onnx_providers" in given:
+        given["onnx_providers"] = tuple(given["onnx_providers"] or ())
+    try:
+        return ForwardConfig(**given)
+    except (TypeError, ValueError) as err:
+        raise ModelLoadError(f"model-config.yaml: xaiserve.forward: {err}") from err
 
 
 def answer(engine: Engine, inputs: Mapping[str, Any]) -> bytes:
@@ -96,14 +119,17 @@ class XaiHandler(BaseHandler):
     def initialize(self, context: Any) -> None:
         """Loads ``config.yaml``, the model code and weights from the extracted archive.
 
-        The engine limits come from ``xaiserve.limits`` in the archive's model-config.yaml.
+        The engine limits come from ``xaiserve.limits`` in the archive's model-config.yaml,
+        how forward-only batches run from ``xaiserve.forward``; the archive's
+        ``model.onnx``, when there, is checked and used (see ``forward_backends``).
         """
         self.context = context
         self.manifest = context.manifest
         model_dir = Path(context.system_properties["model_dir"])
         limits = engine_limits(getattr(context, "model_yaml_config", None))
         served = load_model_dir(model_dir)
-        self.engine = Engine({served.config.name: served}, limits)
+        config = forward_config(getattr(context, "model_yaml_config", None))
+        self.engine = Engine({served.config.name: served}, limits, config)
         self.initialized = True
         logger.info(
             "xaiserve handler ready: model %s version %s from %s (torch threads %d)",

@@ -253,7 +253,9 @@ def build_backend(settings: Settings) -> Backend:
     if settings.backend == "local":
         from xaiserve.handlers.engine import Engine  # torch: imported only when serving
 
-        engine = Engine.from_model_store(Path(settings.model_store), settings.engine_limits())
+        engine = Engine.from_model_store(
+            Path(settings.model_store), settings.engine_limits(), settings.forward_config()
+        )
         models = ", ".join(m.name for m in engine.list_models())
         logger.info("local backend: models %s from %s", models, settings.model_store)
         return LocalBackend(engine, workers=settings.workers)

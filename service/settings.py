@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from xaiserve.handlers.forward_config import BACKENDS as FORWARD_BACKENDS
+from xaiserve.handlers.forward_config import ForwardConfig
 from xaiserve.handlers.limits import EngineLimits
 
 ENV_PREFIX = "XAISERVE_"
@@ -23,6 +25,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 _MIB = 1024 * 1024
 _LIMIT_DEFAULTS = EngineLimits()
+_FORWARD_DEFAULTS = ForwardConfig()
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,10 @@ class Settings:
     max_message_bytes: largest gRPC message received or sent.
     max_image_bytes, max_image_pixels, max_methods, max_forward_passes: per-request limits
         of the engine (see :class:`~xaiserve.handlers.limits.EngineLimits`).
+    forward_backend, onnx_threads, onnx_providers, forward_memory_mb: how forward-only
+        batches run on the local backend (see
+        :class:`~xaiserve.handlers.forward_config.ForwardConfig`); ``onnx_providers`` is
+        comma-separated, e.g. ``CUDAExecutionProvider,CPUExecutionProvider`` on GPU nodes.
     default_deadline_seconds: deadline applied to calls that arrive without one.
     grace_seconds: how long in-flight calls may finish on SIGTERM/SIGINT.
     log_level: logging level name.
@@ -82,6 +89,10 @@ class Settings:
     max_image_pixels: int = _LIMIT_DEFAULTS.max_image_pixels
     max_methods: int = _LIMIT_DEFAULTS.max_methods
     max_forward_passes: int = _LIMIT_DEFAULTS.max_forward_passes
+    forward_backend: str = _FORWARD_DEFAULTS.backend
+    onnx_threads: int = _FORWARD_DEFAULTS.onnx_threads
+    onnx_providers: str = ",".join(_FORWARD_DEFAULTS.onnx_providers)
+    forward_memory_mb: int = _FORWARD_DEFAULTS.memory_mb
     default_deadline_seconds: float = 60.0
     grace_seconds: float = 10.0
     log_level: str = "INFO"
@@ -101,6 +112,15 @@ class Settings:
             max_image_pixels=self.max_image_pixels,
             max_methods=self.max_methods,
             max_forward_passes=self.max_forward_passes,
+        )
+
+    def forward_config(self) -> ForwardConfig:
+        """How the engine runs forward-only batches (torch or ONNX Runtime)."""
+        return ForwardConfig(
+            backend=self.forward_backend,
+            onnx_threads=self.onnx_threads,
+            onnx_providers=tuple(p.strip() for p in self.onnx_providers.split(",") if p.strip()),
+            memory_mb=self.forward_memory_mb,
         )
 
 
@@ -137,6 +157,13 @@ def _non_negative_float(text: str) -> float:
     if not value >= 0:
         raise ValueError(f"must be >= 0, got {text}")
     return value
+
+
+def _providers(text: str) -> str:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise ValueError("name at least one execution provider")
+    return ",".join(names)
 
 
 def _boolean(text: str) -> bool:
@@ -197,11 +224,31 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "max_image_pixels": (_positive_int, "largest decoded image, width x height"),
     "max_methods": (_positive_int, "methods in one call"),
     "max_forward_passes": (_positive_int, "images the model may evaluate for one call"),
+    "forward_backend": (
+        str,
+        "default backend of forward-only batches for models whose ONNX export passed its check",
+    ),
+    "onnx_threads": (
+        _non_negative_int,
+        "intra-op threads per ONNX Runtime session; 0: one per core",
+    ),
+    "onnx_providers": (
+        _providers,
+        "ONNX Runtime execution providers, comma-separated, in order of preference",
+    ),
+    "forward_memory_mb": (
+        _positive_int,
+        "memory budget of one forward-only batch in MiB (bytes per image x batch <= it)",
+    ),
     "default_deadline_seconds": (_positive_float, "deadline for calls that arrive without one"),
     "grace_seconds": (_non_negative_float, "time in-flight calls get to finish on SIGTERM/SIGINT"),
     "log_level": (str.upper, "logging level"),
 }
-_CHOICES: dict[str, Sequence[str]] = {"backend": BACKENDS, "log_level": LOG_LEVELS}
+_CHOICES: dict[str, Sequence[str]] = {
+    "backend": BACKENDS,
+    "log_level": LOG_LEVELS,
+    "forward_backend": FORWARD_BACKENDS,
+}
 
 
 def env_var(name: str) -> str:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgument
-from ..forward import Budget, TorchForward, batches
+from ..forward import Budget, CountedForward, batches
 from ..model import ServedModel
 
 
@@ -63,12 +63,14 @@ class Param:
 class MethodContext:
     """What a method may use for one request.
 
-    model: the pixel-space module (gradients allowed); forward: counted no-grad batches;
-    cam_layer: the configured CAM layer or None; max_batch: images per batch.
+    model: the pixel-space module (gradients allowed); forward: counted no-grad batches
+    (torch or ONNX Runtime; forward-only work builds its inputs in chunks of
+    ``forward.batch_size``, from the memory budget); cam_layer: the configured CAM layer or
+    None; max_batch: images per gradient batch.
     """
 
     served: ServedModel
-    forward: TorchForward
+    forward: CountedForward
     budget: Budget
     max_batch: int
 

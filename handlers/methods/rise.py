@@ -77,7 +77,7 @@ class Rise(AttributionMethod):
             [torch.randint(0, math.ceil(s / cells), (n,), generator=generator) for s in spatial], 1
         )
         total = torch.zeros(x.shape[0], 1, *spatial)
-        for part in batches(n, ctx.max_batch):
+        for part in batches(n, ctx.forward.batch_size):
             masks = rise_masks(grids[part], shifts[part], spatial, cells)
             for i in range(x.shape[0]):
                 probs = torch.softmax(ctx.forward(x[i : i + 1] * masks, "attribute"), dim=1)

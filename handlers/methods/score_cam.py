@@ -77,7 +77,7 @@ class ScoreCam(GradCam):
         for i in range(x.shape[0]):
             masks = channel_masks(acts[i], spatial)
             live = torch.nonzero(masks.flatten(1).amax(1) > 0).squeeze(1)
-            for part in batches(len(live), ctx.max_batch):
+            for part in batches(len(live), ctx.forward.batch_size):
                 channels = live[part]
                 masked = x[i : i + 1] * masks[channels].unsqueeze(1)
                 probs = torch.softmax(ctx.forward(masked, "attribute"), dim=1)

@@ -40,10 +40,10 @@ def masked_logits(
     """Target logits of one image with cells switched off.
 
     x: 1 x C x *spatial; target: 1; z: S x M in {0, 1}; labels: *spatial -> S logits.
-    Batches of ``ctx.max_batch`` go through the counted forward (ONNX-ready).
+    Batches of ``ctx.forward.batch_size`` go through the counted forward (ONNX-ready).
     """
     scores = []
-    for part in batches(z.shape[0], ctx.max_batch):
+    for part in batches(z.shape[0], ctx.forward.batch_size):
         keep = z[part][:, labels].unsqueeze(1).to(x.dtype)  # s x 1 x *spatial
         images = x * keep + baseline * (1 - keep)
         logits = ctx.forward(images, "attribute")

@@ -1,0 +1,143 @@
+"""Which implementation runs a model's forward-only batches: torch or ONNX Runtime.
+
+Per model, at load (``prepare_forwards``): the ONNX graph (``model.onnx`` from the model
+directory, else exported in memory; see :mod:`.onnx_export`) is checked against torch, and
+an ONNX Runtime session is kept when it passes. The model's default backend is then
+``ForwardConfig.backend`` (ONNX Runtime unless configured otherwise); a model whose export
+or check failed, or a server without onnxruntime, serves on torch, with the reason in
+``onnx_status`` (ListModels) and the log.
+
+Per request (``ModelForwards.forward``): ``ExplainRequest.forward_backend`` "" (the
+model's default), "torch" or "onnxruntime". Asking for ONNX Runtime where it is
+unavailable runs torch instead, and says so: the forward's ``label`` is
+``torch_fallback``, which the engine reports as the timing ``forward.torch_fallback``
+(seconds spent in forward-only batches; ``forward.onnxruntime`` or ``forward.torch``
+otherwise), and a log line gives the reason.
+
+Both implementations batch the same way: ``batch_size`` images per call, from the memory
+budget (``forward.memory_batch_size``: bytes per image x batch <= budget, bytes per image
+measured once per model by ``forward.image_bytes``), and charge the same forward passes.
+Gradients always run in torch (``ServedModel.module``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import InvalidArgument
+from .forward import Budget, CountedForward, TorchForward, image_bytes, memory_batch_size
+from .forward_config import BACKENDS, FALLBACK, ONNXRUNTIME, TORCH, ForwardConfig
+from .model import ServedModel
+from .onnx_export import (
+    INPUT_NAME,
+    ONNX_FILE,
+    OUTPUT_NAME,
+    OnnxUnavailable,
+    check_onnx,
+    export_onnx,
+    new_session,
+    onnxruntime_module,
+)
+
+log = logging.getLogger(__name__)
+
+class OnnxForward(CountedForward):
+    """``CountedForward`` on an ONNX Runtime session of the exported pixel-space model."""
+
+    backend = ONNXRUNTIME
+
+    def __init__(self, session: Any, budget: Budget, batch_size: int) -> None:
+        super().__init__(budget, batch_size)
+        self.session = session
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().to(torch.float32).contiguous().numpy()
+        (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: array})
+        return torch.from_numpy(logits)
+
+
+@dataclass
+class ModelForwards:
+    """One model's forward-only setup.
+
+    session: the checked ONNX Runtime session, or None; onnx_status: "" when the session
+    is there, else why not. bytes_per_image, batch_size: the memory budget rule's inputs
+    and result.
+    """
+
+    served: ServedModel
+    session: Any | None
+    onnx_status: str
+    bytes_per_image: int
+    batch_size: int
+    preferred: str = ONNXRUNTIME
+
+    @property
+    def default_backend(self) -> str:
+        """The backend of requests that leave ``forward_backend`` empty."""
+        return ONNXRUNTIME if self.session is not None and self.preferred == ONNXRUNTIME else TORCH
+
+    def forward(self, budget: Budget, requested: str = "") -> CountedForward:
+        """A counted forward for one request; ``requested``: "", "torch" or "onnxruntime"."""
+        if requested not in ("", *BACKENDS):
+            raise InvalidArgument(
+                "forward_backend", f"unknown backend {requested!r}; use one of {BACKENDS}"
+            )
+        backend = requested or self.default_backend
+        if backend == ONNXRUNTIME and self.session is not None:
+            return OnnxForward(self.session, budget, self.batch_size)
+        forward = TorchForward(self.served.module, budget, self.batch_size)
+        if backend == ONNXRUNTIME:
+            forward.label = FALLBACK
+            log.info(
+                "model %s: onnxruntime requested, running torch: %s",
+                self.served.config.name,
+                self.onnx_status,
+            )
+        return forward
+
+
+def _session(served: ServedModel, config: ForwardConfig) -> Any:
+    """A checked session of the directory's model.onnx, else of a fresh export; raises
+    OnnxUnavailable with the reason."""
+    onnxruntime_module()  # fails fast (and says so) without onnxruntime
+    shape = served.config.input_shape
+    options = {"providers": config.onnx_providers, "threads": config.onnx_threads}
+    path = served.directory / ONNX_FILE
+    stale = ""
+    if path.is_file():
+        session = new_session(path, **options)
+        check = check_onnx(served.module, session, shape, tolerance=config.onnx_tolerance)
+        if check.passed:
+            log.info("model %s: %s passed the check: %s", served.config.name, path,
+                     check.describe())
+            return session
+        stale = f"{ONNX_FILE} failed the check ({check.describe()}); "
+        log.warning("model %s: %s; exporting again", served.config.name, stale.rstrip("; "))
+    elif not config.export_on_load:
+        raise OnnxUnavailable(f"no {ONNX_FILE} in the model directory and export at load is off")
+    session = new_session(export_onnx(served.module, shape), **options)
+    check = check_onnx(served.module, session, shape, tolerance=config.onnx_tolerance)
+    if not check.passed:
+        raise OnnxUnavailable(f"{stale}check failed: {check.describe()}")
+    log.info("model %s: exported to ONNX at load: %s", served.config.name, check.describe())
+    return session
+
+
+def prepare_forwards(served: ServedModel, config: ForwardConfig | None = None) -> ModelForwards:
+    """The forward-only setup of one model (module docstring). Never raises for ONNX
+    problems: the model then serves on torch, ``onnx_status`` saying why."""
+    config = config or ForwardConfig()
+    per_image = image_bytes(served.module, served.config.input_shape)
+    batch = memory_batch_size(per_image, config.memory_budget)
+    try:
+        session, status = _session(served, config), ""
+    except OnnxUnavailable as err:
+        session, status = None, str(err)
+        log.warning("model %s serves forward-only batches on torch: %s",
+                    served.config.name, status)
+    return ModelForwards(served, session, status, per_image, batch, config.backend)

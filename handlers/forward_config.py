@@ -1,0 +1,59 @@
+"""Configuration of forward-only batches (torch-free, so the server parses it cheaply).
+
+See :mod:`.forward_backends` for how it is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TORCH = "torch"
+ONNXRUNTIME = "onnxruntime"
+BACKENDS = (TORCH, ONNXRUNTIME)
+FALLBACK = "torch_fallback"
+"""The label (and timing ``forward.torch_fallback``) of torch running a request that asked
+for ONNX Runtime where it is unavailable."""
+DEFAULT_TOLERANCE = 1e-4
+_MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """How forward-only batches run (server flags ``--forward-backend``, ``--onnx-threads``,
+    ``--onnx-providers``, ``--forward-memory-mb``; env ``XAISERVE_*``).
+
+    backend: the default of models whose ONNX forward passed its check: "onnxruntime", or
+        "torch" (ONNX Runtime then only for requests that ask for it).
+    onnx_threads: intra-op threads of each ONNX Runtime session; 0: onnxruntime's default
+        (one per physical core).
+    onnx_providers: execution providers in order of preference, e.g.
+        ("CUDAExecutionProvider", "CPUExecutionProvider") on GPU nodes; those the installed
+        onnxruntime lacks are skipped.
+    memory_mb: the memory budget of one forward-only batch: bytes per image x batch <= it.
+    onnx_tolerance: the largest |torch - onnxruntime| logit difference the check accepts.
+    export_on_load: export a model without ``model.onnx`` when it is loaded (in memory).
+    """
+
+    backend: str = ONNXRUNTIME
+    onnx_threads: int = 0
+    onnx_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    memory_mb: int = 1024
+    onnx_tolerance: float = DEFAULT_TOLERANCE
+    export_on_load: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.onnx_threads < 0:
+            raise ValueError(f"onnx_threads must be >= 0, got {self.onnx_threads}")
+        if not self.onnx_providers:
+            raise ValueError("onnx_providers must name at least one provider")
+        if self.memory_mb < 1:
+            raise ValueError(f"memory_mb must be >= 1, got {self.memory_mb}")
+        if not self.onnx_tolerance > 0:
+            raise ValueError(f"onnx_tolerance must be > 0, got {self.onnx_tolerance}")
+
+    @property
+    def memory_budget(self) -> int:
+        """The memory budget in bytes."""
+        return self.memory_mb * _MIB
