@@ -4,7 +4,9 @@
         --out var/model-archives --batch-size 8 --max-batch-delay-ms 50
 
 An archive holds the model directory's ``config.yaml``, model code and weights, its
-``model.onnx`` when there is one, the handler (:mod:`xaiserve.handlers.torchserve_handler`)
+``model.onnx`` (exported and checked against torch first when the directory has none, see
+:func:`xaiserve.handlers.onnx_export.export_model_dir`; a model that fails export has none
+and serves on torch), the handler (:mod:`xaiserve.handlers.torchserve_handler`)
 and a ``model-config.yaml`` with the per-model TorchServe settings (batch size, maximum
 batch delay, response timeout, workers, job queue size) and the engine limits the worker
 enforces (``xaiserve.limits``). The archive is named after the model (``demo.mar``) and
@@ -33,13 +35,14 @@ from xaiserve.handlers.errors import ModelLoadError
 from xaiserve.handlers.gad_store import index_files, read_index
 from xaiserve.handlers.limits import EngineLimits
 from xaiserve.handlers.model import read_config
+from xaiserve.handlers.onnx_export import ONNX_FILE, export_model_dir
 
 logger = logging.getLogger(__name__)
 
 HANDLER_MODULE = "xaiserve.handlers.torchserve_handler"
 #: Optional files of a model directory that go into the archive when present (the
 #: calibration of ``xaiserve calibrate``; GAD support models come from ``gad/index.json``).
-OPTIONAL_FILES = ("model.onnx", *CALIBRATION_FILES)
+OPTIONAL_FILES = ("model.onnx", "model.onnx.json", *CALIBRATION_FILES)
 DEFAULT_OUT = "var/model-archives"
 
 
@@ -121,6 +124,9 @@ def build_archive(model_dir: Path, out: Path, settings: ArchiveSettings | None =
     model_dir = Path(model_dir)
     config = read_config(model_dir / "config.yaml")
     files = _model_files(model_dir)
+    if ONNX_FILE not in files:  # the directory is checked first: export loads the model
+        export_model_dir(model_dir)
+        files = _model_files(model_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="xaiserve-archive-") as tmp:

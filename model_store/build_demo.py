@@ -8,7 +8,11 @@ The directory holds
 - ``weights.pt``: the state dict, loadable with ``torch.load(path, weights_only=True)``;
 - ``config.yaml``: name, version, model class and kwargs, input size, normalization,
   labels and the Grad-CAM layer;
-- ``training.json``: the TrainReport (accuracy, time, sizes, normalization, data seeds).
+- ``training.json``: the TrainReport (accuracy, time, sizes, normalization, data seeds);
+- ``model.onnx`` and ``model.onnx.json``: the pixel-space forward exported to ONNX (dynamic
+  batch) and its check against torch on random, constant and held-out images
+  (:func:`xaiserve.handlers.onnx_export.export_model_dir`; on failure no ``model.onnx``,
+  the reason in the json, and the model serves on torch).
 
 Everything is written into a temporary sibling directory that is renamed into place at the
 end, so a half-written model directory is never seen.
@@ -29,9 +33,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from xaiserve.handlers.onnx_export import export_model_dir
 from xaiserve.model_store import nets, synthetic
 from xaiserve.model_store.train import N_TEST, N_TRAIN, WEIGHTS_FILE, TrainReport, train_demo
 
@@ -76,6 +82,16 @@ def _write_files(target: Path, report: TrainReport) -> None:
         f.write("\n")
 
 
+ONNX_CHECK_IMAGES = 16
+"""Held-out images (``synthetic.TEST_SEED``) the ONNX export is checked on."""
+
+
+def _export_forward(model_dir: Path) -> None:
+    """Writes model.onnx (checked against torch) into ``model_dir``; failures are logged."""
+    images, _, _ = synthetic.make_dataset(ONNX_CHECK_IMAGES, synthetic.TEST_SEED)
+    export_model_dir(model_dir, real_inputs=torch.from_numpy(images))
+
+
 def _move_into_place(staging: Path, out_dir: Path) -> None:
     """Rename ``staging`` to ``out_dir``, replacing an existing ``out_dir``."""
     if not out_dir.exists():
@@ -116,6 +132,7 @@ def _build(out_dir: Path, *, progress: bool, epochs: int | None, n_train: int, n
             staging, epochs=epochs, progress=progress, n_train=n_train, n_test=n_test
         )
         _write_files(staging, report)
+        _export_forward(staging)
         _move_into_place(staging, out_dir)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
