@@ -5,7 +5,17 @@ Windows of side ``window`` slide with step ``stride`` over every spatial axis, a
 at once; when (side - window) is not a multiple of stride a last window flush with the
 border is added, so every pixel is covered. A pixel's attribution is the mean drop
 f_y(x) - f_y(x with window occluded) over the windows covering it; all channels get the same
-value. Forward-only: occluded copies go through the model in counted batches.
+value. Forward-only: occluded copies go through the model in counted batches
+(``ctx.forward``: torch or ONNX Runtime), built ``ctx.forward.batch_size`` at a time.
+
+Adaptive mode (``adaptive: {enabled: true, coarse_window, refine_fraction}``, see
+:mod:`.occlusion_adaptive`): windows of the same side on a coarse grid of positions
+``coarse_window`` pixels apart (default 2 x window, rounded to a multiple of the stride),
+then positions of finer grids only where the interpolated coarse map is highest, until
+``refine_fraction`` (default 0.15) of the positions off the coarse grid are evaluated; the
+other positions' drops are interpolated and the map is accumulated as in full occlusion.
+On the demo model at the default window and stride it costs 56 forward passes instead of
+226 (4.0x fewer).
 
 Captum's Occlusion uses the same definition but leaves the border remainder uncovered; the
 two agree exactly when (side - window) is a multiple of stride.
@@ -21,6 +31,16 @@ import torch
 from ..errors import InvalidArgument
 from ..forward import batches
 from .base import AttributionMethod, MethodContext, Param, target_logits
+from .occlusion_adaptive import adaptive_drops
+
+ADAPTIVE = "adaptive"
+ADAPTIVE_PARAMS = (
+    Param("coarse_window", int, 0, 0, None,
+          "spacing of the coarse grid of window positions in pixels (0: 2 x window), "
+          "rounded to a multiple of the stride"),
+    Param("refine_fraction", float, 0.15, 0.0, 1.0,
+          "fraction of the positions off the coarse grid evaluated, highest first"),
+)
 
 
 def window_starts(side: int, window: int, stride: int) -> list[int]:
@@ -29,6 +49,28 @@ def window_starts(side: int, window: int, stride: int) -> list[int]:
     if starts[-1] != side - window:
         starts.append(side - window)
     return starts
+
+
+def coarse_step(params: dict[str, Any]) -> int:
+    """The coarse grid's spacing in window positions (>= 1)."""
+    spacing = params[ADAPTIVE]["coarse_window"] or 2 * params["window"]
+    return max(1, round(spacing / params["stride"]))
+
+
+def accumulate(
+    spatial: tuple[int, ...], starts: list[tuple[int, ...]], window: int, drops: torch.Tensor
+) -> torch.Tensor:
+    """The occlusion map 1 x *spatial: each pixel's mean drop over the windows covering it.
+
+    starts: window corners (one per drop); drops: float, len(starts).
+    """
+    total = torch.zeros(spatial, dtype=torch.float64)
+    count = torch.zeros(spatial, dtype=torch.float64)
+    for corner, drop in zip(starts, drops.tolist()):
+        box = tuple(slice(a, a + window) for a in corner)
+        total[box] += drop
+        count[box] += 1
+    return (total / count).float().unsqueeze(0)
 
 
 class Occlusion(AttributionMethod):
@@ -40,6 +82,36 @@ class Occlusion(AttributionMethod):
         Param("stride", int, 4, 1, None, "step between windows in pixels"),
         Param("baseline", float, 0.5, 0.0, 1.0, "value replacing the occluded pixels"),
     )
+
+    def resolve_params(
+        self, given: dict[str, Any], input_shape: tuple[int, ...], field: str
+    ) -> dict[str, Any]:
+        """The scalar parameters, and ``adaptive`` (a dict: ``enabled``, ``coarse_window``,
+        ``refine_fraction``) resolved to its options, or None when not enabled."""
+        given = dict(given)
+        adaptive = given.pop(ADAPTIVE, None)
+        resolved = super().resolve_params(given, input_shape, field)
+        resolved[ADAPTIVE] = self._resolve_adaptive(adaptive, f"{field}.{ADAPTIVE}")
+        return resolved
+
+    @staticmethod
+    def _resolve_adaptive(given: Any, field: str) -> dict[str, Any] | None:
+        if given is None:
+            return None
+        if not isinstance(given, dict):
+            raise InvalidArgument(field, f"must be a message of options, got {given!r}")
+        known = {p.name: p for p in ADAPTIVE_PARAMS}
+        for key in given:
+            if key not in known and key != "enabled":
+                raise InvalidArgument(f"{field}.{key}", "unknown option of adaptive occlusion")
+        enabled = given.get("enabled", False)
+        if not isinstance(enabled, bool):
+            raise InvalidArgument(f"{field}.enabled", f"must be true or false, got {enabled!r}")
+        options = {
+            p.name: p.resolve(given[p.name], f"{field}.{p.name}") if p.name in given else p.default
+            for p in ADAPTIVE_PARAMS
+        }
+        return options if enabled else None
 
     def check_params(
         self, params: dict[str, Any], input_shape: tuple[int, ...], field: str
@@ -60,26 +132,52 @@ class Occlusion(AttributionMethod):
     def attribute(
         self, ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, params: dict[str, Any]
     ) -> torch.Tensor:
-        w, s = params["window"], params["stride"]
+        """x: N x C x *spatial -> N x C x *spatial (every channel the same map)."""
+        w = params["window"]
         spatial = tuple(x.shape[2:])
-        boxes = [
-            tuple(slice(a, a + w) for a in corner)
-            for corner in itertools.product(*(window_starts(d, w, s) for d in spatial))
-        ]
+        axes = [window_starts(d, w, params["stride"]) for d in spatial]
         base = target_logits(ctx.forward(x, "attribute"), target)  # N
-        total = torch.zeros(x.shape[0], 1, *spatial)
-        count = torch.zeros(1, 1, *spatial)
-        for box in boxes:
-            count[(..., *box)] += 1
+        maps = []
         for i in range(x.shape[0]):
             xi, yi = x[i : i + 1], target[i : i + 1]
-            for part in batches(len(boxes), ctx.max_batch):
-                chunk = boxes[part]
-                occluded = xi.repeat(len(chunk), *([1] * (x.dim() - 1)))
-                for j, box in enumerate(chunk):
-                    occluded[(j, slice(None), *box)] = params["baseline"]
-                scores = target_logits(ctx.forward(occluded, "attribute"), yi.expand(len(chunk)))
-                drops = base[i] - scores
-                for j, box in enumerate(chunk):
-                    total[(i, slice(None), *box)] += drops[j]
-        return (total / count).expand(-1, x.shape[1], *spatial).contiguous()
+
+            def evaluate(positions: list[tuple[int, ...]]) -> torch.Tensor:
+                corners = [tuple(a[j] for a, j in zip(axes, p)) for p in positions]
+                return base[i] - self._occluded_logits(ctx, xi, yi, corners, w, params)
+
+            if params.get(ADAPTIVE):
+                drops, _ = adaptive_drops(
+                    evaluate,
+                    [len(a) for a in axes],
+                    coarse_step(params),
+                    params[ADAPTIVE]["refine_fraction"],
+                )
+                positions = list(itertools.product(*(range(len(a)) for a in axes)))
+                values = torch.tensor([drops[p] for p in positions])
+            else:
+                positions = list(itertools.product(*(range(len(a)) for a in axes)))
+                values = evaluate(positions)
+            corners = [tuple(a[j] for a, j in zip(axes, p)) for p in positions]
+            maps.append(accumulate(spatial, corners, w, values))
+        return torch.stack(maps).expand(-1, x.shape[1], *spatial).contiguous()
+
+    @staticmethod
+    def _occluded_logits(
+        ctx: MethodContext,
+        xi: torch.Tensor,
+        yi: torch.Tensor,
+        corners: list[tuple[int, ...]],
+        window: int,
+        params: dict[str, Any],
+    ) -> torch.Tensor:
+        """Target logits of 1 x C x *spatial ``xi`` with each corner's window occluded."""
+        scores = []
+        for part in batches(len(corners), ctx.forward.batch_size):
+            chunk = corners[part]
+            occluded = xi.repeat(len(chunk), *([1] * (xi.dim() - 1)))
+            for j, corner in enumerate(chunk):
+                box = tuple(slice(a, a + window) for a in corner)
+                occluded[(j, slice(None), *box)] = params["baseline"]
+            logits = ctx.forward(occluded, "attribute")
+            scores.append(target_logits(logits, yi.expand(len(chunk))))
+        return torch.cat(scores)
