@@ -112,7 +112,7 @@ def export_onnx(module: nn.Module, input_shape: Sequence[int]) -> bytes:
     module.eval()
     try:
         with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            warnings.simplefilter("ignore")  # deprecation and tracer notices
             torch.onnx.export(
                 module,
                 (example,),

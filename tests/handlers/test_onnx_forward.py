@@ -1,0 +1,168 @@
+"""The counted forward on torch and on ONNX Runtime: the same results (within tolerance)
+and the same forward passes for every forward-only stage, and batches sized by the memory
+budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from support.tiny_models import tiny_served
+from xaiserve.handlers.engine import Engine
+from xaiserve.handlers.errors import InvalidArgument
+from xaiserve.handlers.forward import Budget, TorchForward, image_bytes, memory_batch_size
+from xaiserve.handlers.forward_backends import OnnxForward, prepare_forwards
+from xaiserve.handlers.forward_config import ForwardConfig
+from xaiserve.handlers.limits import EngineLimits
+from xaiserve.handlers.model import load_model_dir
+from xaiserve.handlers.types import (
+    ExplainRequest,
+    ExplainResult,
+    FilterRequest,
+    MethodRequest,
+    RawTensor,
+    ReliabilityRequest,
+)
+from xaiserve.model_store import synthetic
+
+MAP_TOLERANCE = 1e-4
+
+
+def method(name: str, i: int, **params) -> MethodRequest:
+    return MethodRequest(
+        name, params, field=f"methods[{i}]", params_field=name,
+        reliability=ReliabilityRequest(shuffles=2), filter=FilterRequest(mode="fast"),
+    )
+
+
+def run(engine: Engine, model: str, image: np.ndarray, methods, backend: str) -> ExplainResult:
+    raw = RawTensor(image.shape, image.astype("<f4").tobytes())
+    return engine.explain(
+        ExplainRequest(model=model, image=raw, methods=tuple(methods), forward_backend=backend)
+    )
+
+
+def assert_same(torch_result: ExplainResult, ort_result: ExplainResult) -> None:
+    """Same prediction, maps within tolerance, same APEM records, filters and counts."""
+    assert ort_result.forward_passes == torch_result.forward_passes
+    assert "forward.torch" in torch_result.timings and "forward.onnxruntime" in ort_result.timings
+    assert ort_result.prediction.target.index == torch_result.prediction.target.index
+    for a, b in zip(torch_result.explanations, ort_result.explanations, strict=True):
+        assert a.method == b.method and a.forward_passes == b.forward_passes
+        np.testing.assert_allclose(b.map, a.map, atol=MAP_TOLERANCE, rtol=1e-4)
+        ra, rb = a.reliability, b.reliability
+        assert rb.forward_passes == ra.forward_passes
+        assert (rb.eps_minus, rb.eps_plus) == pytest.approx((ra.eps_minus, ra.eps_plus), rel=1e-6)
+        assert rb.apem_norm == pytest.approx(ra.apem_norm, rel=1e-6, nan_ok=True)
+        fa, fb = a.filtered, b.filtered
+        assert fb.forward_passes == fa.forward_passes
+        assert fb.kept_fraction == fa.kept_fraction
+        assert fb.apem_after == pytest.approx(fa.apem_after, rel=1e-6, nan_ok=True)
+
+
+def test_forward_only_stages_agree_on_the_tiny_model() -> None:
+    engine = Engine({"tiny": tiny_served()}, EngineLimits())
+    image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(11)).numpy()
+    methods = [
+        method("occlusion", 0, window=4, stride=2),
+        method("occlusion", 1, window=4, stride=1, adaptive={"enabled": True}),
+        method("score_cam", 2),
+        method("rise", 3, masks=64, cells=4),
+        method("lime", 4, samples=64, segments=16),
+        method("kernel_shap", 5, samples=64, segments=16),
+    ]
+    torch_result = run(engine, "tiny", image, methods, "torch")
+    ort_result = run(engine, "tiny", image, methods, "onnxruntime")
+    assert_same(torch_result, ort_result)
+    assert set(torch_result.forward_passes) >= {"predict", "attribute", "apem", "apem_filter"}
+
+
+def test_forward_only_stages_agree_on_the_demo_model(demo_model_dir: Path) -> None:
+    engine = Engine({"demo": load_model_dir(demo_model_dir)}, EngineLimits())
+    assert engine.list_models()[0].forward_backend == "onnxruntime"
+    image = synthetic.make_sample(synthetic.TEST_SEED, 0).image
+    methods = [method("occlusion", 0, window=8, stride=8)]
+    torch_result = run(engine, "demo", image, methods, "torch")
+    ort_result = run(engine, "demo", image, methods, "")  # the model's default
+    assert_same(torch_result, ort_result)
+
+
+def test_image_bytes_counts_the_input_and_every_layer_output() -> None:
+    module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    floats = 3 * 8 * 8 + 4 * 8 * 8 + 4 * 8 * 8 + 4 * 4 * 4  # input, conv, relu, pool
+    assert image_bytes(module, (3, 8, 8)) == 4 * floats
+
+
+@pytest.mark.parametrize(
+    ("per_image", "budget", "cap", "expected"),
+    [(100, 1000, None, 10), (100, 999, None, 9), (100, 50, None, 1), (100, 1000, 4, 4)],
+)
+def test_memory_batch_size(per_image: int, budget: int, cap: int | None, expected: int) -> None:
+    assert memory_batch_size(per_image, budget, cap) == expected
+
+
+class RecordingSession:
+    """An ONNX Runtime session stand-in that records the batch sizes it is given."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.batches: list[int] = []
+
+    def run(self, _outputs, feeds):
+        x = torch.from_numpy(feeds["x"])
+        self.batches.append(x.shape[0])
+        with torch.no_grad():
+            return [self.module(x).numpy()]
+
+
+def test_batches_follow_the_memory_budget() -> None:
+    served = tiny_served()
+    per_image = image_bytes(served.module, (3, 16, 16))
+    config = ForwardConfig(memory_mb=1)
+    forwards = prepare_forwards(served, config)
+    assert forwards.bytes_per_image == per_image
+    assert forwards.batch_size == (1024 * 1024) // per_image
+    assert forwards.batch_size * per_image <= config.memory_budget
+    assert (forwards.batch_size + 1) * per_image > config.memory_budget
+
+    session = RecordingSession(served.module)
+    budget = Budget(10**6)
+    forward = OnnxForward(session, budget, batch_size=7)
+    logits = forward(torch.rand(30, 3, 16, 16), "attribute")
+    assert logits.shape == (30, 3)
+    assert session.batches == [7, 7, 7, 7, 2]
+    assert budget.by_stage == {"attribute": 30}
+
+
+def test_both_backends_charge_the_same_passes_and_stop_at_the_budget() -> None:
+    forwards = prepare_forwards(tiny_served())
+    x = torch.rand(10, 3, 16, 16)
+    spent = {}
+    for backend in ("torch", "onnxruntime"):
+        budget = Budget(20)
+        forward = forwards.forward(budget, backend)
+        assert forward.backend == backend and forward.batch_size == forwards.batch_size
+        forward(x, "a")
+        forward(x[:5], "b")
+        spent[backend] = dict(budget.by_stage)
+        with pytest.raises(Exception, match="forward passes"):
+            forward(x, "c")
+    assert spent["torch"] == spent["onnxruntime"] == {"a": 10, "b": 5}
+
+
+def test_unknown_backend_is_an_invalid_argument() -> None:
+    engine = Engine({"tiny": tiny_served()}, EngineLimits())
+    with pytest.raises(InvalidArgument) as err:
+        run(engine, "tiny", np.zeros((3, 16, 16), np.float32), [], "tensorrt")
+    assert err.value.field == "forward_backend"
+
+
+def test_torch_forward_keeps_its_old_signature() -> None:
+    served = tiny_served()
+    forward = TorchForward(served.module, Budget(100), 4)
+    assert forward.max_batch == forward.batch_size == 4 and forward.label == "torch"
+    assert forward(torch.rand(9, 3, 16, 16), "x").shape == (9, 3)
