@@ -265,6 +265,9 @@ def new_session(
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # the engine interleaves ONNX Runtime calls with torch work (building perturbed
+    # images, gradients): idle intra-op threads must not spin on the cores torch needs
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only; failures come back as exceptions

@@ -57,19 +57,26 @@ def coarse_step(params: dict[str, Any]) -> int:
     return max(1, round(spacing / params["stride"]))
 
 
-def accumulate(
-    spatial: tuple[int, ...], starts: list[tuple[int, ...]], window: int, drops: torch.Tensor
-) -> torch.Tensor:
+def coverage(side: int, starts: list[int], window: int) -> torch.Tensor:
+    """len(starts) x side, float64: 1 where the window starting at starts[i] covers a pixel."""
+    pixels = torch.arange(side)
+    begin = torch.tensor(starts).unsqueeze(1)
+    return ((pixels >= begin) & (pixels < begin + window)).double()
+
+
+def accumulate(axes: list[list[int]], window: int, drops: torch.Tensor) -> torch.Tensor:
     """The occlusion map 1 x *spatial: each pixel's mean drop over the windows covering it.
 
-    starts: window corners (one per drop); drops: float, len(starts).
+    axes: window starts per spatial axis; drops: n_1 x ... x n_d, one per window (the
+    windows are the product of the axes' starts). A window's box is separable, so the sums
+    over covering windows are products with each axis's coverage matrix.
     """
-    total = torch.zeros(spatial, dtype=torch.float64)
-    count = torch.zeros(spatial, dtype=torch.float64)
-    for corner, drop in zip(starts, drops.tolist()):
-        box = tuple(slice(a, a + window) for a in corner)
-        total[box] += drop
-        count[box] += 1
+    spatial = [max(starts) + window for starts in axes]
+    total, count = drops.double(), torch.ones(drops.shape, dtype=torch.float64)
+    for axis, (side, starts) in enumerate(zip(spatial, axes)):
+        cover = coverage(side, starts, window)
+        total = torch.tensordot(total, cover, dims=([axis], [0])).movedim(-1, axis)
+        count = torch.tensordot(count, cover, dims=([axis], [0])).movedim(-1, axis)
     return (total / count).float().unsqueeze(0)
 
 
@@ -137,6 +144,7 @@ class Occlusion(AttributionMethod):
         spatial = tuple(x.shape[2:])
         axes = [window_starts(d, w, params["stride"]) for d in spatial]
         base = target_logits(ctx.forward(x, "attribute"), target)  # N
+        counts = [len(a) for a in axes]
         maps = []
         for i in range(x.shape[0]):
             xi, yi = x[i : i + 1], target[i : i + 1]
@@ -146,19 +154,13 @@ class Occlusion(AttributionMethod):
                 return base[i] - self._occluded_logits(ctx, xi, yi, corners, w, params)
 
             if params.get(ADAPTIVE):
-                drops, _ = adaptive_drops(
-                    evaluate,
-                    [len(a) for a in axes],
-                    coarse_step(params),
-                    params[ADAPTIVE]["refine_fraction"],
+                estimate, _ = adaptive_drops(
+                    evaluate, counts, coarse_step(params), params[ADAPTIVE]["refine_fraction"]
                 )
-                positions = list(itertools.product(*(range(len(a)) for a in axes)))
-                values = torch.tensor([drops[p] for p in positions])
+                drops = torch.from_numpy(estimate)
             else:
-                positions = list(itertools.product(*(range(len(a)) for a in axes)))
-                values = evaluate(positions)
-            corners = [tuple(a[j] for a, j in zip(axes, p)) for p in positions]
-            maps.append(accumulate(spatial, corners, w, values))
+                drops = evaluate(list(itertools.product(*map(range, counts)))).view(counts)
+            maps.append(accumulate(axes, w, drops))
         return torch.stack(maps).expand(-1, x.shape[1], *spatial).contiguous()
 
     @staticmethod
@@ -174,7 +176,7 @@ class Occlusion(AttributionMethod):
         scores = []
         for part in batches(len(corners), ctx.forward.batch_size):
             chunk = corners[part]
-            occluded = xi.repeat(len(chunk), *([1] * (xi.dim() - 1)))
+            occluded = xi.expand(len(chunk), *xi.shape[1:]).clone()
             for j, corner in enumerate(chunk):
                 box = tuple(slice(a, a + window) for a in corner)
                 occluded[(j, slice(None), *box)] = params["baseline"]

@@ -26,7 +26,6 @@ Forward passes: 1 (the unoccluded input) + coarse positions + refined positions.
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -76,15 +75,16 @@ class Hierarchy:
                 [np.flatnonzero(level <= l).tolist() for l in range(len(steps))]
             )
         self._hats: dict[tuple[int, int, int], np.ndarray] = {}
+        self.grid = functools.reduce(np.maximum, np.ix_(*self.axis_level))
+        """The level of every position, n_1 x ... x n_d."""
 
     def level(self, index: Index) -> int:
         """The level of a position: the coarsest lattice holding it."""
-        return max(int(levels[i]) for levels, i in zip(self.axis_level, index))
+        return int(self.grid[index])
 
     def positions(self, level: int) -> list[Index]:
         """Every position of exactly ``level``, in index order."""
-        return [p for p in itertools.product(*(range(n) for n in self.counts))
-                if self.level(p) == level]
+        return [tuple(int(i) for i in p) for p in np.argwhere(self.grid == level)]
 
     def _hat(self, axis: int, level: int, i: int) -> np.ndarray:
         """The 1-D hat of node i on the level's nodes of ``axis`` (n values)."""
@@ -135,22 +135,23 @@ def adaptive_drops(
     hierarchy = Hierarchy(counts, coarse_step)
     coarse = hierarchy.positions(0)
     known = dict(zip(coarse, evaluate(coarse).tolist()))
-    total = int(np.prod(counts))
-    left = round(refine_fraction * (total - len(coarse)))
+    evaluated = hierarchy.grid == 0
+    left = round(refine_fraction * int((~evaluated).sum()))
     for level in range(1, hierarchy.levels):
         if left <= 0:
             break
-        estimate = hierarchy.interpolate(known)
-        candidates = [
-            p for p in itertools.product(*(range(n) for n in counts))
-            if p not in known and hierarchy.level(p) <= level
-        ]
-        candidates.sort(key=lambda p: -estimate[p])  # stable: ties in index order
-        chosen = candidates[: min(left, sum(hierarchy.level(p) == level for p in candidates))]
-        if not chosen:
+        open_ = ~evaluated & (hierarchy.grid <= level)
+        take = min(left, int((open_ & (hierarchy.grid == level)).sum()))
+        if take == 0:
             continue
+        candidates = np.argwhere(open_)  # index order
+        estimate = hierarchy.interpolate(known)[open_]
+        order = np.argsort(-estimate, kind="stable")[:take]  # highest first, ties in order
+        chosen = [tuple(int(i) for i in candidates[k]) for k in order]
         known.update(zip(chosen, evaluate(chosen).tolist()))
-        left -= len(chosen)
+        for p in chosen:
+            evaluated[p] = True
+        left -= take
     return hierarchy.interpolate(known), len(known)
 
 
