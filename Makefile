@@ -8,7 +8,7 @@ MODEL_STORE ?= var/models
 ARCHIVES ?= var/model-archives
 PROTO := proto/xaiserve/v1/explain.proto proto/xaiserve/torchserve/inference.proto
 
-.PHONY: install proto serve test demo-model archives stack-up stack-down test-torchserve clean
+.PHONY: install proto serve test demo-model archives stack-up stack-down test-torchserve bench clean
 
 # torch goes in first, from the CPU build, so nothing that depends on it pulls a CUDA build.
 $(STAMP): pyproject.toml
@@ -53,6 +53,12 @@ test: $(STAMP)
 # Only the tests against a real TorchServe (`make test` runs them too).
 test-torchserve: $(STAMP)
 	$(BIN)/python -m pytest -m torchserve
+
+# Forward-only work side by side in one process (bench/forward_only.py): Captum's Occlusion,
+# our occlusion on torch and on ONNX Runtime, adaptive occlusion, APEM per map, on the demo
+# model and ResNet-18/50-shaped networks at 224 x 224. About 8 minutes on 2 cores.
+bench: demo-model
+	$(BIN)/python bench/forward_only.py --demo-dir $(MODEL_STORE)/demo
 
 clean:
 	rm -rf $(VENV) var

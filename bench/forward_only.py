@@ -1,0 +1,337 @@
+"""Forward-only work on torch and on ONNX Runtime, side by side in one process.
+
+    make bench                                  # python bench/forward_only.py
+    python bench/forward_only.py --nets demo,resnet18 --demo-images 4
+
+For each network (the trained demo model at 3 x 64 x 64; ResNet-18- and ResNet-50-shaped
+networks of ``xaiserve.model_store.resnets`` at 3 x 224 x 224 with random weights, which
+is fine for speed; every one wrapped in its pixel-space normalization, exported to ONNX and
+checked against torch as the engine does at load):
+
+1. the machine's best batched forward throughput for that network: images/s over a few
+   batch sizes, torch eager (no grad) and the ONNX Runtime session;
+2. Captum's Occlusion (torch forward, perturbations_per_eval = the batch size with the
+   best torch throughput), our occlusion on torch and on ONNX Runtime, adaptive occlusion
+   (ONNX Runtime; Spearman rank correlation with full occlusion), APEM per map (the
+   occlusion map's, default options) on torch and on ONNX Runtime, and on the demo model
+   the fast APEM filter on both.
+
+Printed per method: forward passes, seconds, speed-up over Captum's Occlusion, and the
+efficiency: (forward passes / the machine's best throughput for the network) / seconds,
+against the best of either backend ("eff") and of the backend the method ran on ("own").
+Inputs: held-out demo images (``synthetic.TEST_SEED``), and one shape image drawn at
+224 x 224 for the ResNets. Occlusion: the demo's default window 8 / stride 4, ResNet-18
+window 15 / stride 8, ResNet-50 window 31 / stride 16 (cut: ~4x fewer windows than
+15 / 8, to keep the run under 10 minutes on 2 cores). The load average is printed: on a
+shared machine compare ratios measured in the same run, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xaiserve.handlers.apem import apem, relevance_from_map
+from xaiserve.handlers.apem_filter import filter_map
+from xaiserve.handlers.forward import Budget
+from xaiserve.handlers.forward_backends import ModelForwards, prepare_forwards
+from xaiserve.handlers.forward_config import ForwardConfig
+from xaiserve.handlers.methods.base import MethodContext
+from xaiserve.handlers.methods.occlusion import Occlusion
+from xaiserve.handlers.methods.occlusion_adaptive import rank_correlation
+from xaiserve.handlers.model import ModelConfig, PixelSpaceModel, ServedModel, load_model_dir
+from xaiserve.handlers.postprocess import apply_stage
+from xaiserve.handlers.types import FilterRequest
+from xaiserve.model_store import resnets, synthetic
+from xaiserve.model_store.build_demo import ensure_demo_model
+
+ROOT = Path(__file__).resolve().parents[1]
+NETS = ("demo", "resnet18", "resnet50")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Net:
+    """One benchmarked network: its forwards (torch module + checked ONNX session),
+    inputs (each 1 x C x H x W) and occlusion settings."""
+
+    name: str
+    forwards: ModelForwards
+    images: list[torch.Tensor]
+    window: int
+    stride: int
+    batch_sizes: tuple[int, ...]
+    note: str = ""
+
+    @property
+    def served(self) -> ServedModel:
+        return self.forwards.served
+
+
+@dataclass
+class Row:
+    method: str
+    backend: str
+    passes: int
+    seconds: float
+    extra: str = ""
+
+
+@dataclass
+class Report:
+    net: Net
+    best: dict[str, tuple[float, int]] = field(default_factory=dict)  # backend -> (img/s, B)
+    rows: list[Row] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------ networks
+
+
+def demo_net(directory: Path, images: int, config: ForwardConfig) -> Net:
+    served = load_model_dir(ensure_demo_model(directory))
+    xs = [
+        torch.from_numpy(synthetic.make_sample(synthetic.TEST_SEED, i).image)[None]
+        for i in range(images)
+    ]
+    return Net("demo", prepare_forwards(served, config), xs, 8, 4, (16, 64, 128, 256),
+               f"trained, {images} held-out images")
+
+
+def resnet_net(name: str, window: int, stride: int, config: ForwardConfig) -> Net:
+    torch.manual_seed(0)
+    net = getattr(resnets, name)(num_classes=1000).eval()
+    config = ModelConfig(
+        name=name, version="1", model_file="", model_class=name, model_kwargs={},
+        weights="", input_shape=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        labels=tuple(str(i) for i in range(1000)), cam_layer=resnets.RESNET_CAM_LAYER,
+    )
+    module = PixelSpaceModel(net, config.mean, config.std).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    served = ServedModel(config, module, net.get_submodule(config.cam_layer), Path("."))
+    image = torch.from_numpy(synthetic.make_sample(synthetic.TEST_SEED, 0, 224).image)[None]
+    return Net(name, prepare_forwards(served, config), [image], window, stride, (1, 4, 8, 16, 32),
+               "random weights, 1 image")
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def images_per_second(run: Callable[[torch.Tensor], object], x: torch.Tensor,
+                      min_seconds: float) -> float:
+    run(x)  # warm-up
+    calls, start = 0, time.perf_counter()
+    while True:
+        run(x)
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds and calls >= 2:
+            return calls * x.shape[0] / elapsed
+
+
+def best_throughput(net: Net, min_seconds: float) -> dict[str, tuple[float, int]]:
+    """backend -> (best images/s, its batch size)."""
+    shape = net.served.config.input_shape
+    session, module = net.forwards.session, net.served.module
+
+    def torch_run(x: torch.Tensor) -> object:
+        with torch.no_grad():
+            return module(x)
+
+    def ort_run(x: torch.Tensor) -> object:
+        return session.run(["logits"], {"x": x.numpy()})
+
+    best: dict[str, tuple[float, int]] = {}
+    for backend, run in (("torch", torch_run), ("onnxruntime", ort_run)):
+        rates = {}
+        for size in net.batch_sizes:
+            x = torch.rand(size, *shape, generator=torch.Generator().manual_seed(size))
+            rates[size] = images_per_second(run, x, min_seconds)
+        size = max(rates, key=rates.get)
+        best[backend] = (rates[size], size)
+        shown = ", ".join(f"B={b}: {r:.1f}" for b, r in rates.items())
+        logging.info("%s %s throughput (images/s): %s", net.name, backend, shown)
+    return best
+
+
+def context(net: Net, backend: str) -> MethodContext:
+    budget = Budget(10**9)
+    return MethodContext(net.served, net.forwards.forward(budget, backend), budget, 64)
+
+
+def timed(fn: Callable[[], object]) -> tuple[object, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def captum_occlusion(net: Net, x: torch.Tensor, y: int, per_eval: int) -> tuple[int, float]:
+    from captum.attr import Occlusion as CaptumOcclusion
+
+    passes = [0]
+    module = net.served.module
+
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        passes[0] += inputs.shape[0]
+        return module(inputs)
+
+    c, w, s = x.shape[1], net.window, net.stride
+    with torch.no_grad():
+        _, seconds = timed(lambda: CaptumOcclusion(forward).attribute(
+            x, sliding_window_shapes=(c, w, w), strides=(c, s, s), baselines=0.5, target=y,
+            perturbations_per_eval=per_eval,
+        ))
+    return passes[0], seconds
+
+
+def run_net(net: Net, min_seconds: float) -> Report:
+    report = Report(net)
+    report.best = best_throughput(net, min_seconds)
+    per_eval = report.best["torch"][1]
+    occlusion = Occlusion()
+    shape = net.served.config.input_shape
+    full_params = occlusion.resolve_params({"window": net.window, "stride": net.stride},
+                                           shape, "occlusion")
+    adaptive_params = occlusion.resolve_params(
+        {"window": net.window, "stride": net.stride, "adaptive": {"enabled": True}},
+        shape, "occlusion",
+    )
+    totals: dict[tuple[str, str], list[float]] = {}
+    correlations: list[float] = []
+    eps_agree = []
+
+    def add(method: str, backend: str, passes: int, seconds: float) -> None:
+        entry = totals.setdefault((method, backend), [0, 0.0])
+        entry[0] += passes
+        entry[1] += seconds
+
+    for x in net.images:
+        y = int(net.forwards.forward(Budget(10), "onnxruntime")(x, "predict").argmax())
+        target = torch.tensor([y])
+        passes, seconds = captum_occlusion(net, x, y, per_eval)
+        add(f"Captum Occlusion (ppe={per_eval})", "torch", passes, seconds)
+        maps = {}
+        for backend in ("torch", "onnxruntime"):
+            ctx = context(net, backend)
+            maps[backend], seconds = timed(
+                lambda: occlusion.attribute(ctx, x, target, full_params))
+            add("occlusion", backend, ctx.budget.spent, seconds)
+        ctx = context(net, "onnxruntime")
+        adaptive, seconds = timed(lambda: occlusion.attribute(ctx, x, target, adaptive_params))
+        add("occlusion adaptive", "onnxruntime", ctx.budget.spent, seconds)
+        correlations.append(rank_correlation(maps["onnxruntime"][0, 0], adaptive[0, 0]))
+
+        relevance = relevance_from_map(apply_stage(maps["onnxruntime"], x, "one_channel")[0])
+        records = {}
+        for backend in ("torch", "onnxruntime"):
+            ctx = context(net, backend)
+            records[backend], seconds = timed(lambda: apem(
+                ctx.forward, ctx.model, x[0], y, relevance, budget=ctx.budget))
+            add("APEM per map", backend, ctx.budget.spent, seconds)
+        a, b = records["torch"], records["onnxruntime"]
+        eps_agree.append((a.eps_minus, a.eps_plus) == (b.eps_minus, b.eps_plus))
+        if net.name == "demo":
+            for backend in ("torch", "onnxruntime"):
+                ctx = context(net, backend)
+                _, seconds = timed(lambda: filter_map(
+                    ctx.forward, ctx.model, x[0], y, relevance, budget=ctx.budget,
+                    request=FilterRequest(mode="fast")))
+                add("APEM filter (fast)", backend, ctx.budget.spent, seconds)
+
+    for (method, backend), (passes, seconds) in totals.items():
+        extra = ""
+        if method == "occlusion adaptive":
+            extra = (f"Spearman vs full {statistics.mean(correlations):.3f} (mean), "
+                     f"{min(correlations):.3f} (min)")
+        if method == "APEM per map" and backend == "onnxruntime":
+            extra = f"same eps as torch on {sum(eps_agree)}/{len(eps_agree)} maps"
+        report.rows.append(Row(method, backend, int(passes), seconds, extra))
+    return report
+
+
+# ----------------------------------------------------------------------------- printing
+
+
+def print_report(report: Report) -> None:
+    net = report.net
+    best_rate = max(rate for rate, _ in report.best.values())
+    shape = "x".join(map(str, net.served.config.input_shape))
+    forwards = net.forwards
+    print(f"\n== {net.name} ({shape}, {net.note}); occlusion window {net.window}, "
+          f"stride {net.stride}; forward batch {forwards.batch_size} "
+          f"({forwards.bytes_per_image / 2**20:.1f} MiB/image, budget 1024 MiB)")
+    for backend, (rate, size) in report.best.items():
+        print(f"   best throughput {backend:<11} {rate:8.1f} images/s (batch {size})")
+    captum = next(r for r in report.rows if r.method.startswith("Captum"))
+    header = (f"   {'method':<28} {'backend':<11} {'passes':>7} {'seconds':>9} "
+              f"{'vs Captum':>9} {'eff':>5} {'own':>5}")
+    print(header)
+    for row in report.rows:
+        own_rate = report.best[row.backend][0]
+        eff = row.passes / best_rate / row.seconds
+        own = row.passes / own_rate / row.seconds
+        speed = captum.seconds / row.seconds
+        print(f"   {row.method:<28} {row.backend:<11} {row.passes:>7} {row.seconds:>9.2f} "
+              f"{speed:>8.2f}x {eff:>5.0%} {own:>5.0%}  {row.extra}")
+    occ = {r.backend: r for r in report.rows if r.method == "occlusion"}
+    adaptive = next(r for r in report.rows if r.method == "occlusion adaptive")
+    print(f"   adaptive: {occ['onnxruntime'].passes / adaptive.passes:.2f}x fewer forward "
+          f"passes than full occlusion; occlusion onnxruntime vs torch: "
+          f"{occ['torch'].seconds / occ['onnxruntime'].seconds:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nets", default=",".join(NETS),
+                        help=f"comma-separated subset of {', '.join(NETS)}")
+    parser.add_argument("--demo-dir", type=Path, default=ROOT / "var" / "models" / "demo",
+                        help="the demo model directory (trained there first if missing)")
+    parser.add_argument("--demo-images", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads and ONNX Runtime intra-op threads (0: defaults)")
+    parser.add_argument("--min-seconds", type=float, default=1.5,
+                        help="time per throughput measurement (per batch size)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    names = [n.strip() for n in args.nets.split(",") if n.strip()]
+    unknown = set(names) - set(NETS)
+    if unknown:
+        parser.error(f"unknown nets {sorted(unknown)}")
+    start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = ForwardConfig(onnx_threads=args.threads)
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime "
+          f"intra-op threads {args.threads or 'default'}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f} at start")
+    builders = {
+        "demo": lambda: demo_net(args.demo_dir, args.demo_images, config),
+        "resnet18": lambda: resnet_net("resnet18", 15, 8, config),
+        "resnet50": lambda: resnet_net("resnet50", 31, 16, config),
+    }
+    for name in names:
+        net = builders[name]()
+        if net.forwards.session is None:
+            print(f"{name}: no ONNX Runtime forward: {net.forwards.onnx_status}")
+            continue
+        print_report(run_net(net, args.min_seconds))
+        sys.stdout.flush()
+    print(f"\nload average {os.getloadavg()[0]:.2f} at the end; total "
+          f"{time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    sys.exit(main())
