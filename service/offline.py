@@ -213,9 +213,10 @@ def _print_apem_report(args: argparse.Namespace, rows: list[MapRow]) -> int:
     written = write_report(args.out, rows)
     for stage in sorted({r.stage for r in rows}):
         print(f"\nAPEM ranking, stage {stage}:")
-        print(format_table(ranking(rows, stage), ["rank", "method", "maps", "apem_mean",
-                                                   "apem_median", "apem_norm_median",
-                                                   "mask_mass_mean", "seconds_per_map"]))
+        print(format_table(ranking(rows, stage), ["rank", "method", "maps", "apem_median",
+                                                   "apem_mean", "censored_fraction",
+                                                   "apem_norm_median", "mask_mass_mean",
+                                                   "forward_passes_per_map"]))
     print(f"\n{len(rows)} maps")
     return len(written)
 
