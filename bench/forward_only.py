@@ -9,7 +9,8 @@ is fine for speed; every one wrapped in its pixel-space normalization, exported 
 checked against torch as the engine does at load):
 
 1. the machine's best batched forward throughput for that network: images/s over a few
-   batch sizes, torch eager (no grad) and the ONNX Runtime session;
+   batch sizes, torch eager (no grad) and the ONNX Runtime session, measured before and
+   after the methods (the better of the two is used: load from other processes varies);
 2. Captum's Occlusion (torch forward, perturbations_per_eval = the batch size with the
    best torch throughput), our occlusion on torch and on ONNX Runtime, adaptive occlusion
    (ONNX Runtime; Spearman rank correlation with full occlusion), APEM per map (the
@@ -18,7 +19,9 @@ checked against torch as the engine does at load):
 
 Printed per method: forward passes, seconds, speed-up over Captum's Occlusion, and the
 efficiency: (forward passes / the machine's best throughput for the network) / seconds,
-against the best of either backend ("eff") and of the backend the method ran on ("own").
+against the best of either backend ("eff") and of the backend the method ran on ("own");
+"in fwd" is the share of the method's time spent inside the counted forward (the rest:
+building perturbed images, searching, interpolating, and APEM's one torch gradient).
 Inputs: held-out demo images (``synthetic.TEST_SEED``), and one shape image drawn at
 224 x 224 for the ResNets. Occlusion: the demo's default window 8 / stride 4, ResNet-18
 window 15 / stride 8, ResNet-50 window 31 / stride 16 (cut: ~4x fewer windows than
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import statistics
 import sys
@@ -85,6 +89,7 @@ class Row:
     backend: str
     passes: int
     seconds: float
+    forward_seconds: float | None = None
     extra: str = ""
 
 
@@ -92,6 +97,7 @@ class Row:
 class Report:
     net: Net
     best: dict[str, tuple[float, int]] = field(default_factory=dict)  # backend -> (img/s, B)
+    probes: dict[str, tuple[float, float]] = field(default_factory=dict)  # before, after
     rows: list[Row] = field(default_factory=list)
 
 
@@ -111,17 +117,19 @@ def demo_net(directory: Path, images: int, config: ForwardConfig) -> Net:
 def resnet_net(name: str, window: int, stride: int, config: ForwardConfig) -> Net:
     torch.manual_seed(0)
     net = getattr(resnets, name)(num_classes=1000).eval()
-    config = ModelConfig(
+    model_config = ModelConfig(
         name=name, version="1", model_file="", model_class=name, model_kwargs={},
         weights="", input_shape=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
         labels=tuple(str(i) for i in range(1000)), cam_layer=resnets.RESNET_CAM_LAYER,
     )
-    module = PixelSpaceModel(net, config.mean, config.std).eval()
+    module = PixelSpaceModel(net, model_config.mean, model_config.std).eval()
     for p in module.parameters():
         p.requires_grad_(False)
-    served = ServedModel(config, module, net.get_submodule(config.cam_layer), Path("."))
+    served = ServedModel(model_config, module, net.get_submodule(model_config.cam_layer),
+                         Path("."))
     image = torch.from_numpy(synthetic.make_sample(synthetic.TEST_SEED, 0, 224).image)[None]
-    return Net(name, prepare_forwards(served, config), [image], window, stride, (1, 4, 8, 16, 32),
+    sizes = (1, 4, 8, 16, 32) if name == "resnet18" else (1, 4, 8, 16)
+    return Net(name, prepare_forwards(served, config), [image], window, stride, sizes,
                "random weights, 1 image")
 
 
@@ -197,8 +205,8 @@ def captum_occlusion(net: Net, x: torch.Tensor, y: int, per_eval: int) -> tuple[
 
 def run_net(net: Net, min_seconds: float) -> Report:
     report = Report(net)
-    report.best = best_throughput(net, min_seconds)
-    per_eval = report.best["torch"][1]
+    before = best_throughput(net, min_seconds)
+    per_eval = before["torch"][1]
     occlusion = Occlusion()
     shape = net.served.config.input_shape
     full_params = occlusion.resolve_params({"window": net.window, "stride": net.stride},
@@ -211,10 +219,12 @@ def run_net(net: Net, min_seconds: float) -> Report:
     correlations: list[float] = []
     eps_agree = []
 
-    def add(method: str, backend: str, passes: int, seconds: float) -> None:
-        entry = totals.setdefault((method, backend), [0, 0.0])
+    def add(method: str, backend: str, passes: int, seconds: float,
+            ctx: MethodContext | None = None) -> None:
+        entry = totals.setdefault((method, backend), [0, 0.0, 0.0])
         entry[0] += passes
         entry[1] += seconds
+        entry[2] += ctx.forward.seconds if ctx is not None else math.nan
 
     for x in net.images:
         y = int(net.forwards.forward(Budget(10), "onnxruntime")(x, "predict").argmax())
@@ -226,10 +236,10 @@ def run_net(net: Net, min_seconds: float) -> Report:
             ctx = context(net, backend)
             maps[backend], seconds = timed(
                 lambda: occlusion.attribute(ctx, x, target, full_params))
-            add("occlusion", backend, ctx.budget.spent, seconds)
+            add("occlusion", backend, ctx.budget.spent, seconds, ctx)
         ctx = context(net, "onnxruntime")
         adaptive, seconds = timed(lambda: occlusion.attribute(ctx, x, target, adaptive_params))
-        add("occlusion adaptive", "onnxruntime", ctx.budget.spent, seconds)
+        add("occlusion adaptive", "onnxruntime", ctx.budget.spent, seconds, ctx)
         correlations.append(rank_correlation(maps["onnxruntime"][0, 0], adaptive[0, 0]))
 
         relevance = relevance_from_map(apply_stage(maps["onnxruntime"], x, "one_channel")[0])
@@ -238,7 +248,7 @@ def run_net(net: Net, min_seconds: float) -> Report:
             ctx = context(net, backend)
             records[backend], seconds = timed(lambda: apem(
                 ctx.forward, ctx.model, x[0], y, relevance, budget=ctx.budget))
-            add("APEM per map", backend, ctx.budget.spent, seconds)
+            add("APEM per map", backend, ctx.budget.spent, seconds, ctx)
         a, b = records["torch"], records["onnxruntime"]
         eps_agree.append((a.eps_minus, a.eps_plus) == (b.eps_minus, b.eps_plus))
         if net.name == "demo":
@@ -247,16 +257,19 @@ def run_net(net: Net, min_seconds: float) -> Report:
                 _, seconds = timed(lambda: filter_map(
                     ctx.forward, ctx.model, x[0], y, relevance, budget=ctx.budget,
                     request=FilterRequest(mode="fast")))
-                add("APEM filter (fast)", backend, ctx.budget.spent, seconds)
+                add("APEM filter (fast)", backend, ctx.budget.spent, seconds, ctx)
 
-    for (method, backend), (passes, seconds) in totals.items():
+    after = best_throughput(net, min_seconds)
+    report.best = {b: max(before[b], after[b]) for b in before}
+    report.probes = {b: (before[b][0], after[b][0]) for b in before}
+    for (method, backend), (passes, seconds, forward_seconds) in totals.items():
         extra = ""
         if method == "occlusion adaptive":
             extra = (f"Spearman vs full {statistics.mean(correlations):.3f} (mean), "
                      f"{min(correlations):.3f} (min)")
         if method == "APEM per map" and backend == "onnxruntime":
             extra = f"same eps as torch on {sum(eps_agree)}/{len(eps_agree)} maps"
-        report.rows.append(Row(method, backend, int(passes), seconds, extra))
+        report.rows.append(Row(method, backend, int(passes), seconds, forward_seconds, extra))
     return report
 
 
@@ -272,18 +285,22 @@ def print_report(report: Report) -> None:
           f"stride {net.stride}; forward batch {forwards.batch_size} "
           f"({forwards.bytes_per_image / 2**20:.1f} MiB/image, budget 1024 MiB)")
     for backend, (rate, size) in report.best.items():
-        print(f"   best throughput {backend:<11} {rate:8.1f} images/s (batch {size})")
+        first, last = report.probes[backend]
+        print(f"   best throughput {backend:<11} {rate:8.1f} images/s (batch {size}; "
+              f"{first:.1f} before, {last:.1f} after the methods)")
     captum = next(r for r in report.rows if r.method.startswith("Captum"))
     header = (f"   {'method':<28} {'backend':<11} {'passes':>7} {'seconds':>9} "
-              f"{'vs Captum':>9} {'eff':>5} {'own':>5}")
+              f"{'vs Captum':>9} {'eff':>5} {'own':>5} {'in fwd':>6}")
     print(header)
     for row in report.rows:
         own_rate = report.best[row.backend][0]
         eff = row.passes / best_rate / row.seconds
         own = row.passes / own_rate / row.seconds
         speed = captum.seconds / row.seconds
+        inside = row.forward_seconds
+        share = "" if math.isnan(inside) else f"{inside / row.seconds:.0%}"
         print(f"   {row.method:<28} {row.backend:<11} {row.passes:>7} {row.seconds:>9.2f} "
-              f"{speed:>8.2f}x {eff:>5.0%} {own:>5.0%}  {row.extra}")
+              f"{speed:>8.2f}x {eff:>5.0%} {own:>5.0%} {share:>6}  {row.extra}")
     occ = {r.backend: r for r in report.rows if r.method == "occlusion"}
     adaptive = next(r for r in report.rows if r.method == "occlusion adaptive")
     print(f"   adaptive: {occ['onnxruntime'].passes / adaptive.passes:.2f}x fewer forward "
