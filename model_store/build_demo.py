@@ -37,7 +37,7 @@ import torch
 import yaml
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from xaiserve.handlers.onnx_export import export_model_dir
+from xaiserve.handlers.onnx_export import ONNX_FILE, REPORT_FILE, export_model_dir
 from xaiserve.model_store import nets, synthetic
 from xaiserve.model_store.train import N_TEST, N_TRAIN, WEIGHTS_FILE, TrainReport, train_demo
 
@@ -84,6 +84,8 @@ def _write_files(target: Path, report: TrainReport) -> None:
 
 ONNX_CHECK_IMAGES = 16
 """Held-out images (``synthetic.TEST_SEED``) the ONNX export is checked on."""
+EXPORT_FILES = (ONNX_FILE, REPORT_FILE)
+"""Written by the export next to MODEL_FILES (model.onnx only when export and check pass)."""
 
 
 def _export_forward(model_dir: Path) -> None:

@@ -15,7 +15,13 @@ import yaml
 from torch import nn
 
 from xaiserve.model_store import nets, synthetic
-from xaiserve.model_store.build_demo import MODEL_FILES, build_demo, ensure_demo_model, main
+from xaiserve.model_store.build_demo import (
+    EXPORT_FILES,
+    MODEL_FILES,
+    build_demo,
+    ensure_demo_model,
+    main,
+)
 from xaiserve.model_store.train import train_demo
 
 FRESH_SEED = 3  # neither the training nor the held-out seed
@@ -95,7 +101,7 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
 def test_tiny_build_writes_a_complete_directory_and_skips_a_rebuild(tmp_path: Path) -> None:
     out = tmp_path / "store" / "demo"
     build_demo(out, progress=False, epochs=1, n_train=64, n_test=16)
-    assert sorted(p.name for p in out.iterdir()) == sorted(MODEL_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(MODEL_FILES + EXPORT_FILES)
     leftovers = [p.name for p in out.parent.iterdir() if p.name not in ("demo", ".demo.lock")]
     assert leftovers == [], "no staging directory left behind"
     assert (out / "model.py").read_bytes() == Path(nets.__file__).read_bytes()
