@@ -45,6 +45,7 @@ from .onnx_export import (
 
 log = logging.getLogger(__name__)
 
+
 class OnnxForward(CountedForward):
     """``CountedForward`` on an ONNX Runtime session of the exported pixel-space model."""
 
@@ -110,13 +111,16 @@ def _session(served: ServedModel, config: ForwardConfig) -> Any:
     path = served.directory / ONNX_FILE
     stale = ""
     if path.is_file():
-        session = new_session(path, **options)
-        check = check_onnx(served.module, session, shape, tolerance=config.onnx_tolerance)
-        if check.passed:
-            log.info("model %s: %s passed the check: %s", served.config.name, path,
-                     check.describe())
-            return session
-        stale = f"{ONNX_FILE} failed the check ({check.describe()}); "
+        try:
+            session = new_session(path, **options)
+            check = check_onnx(served.module, session, shape, tolerance=config.onnx_tolerance)
+            if check.passed:
+                log.info("model %s: %s passed the check: %s", served.config.name, path,
+                         check.describe())
+                return session
+            stale = f"{ONNX_FILE} failed the check ({check.describe()}); "
+        except OnnxUnavailable as err:  # unreadable, or not this model's graph
+            stale = f"{ONNX_FILE} unusable ({err}); "
         log.warning("model %s: %s; exporting again", served.config.name, stale.rstrip("; "))
     elif not config.export_on_load:
         raise OnnxUnavailable(f"no {ONNX_FILE} in the model directory and export at load is off")

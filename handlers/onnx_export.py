@@ -153,7 +153,9 @@ def check_onnx(
     real_inputs: torch.Tensor | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
 ) -> CheckReport:
-    """Compares torch and ONNX Runtime logits (module docstring); never raises on a mismatch.
+    """Compares torch and ONNX Runtime logits (module docstring). A mismatch is reported,
+    not raised; a graph ONNX Runtime cannot run (wrong inputs, a failing kernel) raises
+    OnnxUnavailable.
 
     session: an ``onnxruntime.InferenceSession`` of the exported graph. The random group
     runs in batches of ``CHECK_BATCHES`` images, the others one batch each.
@@ -169,7 +171,11 @@ def check_onnx(
             start += size
             with torch.no_grad():
                 expected = module(part)
-            (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: part.numpy()})
+            try:
+                (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: part.numpy()})
+            except Exception as err:  # onnxruntime's own exception types
+                reason = f"onnxruntime could not run the graph: {_short(err)}"
+                raise OnnxUnavailable(reason) from err
             diff = (torch.from_numpy(got) - expected).abs().max()
             worst = max(worst, float(diff)) if torch.isfinite(diff) else math.inf
         by_input[name] = worst

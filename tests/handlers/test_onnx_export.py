@@ -100,6 +100,15 @@ def test_stale_graph_is_exported_again_at_load(tmp_path: Path) -> None:
     assert (torch.from_numpy(got) - expected).abs().max() <= TOLERANCE
 
 
+def test_unreadable_graph_is_exported_again_at_load(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    model_dir = write_tiny_model_dir(tmp_path / "tiny")
+    (model_dir / ONNX_FILE).write_bytes(b"not an onnx graph")
+    forwards = forward_backends.prepare_forwards(load_model_dir(model_dir))
+    assert forwards.session is not None and forwards.onnx_status == ""
+    assert "model.onnx unusable (onnxruntime could not load the graph" in caplog.text
+
+
 class MedianNet(TinyNet):
     """TinyNet with a median over the image added to every logit: aten::median has no
     ONNX export at opset 17."""
