@@ -24,7 +24,7 @@ import numpy as np
 
 from xaiserve.v1 import explain_pb2 as pb
 
-from . import offline
+from . import cli_offline as offline
 from .client import METHODS, STAGES, XaiClient, map_to_array
 
 DEFAULT_SERVER = "127.0.0.1:50051"

@@ -1,4 +1,5 @@
-"""Offline commands of the ``xaiserve`` tool that run the engine in-process (no server):
+"""Offline commands of the ``xaiserve`` command-line tool that run the engine in-process
+(no server; command-line code, so it prints and shows progress bars):
 ``xaiserve evaluate`` scores methods by APEM over a data set (seed 004's tables);
 ``xaiserve calibrate`` measures the S-CAM calibration (seed 003) and ``xaiserve gad-train``
 trains GAD support models (seed 002), both stored in the model directory.
