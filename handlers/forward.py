@@ -16,14 +16,18 @@ batch <= budget.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .errors import DeadlineExceeded, ResourceExhausted
+
+OccluderSource = Callable[[str, int, Sequence[Sequence[int]]], Any]
+"""(backend, window, starts) -> an incremental occluder or None; see
+``CountedForward.occluder``."""
 
 
 @dataclass
@@ -80,6 +84,24 @@ class CountedForward:
         self.batch_size = batch_size
         self.seconds = 0.0
         self.label = self.backend
+        self.occluders: OccluderSource | None = None
+
+    def occluder(self, window: int, starts: Sequence[Sequence[int]]) -> Any | None:
+        """The incremental occluder (:class:`~.incremental_run.IncrementalOcclusion`) of
+        this forward's model and backend for windows of side ``window`` at every
+        combination of ``starts`` (per spatial axis), or None: occluded images then run
+        full forward passes."""
+        return None if self.occluders is None else self.occluders(self.backend, window, starts)
+
+    def timed(self, images: int, stage: str, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``run()``'s result, its time added to ``seconds`` and ``images`` forward passes
+        charged to the budget first (work that does not go through ``__call__``)."""
+        start = time.perf_counter()
+        try:
+            self.budget.charge(images, stage)
+            return run()
+        finally:
+            self.seconds += time.perf_counter() - start
 
     @property
     def max_batch(self) -> int:

@@ -32,6 +32,9 @@ class ForwardConfig:
     memory_mb: the memory budget of one forward-only batch: bytes per image x batch <= it.
     onnx_tolerance: the largest |torch - onnxruntime| logit difference the check accepts.
     export_on_load: export a model without ``model.onnx`` when it is loaded (in memory).
+    incremental_occlusion: occlusion recomputes only the region of the early layers a
+        window changes (see :mod:`.incremental`), on the request's backend, where the
+        model's graph allows it; off: every occluded image is a full forward pass.
     """
 
     backend: str = ONNXRUNTIME
@@ -40,6 +43,7 @@ class ForwardConfig:
     memory_mb: int = 1024
     onnx_tolerance: float = DEFAULT_TOLERANCE
     export_on_load: bool = True
+    incremental_occlusion: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -50,6 +54,10 @@ class ForwardConfig:
             raise ValueError("onnx_providers must name at least one provider")
         if self.memory_mb < 1:
             raise ValueError(f"memory_mb must be >= 1, got {self.memory_mb}")
+        if not isinstance(self.incremental_occlusion, bool):
+            raise ValueError(
+                f"incremental_occlusion must be true or false, got {self.incremental_occlusion!r}"
+            )
         if not self.onnx_tolerance > 0:
             raise ValueError(f"onnx_tolerance must be > 0, got {self.onnx_tolerance}")
 

@@ -62,7 +62,8 @@ def engine_limits(model_yaml_config: Mapping[str, Any] | None) -> EngineLimits:
 
 def forward_config(model_yaml_config: Mapping[str, Any] | None) -> ForwardConfig:
     """How forward-only batches run, from ``xaiserve.forward`` in model-config.yaml
-    (``backend``, ``onnx_threads``, ``onnx_providers`` (a list), ``memory_mb``; defaults
+    (``backend``, ``onnx_threads``, ``onnx_providers`` (a list), ``memory_mb``,
+    ``incremental_occlusion``; defaults
     otherwise).
 
     Raises:
@@ -70,7 +71,7 @@ def forward_config(model_yaml_config: Mapping[str, Any] | None) -> ForwardConfig
     """
     section = (model_yaml_config or {}).get(CONFIG_SECTION) or {}
     given = dict(section.get("forward") or {})
-    known = {"backend", "onnx_threads", "onnx_providers", "memory_mb"}
+    known = {"backend", "onnx_threads", "onnx_providers", "memory_mb", "incremental_occlusion"}
     unknown = sorted(set(given) - known)
     if unknown:
         raise ModelLoadError(f"model-config.yaml: unknown xaiserve.forward {unknown}")

@@ -60,7 +60,8 @@ class Settings:
     max_message_bytes: largest gRPC message received or sent.
     max_image_bytes, max_image_pixels, max_methods, max_forward_passes: per-request limits
         of the engine (see :class:`~xaiserve.handlers.limits.EngineLimits`).
-    forward_backend, onnx_threads, onnx_providers, forward_memory_mb: how forward-only
+    forward_backend, onnx_threads, onnx_providers, forward_memory_mb,
+    incremental_occlusion: how forward-only
         batches run on the local backend (see
         :class:`~xaiserve.handlers.forward_config.ForwardConfig`); ``onnx_providers`` is
         comma-separated, e.g. ``CUDAExecutionProvider,CPUExecutionProvider`` on GPU nodes.
@@ -93,6 +94,7 @@ class Settings:
     onnx_threads: int = _FORWARD_DEFAULTS.onnx_threads
     onnx_providers: str = ",".join(_FORWARD_DEFAULTS.onnx_providers)
     forward_memory_mb: int = _FORWARD_DEFAULTS.memory_mb
+    incremental_occlusion: bool = _FORWARD_DEFAULTS.incremental_occlusion
     default_deadline_seconds: float = 60.0
     grace_seconds: float = 10.0
     log_level: str = "INFO"
@@ -121,6 +123,7 @@ class Settings:
             onnx_threads=self.onnx_threads,
             onnx_providers=tuple(p.strip() for p in self.onnx_providers.split(",") if p.strip()),
             memory_mb=self.forward_memory_mb,
+            incremental_occlusion=self.incremental_occlusion,
         )
 
 
@@ -239,6 +242,10 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "forward_memory_mb": (
         _positive_int,
         "memory budget of one forward-only batch in MiB (bytes per image x batch <= it)",
+    ),
+    "incremental_occlusion": (
+        _boolean,
+        "occlusion recomputes only what each window changes in the early layers (exact)",
     ),
     "default_deadline_seconds": (_positive_float, "deadline for calls that arrive without one"),
     "grace_seconds": (_non_negative_float, "time in-flight calls get to finish on SIGTERM/SIGINT"),

@@ -1,0 +1,398 @@
+"""Incremental forward passes for occlusion: recompute only what a window changes.
+
+An occluded image differs from the original only inside its window, and a convolution's
+output at a position depends only on the input around it. So an occluded image's early
+activations equal the original's except in a region around the window, and they can be
+computed on a crop around that region and pasted into the original's activations
+(incremental inference; Nakandala et al., 2019, "Incremental and approximate inference
+for faster occlusion-based deep CNN explanations"). The result is exact: the same logits
+as a full forward pass, up to floating-point summation order.
+
+This module finds, once per model, input shape and window side (``plan_stages``):
+
+1. the geometry of every node of the network's ``torch.fx`` graph along each spatial
+   axis, a :class:`Span`: output position p depends on input positions
+   p * stride + lo ... p * stride + hi. Convolutions and pooling windows compose spans;
+   element-wise operations (batch norm in eval mode, activations, sums of branches,
+   channel concatenation, arithmetic with per-channel constants) merge them; anything else
+   (global pooling, flatten, linear layers, interpolation...) makes a node global;
+2. the cut points: local nodes through which one tensor carries everything the later nodes
+   need (between the blocks of a ResNet, after each layer of a plain CNN);
+3. the cuts to use, by dynamic programming over an estimate of the cost per occluded
+   image: each stage's multiply-accumulates scaled by the area of its crop, plus copying
+   its crop and patch, plus the head (the layers after the last cut) on the full
+   activations. No cut (a plain forward) wins when nothing is saved.
+
+The stages then run on crops of one size per stage, so a batch of windows is one call
+(torch or ONNX Runtime): see :mod:`.incremental_run`. Crops start at multiples of the
+stage's stride (so every layer's grid lines up with the full image's), and an output
+position is used only when every input it depends on lies in the crop, or beyond the
+image border where the crop touches that border (padding then matches too).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+COPY_COST = 8.0
+"""Estimated cost of copying one activation value, in multiply-accumulates."""
+WORTH_IT = 0.85
+"""A plan is used only when its estimated cost per occluded image is at most this
+fraction of a full forward pass."""
+
+_LOCAL_MODULES = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU,
+    nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.Dropout3d,
+)
+_WINDOW_MODULES = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+)
+_ELEMENTWISE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.relu, torch.sigmoid,
+    torch.tanh, F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.mish, F.hardswish,
+    F.hardsigmoid, F.sigmoid, F.tanh,
+}
+_ELEMENTWISE_METHODS = {
+    "add", "sub", "mul", "div", "neg", "relu", "sigmoid", "tanh", "clamp", "contiguous",
+}
+
+
+@dataclass(frozen=True)
+class Span:
+    """Along one spatial axis: position p of a node depends on positions
+    p * stride + lo ... p * stride + hi (inclusive) of a reference node."""
+
+    stride: int = 1
+    lo: int = 0
+    hi: int = 0
+
+    def window(self, kernel: int, stride: int, padding: int, dilation: int) -> Span:
+        """This span followed by a sliding window (a convolution or pooling)."""
+        return Span(
+            self.stride * stride,
+            self.lo - padding * self.stride,
+            self.hi + (dilation * (kernel - 1) - padding) * self.stride,
+        )
+
+    def changed(self, first: int, last: int, size: int) -> tuple[int, int] | None:
+        """Positions (of a grid of ``size``) depending on any of first..last."""
+        begin = max(0, -((self.hi - first) // self.stride))
+        end = min(size - 1, (last - self.lo) // self.stride)
+        return (begin, end) if begin <= end else None
+
+    def needs(self, first: int, last: int, size: int) -> tuple[int, int]:
+        """Reference positions (of a grid of ``size``) positions first..last depend on."""
+        return max(0, first * self.stride + self.lo), min(size - 1, last * self.stride + self.hi)
+
+
+Geometry = tuple[Span, ...]
+"""One span per spatial axis."""
+
+
+class _Constant:
+    """Marks nodes that do not depend on the input (parameters, literals)."""
+
+
+CONSTANT = _Constant()
+
+
+def _merge(geometries: Sequence[Geometry]) -> Geometry | None:
+    """The geometry of an element-wise operation of inputs with these geometries."""
+    first = geometries[0]
+    if any(len(g) != len(first) for g in geometries):
+        return None
+    merged = []
+    for axis in range(len(first)):
+        spans = [g[axis] for g in geometries]
+        if len({s.stride for s in spans}) != 1:
+            return None
+        merged.append(Span(spans[0].stride, min(s.lo for s in spans), max(s.hi for s in spans)))
+    return tuple(merged)
+
+
+def _window_geometry(module: nn.Module, inner: Geometry) -> Geometry | None:
+    dims = len(inner)
+    if isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)) and module.ceil_mode:
+        return None
+    if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)) and module.ceil_mode:
+        return None
+    padding = getattr(module, "padding", 0)
+    if isinstance(padding, str):  # "same" / "valid" convolutions
+        return None
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.padding_mode != "zeros":
+        return None
+
+    def per_axis(value: int | Sequence[int]) -> tuple[int, ...]:
+        return tuple(value) if isinstance(value, Sequence) else (value,) * dims
+
+    kernel, stride = per_axis(module.kernel_size), per_axis(module.stride or module.kernel_size)
+    pad, dilation = per_axis(padding), per_axis(getattr(module, "dilation", 1))
+    if len(kernel) != dims:
+        return None
+    return tuple(
+        span.window(k, s, p, d) for span, k, s, p, d in zip(inner, kernel, stride, pad, dilation)
+    )
+
+
+def _spatial_uniform(node: fx.Node, dims: int) -> bool:
+    """Whether a constant broadcasts the same value over the last ``dims`` axes."""
+    meta = node.meta.get("tensor_meta")
+    if meta is None:
+        return True  # a Python number
+    shape = tuple(meta.shape)
+    return all(size == 1 for size in shape[-dims:]) if len(shape) >= 1 else True
+
+
+def analyze(
+    gm: fx.GraphModule, origin: fx.Node, dims: int
+) -> dict[fx.Node, Geometry | _Constant | None]:
+    """Each node's geometry relative to ``origin`` (CONSTANT: independent of it; None:
+    global, or reached through an operation this analysis does not know). Nodes must
+    carry ShapeProp's ``tensor_meta``."""
+    info: dict[fx.Node, Geometry | _Constant | None] = {}
+    for node in gm.graph.nodes:
+        if node is origin:
+            info[node] = (Span(),) * dims
+        elif node.op == "output":
+            continue
+        elif node.op in ("placeholder", "get_attr"):
+            info[node] = CONSTANT if node.op == "get_attr" else None
+        else:
+            info[node] = _node_geometry(gm, node, info, dims)
+    return info
+
+
+def _node_geometry(
+    gm: fx.GraphModule,
+    node: fx.Node,
+    info: dict[fx.Node, Geometry | _Constant | None],
+    dims: int,
+) -> Geometry | _Constant | None:
+    inputs = node.all_input_nodes
+    if all(info[n] is CONSTANT for n in inputs):
+        return CONSTANT
+    if any(info[n] is None for n in inputs):
+        return None
+    local = [n for n in inputs if info[n] is not CONSTANT]
+    constants = [n for n in inputs if info[n] is CONSTANT]
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, _WINDOW_MODULES) and len(local) == 1:
+            return _window_geometry(module, info[local[0]])
+        if isinstance(module, _LOCAL_MODULES) and len(local) == 1:
+            return info[local[0]]
+        return None
+    elementwise = (
+        (node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS)
+        or (node.op == "call_method" and node.target in _ELEMENTWISE_METHODS)
+    )
+    if node.op == "call_function" and node.target is torch.cat:
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        elementwise = dim == 1
+    if not elementwise or not all(_spatial_uniform(n, dims) for n in constants):
+        return None
+    return _merge([info[n] for n in local])
+
+
+# ------------------------------------------------------------------------------ planning
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a plan: the nodes after cut ``start`` up to cut ``end`` (graph order
+    indices), run on crops of ``crop`` (per axis) of its input grid ``grid_in``.
+
+    span: the end cut's geometry relative to the start cut. rect: the length (per axis) of
+    the largest changed region at the end cut over the plan's windows.
+    """
+
+    start: int
+    end: int
+    span: Geometry
+    grid_in: tuple[int, ...]
+    grid_out: tuple[int, ...]
+    crop: tuple[int, ...]
+    rect: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The chosen cuts. stages: the local stages (empty: incremental inference does not
+    pay); head_start: the last cut (the head runs from there on full activations);
+    cost_fraction: estimated cost per occluded image / a full forward pass."""
+
+    stages: tuple[Stage, ...]
+    head_start: int
+    cost_fraction: float
+    reason: str = ""
+
+
+def trace(module: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+    """``module`` traced by torch.fx, every node annotated with its output's shape
+    (ShapeProp on ``example``, 1 x C x *spatial). Raises what the tracer raises."""
+    gm = fx.symbolic_trace(module)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example)
+    return gm
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _node_cost(gm: fx.GraphModule, node: fx.Node) -> float:
+    """Estimated multiply-accumulates of one node for one image."""
+    shape = _shape(node)
+    if shape is None:
+        return 0.0
+    out = float(torch.Size(shape).numel())
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            kernel = float(torch.Size(module.kernel_size).numel())
+            return out * module.in_channels / module.groups * kernel
+        if isinstance(module, nn.Linear):
+            return out * module.in_features
+    return out
+
+
+def cut_points(gm: fx.GraphModule, info: dict) -> list[int]:
+    """Indices (graph order) of local nodes through which one tensor carries everything
+    later nodes need; index 0 is the input."""
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    last_use = {n: max((index[u] for u in n.users), default=-1) for n in nodes}
+    cuts, open_until = [], -1  # the last use of the values before the current node
+    for i, node in enumerate(nodes):
+        geometry = info.get(node)
+        local = geometry is not None and geometry is not CONSTANT
+        if local and open_until <= i and last_use[node] > i and _shape(node) is not None:
+            cuts.append(i)
+        if geometry is not CONSTANT:
+            open_until = max(open_until, last_use[node])
+    return cuts
+
+
+def plan_stages(
+    gm: fx.GraphModule, window: int, starts: Sequence[Sequence[int]]
+) -> StagePlan:
+    """The cheapest cuts for windows of side ``window`` at ``starts`` (per spatial axis,
+    the windows' start offsets; every combination is a window). ``gm``: traced, shapes
+    propagated, its single placeholder the (normalized) input."""
+    nodes = list(gm.graph.nodes)
+    placeholder = nodes[0]
+    dims = len(starts)
+    absolute = analyze(gm, placeholder, dims)
+    cuts = cut_points(gm, absolute)
+    costs = [_node_cost(gm, n) for n in nodes]
+    full = sum(costs)
+    if not cuts or cuts[0] != 0 or len(cuts) < 2:
+        return StagePlan((), 0, 1.0, "no cut point: the network is not a chain of local layers")
+
+    def grid(i: int) -> tuple[int, ...]:
+        return _shape(nodes[i])[-dims:]
+
+    def channels(i: int) -> int:
+        return int(torch.Size(_shape(nodes[i])[1:-dims]).numel())
+
+    rects = {i: _largest_change(absolute[nodes[i]], window, starts, grid(i)) for i in cuts}
+    stages: dict[tuple[int, int], Stage] = {}
+    stage_cost: dict[tuple[int, int], float] = {}
+    for a, i in enumerate(cuts):
+        relative = analyze(gm, nodes[i], dims) if a < len(cuts) - 1 else {}
+        for j in cuts[a + 1:]:
+            span = relative[nodes[j]]
+            stage = _stage(i, j, span, grid(i), grid(j), rects[j])
+            area = _area(stage.crop) / _area(stage.grid_in)
+            copying = COPY_COST * (channels(i) * _area(stage.crop) + channels(j) * _area(stage.rect))
+            stages[i, j] = stage
+            stage_cost[i, j] = sum(costs[i + 1: j + 1]) * area + copying
+
+    def head_cost(i: int) -> float:
+        return sum(costs[i + 1:]) + COPY_COST * channels(i) * _area(grid(i))
+
+    best = {0: (0.0, None)}  # cut -> (cost to reach it, previous cut)
+    for b, j in enumerate(cuts[1:], start=1):
+        best[j] = min((best[i][0] + stage_cost[i, j], i) for i in cuts[:b])
+    total, last = min((best[i][0] + head_cost(i), i) for i in cuts if i != 0)
+    if total > WORTH_IT * full:
+        return StagePlan((), 0, 1.0, f"no saving: estimated {total / full:.0%} of a forward pass")
+    chosen, cut = [], last
+    while cut:
+        previous = best[cut][1]
+        chosen.append(stages[previous, cut])
+        cut = previous
+    return StagePlan(tuple(reversed(chosen)), last, total / full)
+
+
+def _area(sizes: Sequence[int]) -> int:
+    return int(torch.Size(sizes).numel())
+
+
+def _largest_change(
+    geometry: Geometry, window: int, starts: Sequence[Sequence[int]], size: Sequence[int]
+) -> tuple[int, ...]:
+    """Per axis, the longest range of positions any window changes."""
+    lengths = []
+    for span, axis_starts, n in zip(geometry, starts, size):
+        ranges = [span.changed(s, s + window - 1, n) for s in axis_starts]
+        lengths.append(max((r[1] - r[0] + 1 for r in ranges if r is not None), default=1))
+    return tuple(lengths)
+
+
+def _stage(
+    start: int,
+    end: int,
+    span: Geometry,
+    grid_in: tuple[int, ...],
+    grid_out: tuple[int, ...],
+    rect: tuple[int, ...],
+) -> Stage:
+    """The crop a stage needs: outputs ``rect`` long depend on (rect - 1) x stride +
+    (hi - lo) + 1 inputs, plus stride - 1 so the crop can start at a multiple of the stride;
+    rounded up so (grid - crop) is a multiple of the stride (a crop flush with the far
+    border then starts on the grid too); at most the whole grid."""
+    crop = []
+    for s, r, n in zip(span, rect, grid_in):
+        length = (r - 1) * s.stride + (s.hi - s.lo) + s.stride
+        length += (n - length) % s.stride
+        crop.append(min(n, length))
+    return Stage(start, end, span, grid_in, grid_out, tuple(crop), rect)
+
+
+def stage_module(gm: fx.GraphModule, start: int, end: int | None) -> fx.GraphModule:
+    """The nodes after graph index ``start`` up to ``end`` (None: to the output) as a
+    module of one input, the value of node ``start``. Constants the stage uses (parameters,
+    buffers and what is computed from them) are copied into it."""
+    nodes = list(gm.graph.nodes)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {nodes[start]: graph.placeholder("x")}
+    own = nodes[start + 1: (len(nodes) - 1 if end is None else end + 1)]
+
+    def copy(node: fx.Node) -> fx.Node:
+        if node not in env:  # a constant computed before the stage
+            env[node] = graph.node_copy(node, copy)
+        return env[node]
+
+    for node in own:
+        env[node] = graph.node_copy(node, copy)
+    if end is None:
+        graph.output(fx.map_arg(nodes[-1].args[0], copy))
+    else:
+        graph.output(env[nodes[end]])
+    stage = fx.GraphModule(gm, graph)
+    stage.graph.eliminate_dead_code()
+    stage.recompile()
+    return stage.eval()

@@ -1,0 +1,292 @@
+"""Occluded images' logits by incremental inference: a stage plan (:mod:`.incremental`)
+run on crops, on torch or on ONNX Runtime.
+
+For one image, ``activations`` runs the stages once on the whole image and keeps the
+activations at every cut. For a batch of windows, stage k gets, per window, a crop of the
+original's activations at cut k with the window's changed region pasted in (stage 0: the
+pixels, the window set to the baseline), all crops of one size so the batch is one call;
+from each output it keeps the positions the window changed. The head runs on the
+original's last activations with those regions pasted in, and returns the logits.
+
+``build_occluder`` makes the plan for a model, window side and window positions, the
+stage modules (``torch.fx`` graph modules, exported to ONNX for the onnxruntime backend)
+and checks the result against full forward passes of occluded images; a model the plan
+cannot handle (not traceable, no cut point, no saving, a failed check) gets None and the
+reason, and its occlusion runs full forward passes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .incremental import Stage, StagePlan, plan_stages, stage_module, trace
+from .model import PixelSpaceModel
+from .onnx_export import INPUT_NAME, OUTPUT_NAME, OnnxUnavailable, export_onnx, new_session
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+CHECK_SEED = 0
+CHECK_WINDOWS = 6
+
+
+class _Normalize(nn.Module):
+    """(x - mean) / std per channel: the pixel-space wrapper's first step."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.clone())
+        self.register_buffer("std", std.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (x - self.mean.view(shape)) / self.std.view(shape)
+
+
+@dataclass
+class _Patch:
+    """A window's changed region at one cut: its first position per axis and its values
+    (C x *lengths); at the input, ``values`` is the baseline (a number)."""
+
+    first: tuple[int, ...]
+    lengths: tuple[int, ...]
+    values: torch.Tensor | float
+
+
+class IncrementalOcclusion:
+    """Logits of occluded copies of an image, by stage plan (module docstring).
+
+    plan: the stages; runners: one per stage, then the head (B x ... -> B x ...);
+    cost_fraction: the plan's estimated cost per occluded image / a full forward pass.
+    """
+
+    def __init__(self, plan: StagePlan, runners: Sequence[Runner]) -> None:
+        self.plan = plan
+        self.runners = list(runners)
+
+    @property
+    def cost_fraction(self) -> float:
+        return self.plan.cost_fraction
+
+    def original(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """x: 1 x C x *spatial (pixels) -> (the activations at the input and every cut,
+        each 1 x ..., and the logits 1 x K), from one pass over the whole image."""
+        outputs = [x]
+        for run in self.runners[:-1]:
+            outputs.append(run(outputs[-1]))
+        return outputs, self.runners[-1](outputs[-1])
+
+    def logits(
+        self,
+        activations: list[torch.Tensor],
+        corners: Sequence[tuple[int, ...]],
+        window: int,
+        baseline: float,
+    ) -> torch.Tensor:
+        """Logits B x K of the image (``activations`` from :meth:`original`) with the
+        window of side ``window`` at each corner set to ``baseline``."""
+        dims = len(corners[0])
+        patches = [_Patch(tuple(c), (window,) * dims, baseline) for c in corners]
+        for k, (stage, run) in enumerate(zip(self.plan.stages, self.runners)):
+            source = activations[k]
+            crops = source.new_empty(len(patches), *source.shape[1:-dims], *stage.crop)
+            offsets = []
+            for j, patch in enumerate(patches):
+                changed, offset = _crop_for(stage, patch)
+                box = tuple(slice(o, o + n) for o, n in zip(offset, stage.crop))
+                crops[j] = source[(0, Ellipsis, *box)]
+                _paste(crops[j], offset, patch)
+                offsets.append((changed, offset))
+            out = run(crops)
+            patches = [
+                _Patch(
+                    tuple(c[0] for c in changed),
+                    tuple(c[1] - c[0] + 1 for c in changed),
+                    out[(j, Ellipsis, *(
+                        slice(c[0] - o // s.stride, c[1] + 1 - o // s.stride)
+                        for c, o, s in zip(changed, offset, stage.span)
+                    ))],
+                )
+                for j, (changed, offset) in enumerate(offsets)
+            ]
+        last = activations[-1]
+        inputs = last.expand(len(patches), *last.shape[1:]).clone()
+        for j, patch in enumerate(patches):
+            _paste(inputs[j], (0,) * dims, patch)
+        return self.runners[-1](inputs)
+
+
+def _crop_for(
+    stage: Stage, patch: _Patch
+) -> tuple[list[tuple[int, int]], tuple[int, ...]]:
+    """The output positions a patch changes (per axis, first and last) and the crop's
+    offset: a multiple of the stride, holding every input they depend on (clamped to the
+    grid; a crop flush with a border when they reach past it)."""
+    changed, offset = [], []
+    for span, first, length, n_in, n_out, crop in zip(
+        stage.span, patch.first, patch.lengths, stage.grid_in, stage.grid_out, stage.crop
+    ):
+        positions = span.changed(first, first + length - 1, n_out)
+        if positions is None:  # cannot happen for a window inside the image
+            raise ValueError(f"a window at {first} changes nothing after stage {stage.end}")
+        lo, _ = span.needs(*positions, n_in)
+        changed.append(positions)
+        offset.append(min(lo // span.stride * span.stride, n_in - crop))
+    return changed, tuple(offset)
+
+
+def _paste(target: torch.Tensor, offset: Sequence[int], patch: _Patch) -> None:
+    """Writes the part of ``patch`` inside ``target`` (C x *crop, starting at ``offset``
+    of the grid) into it."""
+    dims = len(offset)
+    to, frm = [], []
+    for first, length, o, size in zip(patch.first, patch.lengths, offset, target.shape[-dims:]):
+        lo, hi = max(first, o), min(first + length, o + size)
+        if lo >= hi:
+            return
+        to.append(slice(lo - o, hi - o))
+        frm.append(slice(lo - first, hi - first))
+    if isinstance(patch.values, torch.Tensor):
+        target[(Ellipsis, *to)] = patch.values[(Ellipsis, *frm)]
+    else:
+        target[(Ellipsis, *to)] = patch.values
+
+
+# ------------------------------------------------------------------------------ building
+
+
+def _split(module: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(normalization, network) of a pixel-space model; (identity, module) otherwise."""
+    if isinstance(module, PixelSpaceModel):
+        return _Normalize(module.mean, module.std), module.net
+    return nn.Identity(), module
+
+
+def _torch_runner(module: nn.Module) -> Runner:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return module(x)
+
+    return run
+
+
+def _onnx_runner(
+    module: nn.Module, shape: Sequence[int], full: Runner, session_options: dict[str, Any]
+) -> Runner:
+    """An ONNX Runtime session of ``module`` for inputs B x ``shape``; other shapes (the
+    one whole-image pass of ``activations``) run ``full`` (torch)."""
+    session = new_session(export_onnx(module, shape), **session_options)
+    shape = tuple(shape)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != shape:
+            return full(x)
+        (y,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.contiguous().numpy()})
+        return torch.from_numpy(y)
+
+    return run
+
+
+def build_occluder(
+    module: nn.Module,
+    input_shape: Sequence[int],
+    window: int,
+    starts: Sequence[Sequence[int]],
+    backend: str,
+    session_options: dict[str, Any] | None = None,
+    tolerance: float = 1e-4,
+) -> tuple[IncrementalOcclusion | None, str]:
+    """(occluder, "") or (None, why not) for the pixel-space ``module``, input C x
+    *spatial, windows of side ``window`` starting at every combination of ``starts`` (per
+    axis), stages on ``backend`` ("torch" or "onnxruntime", with ``session_options``:
+    ``providers``, ``threads``). Checked on a random image: the logits of occluded copies
+    (the grid's corners, centre and a few more) within ``tolerance`` of full forward
+    passes."""
+    normalize, net = _split(module)
+    example = torch.rand(1, *input_shape, generator=torch.Generator().manual_seed(CHECK_SEED))
+    try:
+        gm = trace(net, normalize(example))
+    except Exception as err:  # torch.fx raises many types for untraceable code
+        return None, f"not traceable by torch.fx: {type(err).__name__}: {err}"[:300]
+    plan = plan_stages(gm, window, starts)
+    if not plan.stages:
+        return None, plan.reason
+    modules: list[nn.Module] = []
+    for k, stage in enumerate(plan.stages):
+        body = stage_module(gm, stage.start, stage.end)
+        modules.append(nn.Sequential(normalize, body).eval() if k == 0 else body)
+    modules.append(stage_module(gm, plan.head_start, None))
+    runners = [_torch_runner(m) for m in modules]
+    if backend == "onnxruntime":
+        options = session_options or {}
+        shapes = [
+            (*_channels(example, modules[:k]), *stage.crop)
+            for k, stage in enumerate(plan.stages)
+        ]
+        shapes.append(tuple(_activation(example, modules[:-1]).shape[1:]))
+        try:
+            runners = [
+                _onnx_runner(m, shape, full, options)
+                for m, shape, full in zip(modules, shapes, runners)
+            ]
+        except OnnxUnavailable as err:
+            return None, f"stage export to ONNX failed: {err}"
+    occluder = IncrementalOcclusion(plan, runners)
+    error = _check(occluder, module, example, window, starts)
+    if error > tolerance:
+        return None, f"check failed: max |logit difference| {error:.2e} > {tolerance:g}"
+    return occluder, ""
+
+
+def _activation(x: torch.Tensor, modules: Sequence[nn.Module]) -> torch.Tensor:
+    with torch.no_grad():
+        for m in modules:
+            x = m(x)
+    return x
+
+
+def _channels(x: torch.Tensor, modules: Sequence[nn.Module]) -> tuple[int, ...]:
+    """The non-spatial, non-batch sizes of the activation after ``modules``."""
+    out = _activation(x, modules)
+    return tuple(out.shape[1:-(x.dim() - 2)])
+
+
+def _check(
+    occluder: IncrementalOcclusion,
+    module: nn.Module,
+    x: torch.Tensor,
+    window: int,
+    starts: Sequence[Sequence[int]],
+) -> float:
+    """Max |logit difference| between the occluder and full forward passes of occluded
+    copies of ``x``, over windows at the grid's corners, centre and a few random places."""
+    generator = torch.Generator().manual_seed(CHECK_SEED)
+    corners = {tuple(a[0] for a in starts), tuple(a[-1] for a in starts),
+               tuple(a[len(a) // 2] for a in starts),
+               tuple(a[0] if i else a[-1] for i, a in enumerate(starts))}
+    while len(corners) < CHECK_WINDOWS:
+        corners.add(tuple(a[int(torch.randint(len(a), (1,), generator=generator))]
+                          for a in starts))
+    corners = sorted(corners)
+    occluded = x.expand(len(corners), *x.shape[1:]).clone()
+    for j, corner in enumerate(corners):
+        occluded[(j, slice(None), *(slice(c, c + window) for c in corner))] = 0.5
+    with torch.no_grad():
+        expected = module(occluded)
+    got = occluder.logits(occluder.original(x)[0], corners, window, 0.5)
+    return float((got - expected).abs().max())
+
+
+def describe(plan: StagePlan) -> str:
+    """One line: the stages' crops over their grids and the estimated cost fraction."""
+    crops = ", ".join(
+        f"{'x'.join(map(str, s.crop))} of {'x'.join(map(str, s.grid_in))}" for s in plan.stages
+    )
+    return (f"{len(plan.stages)} stages (crops {crops}), about {plan.cost_fraction:.0%} "
+            "of a forward pass per occluded image")

@@ -1,0 +1,227 @@
+"""Incremental occlusion: geometry by hand, plans, and logits equal to full forward passes."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from support.tiny_models import make_context, tiny_served
+from xaiserve.handlers.forward import Budget
+from xaiserve.handlers.forward_backends import prepare_forwards
+from xaiserve.handlers.forward_config import ForwardConfig
+from xaiserve.handlers.incremental import CONSTANT, Span, analyze, cut_points, plan_stages, trace
+from xaiserve.handlers.incremental_run import build_occluder
+from xaiserve.handlers.methods.base import MethodContext
+from xaiserve.handlers.methods.occlusion import Occlusion, window_starts
+from xaiserve.handlers.model import ModelConfig, PixelSpaceModel, ServedModel
+from xaiserve.model_store import resnets
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+def geometry_of_output(net: nn.Module, shape: tuple[int, ...]) -> object:
+    gm = trace(net, torch.rand(1, *shape))
+    nodes = list(gm.graph.nodes)
+    info = analyze(gm, nodes[0], len(shape) - 1)
+    return info[nodes[-2]]  # the node before the output
+
+
+def pixel_model(net: nn.Module) -> PixelSpaceModel:
+    module = PixelSpaceModel(net.eval(), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def small_resnet18() -> PixelSpaceModel:
+    torch.manual_seed(0)
+    return pixel_model(resnets.resnet18(num_classes=5, width=8))
+
+
+# ------------------------------------------------------------------------------- geometry
+
+
+def test_stem_geometry_by_hand():
+    # conv 7x7 stride 2 padding 3: output p reads inputs 2p-3 .. 2p+3; then max pool 3x3
+    # stride 2 padding 1 reads conv positions 2q-1 .. 2q+1, i.e. inputs 4q-5 .. 4q+5
+    stem = nn.Sequential(nn.Conv2d(3, 4, 7, 2, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.MaxPool2d(3, 2, 1)).eval()
+    assert geometry_of_output(stem, (3, 32, 32)) == (Span(4, -5, 5), Span(4, -5, 5))
+
+
+def test_dilated_and_rectangular_kernels_by_hand():
+    dilated = nn.Sequential(nn.Conv2d(3, 3, 3, padding=2, dilation=2)).eval()
+    assert geometry_of_output(dilated, (3, 16, 16)) == (Span(1, -2, 2), Span(1, -2, 2))
+    wide = nn.Sequential(nn.Conv2d(3, 3, (3, 5), padding=(1, 0))).eval()
+    assert geometry_of_output(wide, (3, 16, 16)) == (Span(1, -1, 1), Span(1, 0, 4))
+
+
+def test_residual_sum_takes_the_wider_branch():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x))) + x
+
+    assert geometry_of_output(Block().eval(), (3, 16, 16)) == (Span(1, -2, 2),) * 2
+
+
+def test_constants_varying_over_space_and_global_layers_are_not_local():
+    class Net(nn.Module):
+        def __init__(self, positional: bool) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            shape = (1, 3, 8, 8) if positional else (1, 3, 1, 1)
+            self.offset = nn.Parameter(torch.rand(shape))
+            self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x) + self.offset
+            return self.fc(torch.flatten(self.pool(y), 1))
+
+    for positional, expect_local in ((False, True), (True, False)):
+        gm = trace(Net(positional).eval(), torch.rand(1, 3, 8, 8))
+        info = analyze(gm, next(iter(gm.graph.nodes)), 2)
+        by_name = {n.name: info.get(n) for n in gm.graph.nodes}
+        assert by_name["offset"] is CONSTANT
+        assert (by_name["add"] == (Span(1, -1, 1),) * 2) is expect_local
+        assert by_name["pool"] is None and by_name["fc"] is None
+
+
+def test_cut_points_are_between_blocks_never_inside():
+    module = small_resnet18()
+    gm = trace(module.net, torch.rand(1, 3, 64, 64))
+    nodes = list(gm.graph.nodes)
+    names = [nodes[i].name for i in cut_points(gm, analyze(gm, nodes[0], 2))]
+    inside = [n for n in names if n.startswith("layer") and not n.endswith("relu2")]
+    assert names[0] == "x" and not inside, names
+    # every block's output is a cut: 8 basic blocks
+    assert sum(n.startswith("layer") for n in names) == 8
+
+
+# ---------------------------------------------------------------------------------- plans
+
+
+def test_plan_for_resnet18_at_224_saves_about_half_the_arithmetic():
+    torch.manual_seed(0)
+    net = pixel_model(resnets.resnet18(num_classes=10)).net
+    gm = trace(net, torch.rand(1, 3, 224, 224))
+    starts = [window_starts(224, 15, 8)] * 2
+    plan = plan_stages(gm, 15, starts)
+    assert len(plan.stages) >= 3 and 0.4 < plan.cost_fraction < 0.65
+    for stage in plan.stages:  # crops start on the stride grid, flush crops too
+        for span, crop, n in zip(stage.span, stage.crop, stage.grid_in):
+            assert crop <= n and (n - crop) % span.stride == 0
+
+
+def test_a_window_as_large_as_the_image_gets_no_plan():
+    gm = trace(small_resnet18().net, torch.rand(1, 3, 32, 32))
+    plan = plan_stages(gm, 32, [[0], [0]])
+    assert not plan.stages and "no saving" in plan.reason
+
+
+# --------------------------------------------------------------- exact against full passes
+
+
+def all_corners(shape: tuple[int, ...], window: int, stride: int) -> tuple[list, list]:
+    axes = [window_starts(n, window, stride) for n in shape[1:]]
+    return axes, list(itertools.product(*axes))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,shape,window,stride", [
+    ("resnet18", (3, 64, 64), 9, 4),
+    ("tiny", (3, 16, 16), 4, 2),
+    ("resnet18", (3, 40, 36), 7, 5),  # not square, border-flush windows
+])
+def test_occluded_logits_equal_full_forward_passes(backend, name, shape, window, stride):
+    module = small_resnet18() if name == "resnet18" else tiny_served().module
+    axes, corners = all_corners(shape, window, stride)
+    occluder, reason = build_occluder(module, shape, window, axes, backend)
+    assert occluder is not None, reason
+    x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(3))
+    occluded = x.expand(len(corners), *shape).clone()
+    for j, (a, b) in enumerate(corners):
+        occluded[j, :, a:a + window, b:b + window] = 0.25
+    with torch.no_grad():
+        expected = module(occluded)
+        activations, original = occluder.original(x)
+        got = torch.cat([occluder.logits(activations, corners[s:s + 16], window, 0.25)
+                         for s in range(0, len(corners), 16)])
+    tolerance = 1e-5 if backend == "torch" else 1e-4
+    assert (got - expected).abs().max() <= tolerance
+    assert (original - module(x)).abs().max() <= tolerance
+    assert not any(m.training for m in module.modules())  # exports leave eval mode alone
+
+
+def test_untraceable_model_gets_no_occluder_and_a_reason():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            if y.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                y = -y
+            return self.fc(y.mean(dim=(2, 3)))
+
+    axes, _ = all_corners((3, 16, 16), 4, 2)
+    occluder, reason = build_occluder(pixel_model(Branchy()), (3, 16, 16), 4, axes, "torch")
+    assert occluder is None and "not traceable" in reason
+
+
+# ------------------------------------------------------------------- through the method
+
+
+def resnet_served(shape: tuple[int, ...]) -> ServedModel:
+    module = small_resnet18()
+    config = ModelConfig(
+        name="r18", version="1", model_file="", model_class="resnet18", model_kwargs={},
+        weights="", input_shape=shape, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3),
+        labels=tuple("abcde"), cam_layer="layer4",
+    )
+    return ServedModel(config, module, module.net.layer4, Path("."))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_occlusion_maps_and_counts_match_with_and_without_incremental(backend):
+    shape = (3, 48, 48)
+    served = resnet_served(shape)
+    forwards = prepare_forwards(served, ForwardConfig(memory_mb=64))
+    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(5))
+    target = torch.tensor([1, 3])
+    method = Occlusion()
+    maps, spent = {}, {}
+    for incremental in (True, False):
+        budget = Budget(10**6)
+        forward = forwards.forward(budget, backend)
+        if not incremental:
+            forward.occluders = None
+        assert (forward.occluder(8, [window_starts(48, 8, 4)] * 2) is not None) is incremental
+        params = method.resolve_params({"window": 8, "stride": 4}, shape, "occlusion")
+        maps[incremental] = method.attribute(MethodContext(served, forward, budget, 16), x,
+                                             target, params)
+        spent[incremental] = budget.spent
+    assert spent[True] == spent[False] == 2 * (1 + 11 * 11)
+    assert (maps[True] - maps[False]).abs().max() <= 1e-4
+
+
+def test_incremental_off_in_the_configuration():
+    served = resnet_served((3, 32, 32))
+    forwards = prepare_forwards(served, ForwardConfig(incremental_occlusion=False))
+    forward = forwards.forward(Budget(10), "torch")
+    assert forward.occluder(8, [window_starts(32, 8, 4)] * 2) is None
+    with pytest.raises(ValueError, match="incremental_occlusion"):
+        ForwardConfig(incremental_occlusion="yes")
+
+
+def test_plain_contexts_have_no_occluder():
+    ctx = make_context(tiny_served())
+    assert ctx.forward.occluder(4, [[0, 2], [0, 2]]) is None
