@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -85,15 +85,22 @@ class Span:
             self.hi + (dilation * (kernel - 1) - padding) * self.stride,
         )
 
-    def changed(self, first: int, last: int, size: int) -> tuple[int, int] | None:
-        """Positions (of a grid of ``size``) depending on any of first..last."""
-        begin = max(0, -((self.hi - first) // self.stride))
-        end = min(size - 1, (last - self.lo) // self.stride)
-        return (begin, end) if begin <= end else None
+    def changed(
+        self, first: torch.Tensor, last: torch.Tensor, size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first and last positions (of a grid of ``size``) depending on any
+        reference position first..last (integer tensors of one shape, one range each)."""
+        begin = (-((self.hi - first) // self.stride)).clamp(min=0)
+        end = ((last - self.lo) // self.stride).clamp(max=size - 1)
+        return begin, end
 
-    def needs(self, first: int, last: int, size: int) -> tuple[int, int]:
-        """Reference positions (of a grid of ``size``) positions first..last depend on."""
-        return max(0, first * self.stride + self.lo), min(size - 1, last * self.stride + self.hi)
+    def needs(
+        self, first: torch.Tensor, last: torch.Tensor, size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first and last reference positions (of a grid of ``size``) positions
+        first..last depend on."""
+        return ((first * self.stride + self.lo).clamp(min=0),
+                (last * self.stride + self.hi).clamp(max=size - 1))
 
 
 Geometry = tuple[Span, ...]
@@ -213,17 +220,64 @@ class Stage:
     """One stage of a plan: the nodes after cut ``start`` up to cut ``end`` (graph order
     indices), run on crops of ``crop`` (per axis) of its input grid ``grid_in``.
 
-    span: the end cut's geometry relative to the start cut. rect: the length (per axis) of
-    the largest changed region at the end cut over the plan's windows.
+    span: the end cut's geometry relative to the start cut; absolute: relative to the
+    input pixels. rect: the length (per axis) of the region kept from each output, the
+    longest region a window of the plan changes at the end cut.
     """
 
     start: int
     end: int
     span: Geometry
+    absolute: Geometry
     grid_in: tuple[int, ...]
     grid_out: tuple[int, ...]
     crop: tuple[int, ...]
     rect: tuple[int, ...]
+
+
+@dataclass
+class Placement:
+    """Where one stage's windows go, B x d integer tensors (B windows, d spatial axes):
+    ``rect``: the first position of the region kept from each output (``Stage.rect``
+    long, inside the output grid, holding every position the window changes);
+    ``aligned``: the first input position the crop needs, rounded down to the stride;
+    ``length``: the crop length that holds all the stage needs from there: the inputs
+    the kept region depends on, and the previous region (pasted in whole)."""
+
+    rect: torch.Tensor
+    aligned: torch.Tensor
+    length: torch.Tensor
+
+    def offsets(self, stage: Stage) -> torch.Tensor:
+        """B x d: each crop's first position: ``aligned``, or flush with the far border
+        (a multiple of the stride too: (grid - crop) is one)."""
+        room = torch.tensor([n - c for n, c in zip(stage.grid_in, stage.crop)])
+        return torch.minimum(self.aligned, room)
+
+
+def place(
+    stage: Stage,
+    corners: torch.Tensor,
+    window: int,
+    previous: torch.Tensor,
+    previous_length: Sequence[int],
+) -> Placement:
+    """The placement of windows of side ``window`` at ``corners`` (B x d pixels) in
+    ``stage``, whose input regions start at ``previous`` (B x d; ``previous_length``
+    long)."""
+    rect, aligned, length = [], [], []
+    for axis, (absolute, span) in enumerate(zip(stage.absolute, stage.span)):
+        first = corners[:, axis]
+        begin, _ = absolute.changed(first, first + window - 1, stage.grid_out[axis])
+        start = begin.clamp(max=stage.grid_out[axis] - stage.rect[axis])
+        lo, hi = span.needs(start, start + stage.rect[axis] - 1, stage.grid_in[axis])
+        lo = torch.minimum(lo, previous[:, axis])
+        hi = torch.maximum(hi, previous[:, axis] + previous_length[axis] - 1)
+        lo = lo // span.stride * span.stride
+        rect.append(start)
+        aligned.append(lo)
+        length.append(hi - lo + 1)
+    return Placement(torch.stack(rect, 1), torch.stack(aligned, 1), torch.stack(length, 1))
 
 
 @dataclass(frozen=True)
@@ -314,7 +368,7 @@ def plan_stages(
         relative = analyze(gm, nodes[i], dims) if a < len(cuts) - 1 else {}
         for j in cuts[a + 1:]:
             span = relative[nodes[j]]
-            stage = _stage(i, j, span, grid(i), grid(j), rects[j])
+            stage = _stage(i, j, span, absolute[nodes[j]], grid(i), grid(j), rects[j])
             area = _area(stage.crop) / _area(stage.grid_in)
             copying = COPY_COST * (channels(i) * _area(stage.crop) + channels(j) * _area(stage.rect))
             stages[i, j] = stage
@@ -334,7 +388,27 @@ def plan_stages(
         previous = best[cut][1]
         chosen.append(stages[previous, cut])
         cut = previous
-    return StagePlan(tuple(reversed(chosen)), last, total / full)
+    return StagePlan(_final_crops(chosen[::-1], window, starts), last, total / full)
+
+
+def _final_crops(
+    stages: Sequence[Stage], window: int, starts: Sequence[Sequence[int]]
+) -> tuple[Stage, ...]:
+    """The chosen stages with crops that hold what :func:`place` asks for every window
+    (the cost estimate's crops leave out the previous region pasted in whole)."""
+    corners = torch.cartesian_prod(*(torch.tensor(s) for s in starts)).view(-1, len(starts))
+    previous, previous_length = corners, (window,) * len(starts)
+    final = []
+    for stage in stages:
+        placement = place(stage, corners, window, previous, previous_length)
+        crop = []
+        for axis, span in enumerate(stage.span):
+            n = stage.grid_in[axis]
+            length = int(placement.length[:, axis].max())
+            crop.append(min(n, length + (n - length) % span.stride))
+        final.append(replace(stage, crop=tuple(crop)))
+        previous, previous_length = placement.rect, stage.rect
+    return tuple(final)
 
 
 def _area(sizes: Sequence[int]) -> int:
@@ -347,8 +421,9 @@ def _largest_change(
     """Per axis, the longest range of positions any window changes."""
     lengths = []
     for span, axis_starts, n in zip(geometry, starts, size):
-        ranges = [span.changed(s, s + window - 1, n) for s in axis_starts]
-        lengths.append(max((r[1] - r[0] + 1 for r in ranges if r is not None), default=1))
+        first = torch.tensor(axis_starts)
+        begin, end = span.changed(first, first + window - 1, n)
+        lengths.append(int((end - begin + 1).max()))
     return tuple(lengths)
 
 
@@ -356,6 +431,7 @@ def _stage(
     start: int,
     end: int,
     span: Geometry,
+    absolute: Geometry,
     grid_in: tuple[int, ...],
     grid_out: tuple[int, ...],
     rect: tuple[int, ...],
@@ -369,7 +445,7 @@ def _stage(
         length = (r - 1) * s.stride + (s.hi - s.lo) + s.stride
         length += (n - length) % s.stride
         crop.append(min(n, length))
-    return Stage(start, end, span, grid_in, grid_out, tuple(crop), rect)
+    return Stage(start, end, span, absolute, grid_in, grid_out, tuple(crop), rect)
 
 
 def stage_module(gm: fx.GraphModule, start: int, end: int | None) -> fx.GraphModule:

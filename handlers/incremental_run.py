@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .incremental import Stage, StagePlan, plan_stages, stage_module, trace
+from .incremental import StagePlan, place, plan_stages, stage_module, trace
 from .model import PixelSpaceModel
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, OnnxUnavailable, export_onnx, new_session
 
@@ -47,16 +46,6 @@ class _Normalize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return (x - self.mean.view(shape)) / self.std.view(shape)
-
-
-@dataclass
-class _Patch:
-    """A window's changed region at one cut: its first position per axis and its values
-    (C x *lengths); at the input, ``values`` is the baseline (a number)."""
-
-    first: tuple[int, ...]
-    lengths: tuple[int, ...]
-    values: torch.Tensor | float
 
 
 class IncrementalOcclusion:
@@ -92,70 +81,58 @@ class IncrementalOcclusion:
         """Logits B x K of the image (``activations`` from :meth:`original`) with the
         window of side ``window`` at each corner set to ``baseline``."""
         dims = len(corners[0])
-        patches = [_Patch(tuple(c), (window,) * dims, baseline) for c in corners]
+        at = torch.tensor(corners, dtype=torch.long).view(-1, dims)
+        previous, length = at, (window,) * dims
+        values: torch.Tensor | float = baseline
         for k, (stage, run) in enumerate(zip(self.plan.stages, self.runners)):
-            source = activations[k]
-            crops = source.new_empty(len(patches), *source.shape[1:-dims], *stage.crop)
-            offsets = []
-            for j, patch in enumerate(patches):
-                changed, offset = _crop_for(stage, patch)
-                box = tuple(slice(o, o + n) for o, n in zip(offset, stage.crop))
-                crops[j] = source[(0, Ellipsis, *box)]
-                _paste(crops[j], offset, patch)
-                offsets.append((changed, offset))
+            placement = place(stage, at, window, previous, length)
+            offsets = placement.offsets(stage)
+            crops = _crops(activations[k], offsets, stage.crop)
+            _paste(crops, previous - offsets, length, values)
             out = run(crops)
-            patches = [
-                _Patch(
-                    tuple(c[0] for c in changed),
-                    tuple(c[1] - c[0] + 1 for c in changed),
-                    out[(j, Ellipsis, *(
-                        slice(c[0] - o // s.stride, c[1] + 1 - o // s.stride)
-                        for c, o, s in zip(changed, offset, stage.span)
-                    ))],
-                )
-                for j, (changed, offset) in enumerate(offsets)
-            ]
+            strides = torch.tensor([s.stride for s in stage.span])
+            values = _boxes(out, placement.rect - offsets // strides, stage.rect)
+            previous, length = placement.rect, stage.rect
         last = activations[-1]
-        inputs = last.expand(len(patches), *last.shape[1:]).clone()
-        for j, patch in enumerate(patches):
-            _paste(inputs[j], (0,) * dims, patch)
+        inputs = last.expand(len(at), *last.shape[1:]).clone()
+        _paste(inputs, previous, length, values)
         return self.runners[-1](inputs)
 
 
-def _crop_for(
-    stage: Stage, patch: _Patch
-) -> tuple[list[tuple[int, int]], tuple[int, ...]]:
-    """The output positions a patch changes (per axis, first and last) and the crop's
-    offset: a multiple of the stride, holding every input they depend on (clamped to the
-    grid; a crop flush with a border when they reach past it)."""
-    changed, offset = [], []
-    for span, first, length, n_in, n_out, crop in zip(
-        stage.span, patch.first, patch.lengths, stage.grid_in, stage.grid_out, stage.crop
-    ):
-        positions = span.changed(first, first + length - 1, n_out)
-        if positions is None:  # cannot happen for a window inside the image
-            raise ValueError(f"a window at {first} changes nothing after stage {stage.end}")
-        lo, _ = span.needs(*positions, n_in)
-        changed.append(positions)
-        offset.append(min(lo // span.stride * span.stride, n_in - crop))
-    return changed, tuple(offset)
+def _windows(source: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """A view of every box of ``lengths`` in source (... x *grid): ... x *positions x
+    *lengths (no copy; indexing it with per-box positions copies whole boxes at once,
+    faster than indexing every element)."""
+    first = source.dim() - len(lengths)
+    for axis, length in enumerate(lengths):  # unfold appends the box axis at the end
+        source = source.unfold(first + axis, length, 1)
+    return source
 
 
-def _paste(target: torch.Tensor, offset: Sequence[int], patch: _Patch) -> None:
-    """Writes the part of ``patch`` inside ``target`` (C x *crop, starting at ``offset``
-    of the grid) into it."""
-    dims = len(offset)
-    to, frm = [], []
-    for first, length, o, size in zip(patch.first, patch.lengths, offset, target.shape[-dims:]):
-        lo, hi = max(first, o), min(first + length, o + size)
-        if lo >= hi:
-            return
-        to.append(slice(lo - o, hi - o))
-        frm.append(slice(lo - first, hi - first))
-    if isinstance(patch.values, torch.Tensor):
-        target[(Ellipsis, *to)] = patch.values[(Ellipsis, *frm)]
-    else:
-        target[(Ellipsis, *to)] = patch.values
+def _crops(source: torch.Tensor, starts: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """source: 1 x C x *grid -> B x C x *lengths, the boxes at ``starts`` (B x d)."""
+    dims = len(lengths)
+    windows = _windows(source[0], lengths).movedim(0, dims)  # *positions x C x *lengths
+    return windows[tuple(starts.T)]
+
+
+def _boxes(source: torch.Tensor, starts: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """source: B x C x *grid -> B x C x *lengths, image b's box at ``starts[b]``."""
+    batch = torch.arange(len(starts))
+    return _windows(source, lengths)[(batch, slice(None), *starts.T)]
+
+
+def _paste(
+    target: torch.Tensor,
+    starts: torch.Tensor,
+    lengths: Sequence[int],
+    values: torch.Tensor | float,
+) -> None:
+    """Writes ``values`` (B x C x *lengths, or a number) into the boxes of ``target``
+    (B x C x *grid) at ``starts`` (B x d), in place (through the boxes' view: one box of
+    each image, so no element is written twice)."""
+    batch = torch.arange(len(starts))
+    _windows(target, lengths)[(batch, slice(None), *starts.T)] = values
 
 
 # ------------------------------------------------------------------------------ building
