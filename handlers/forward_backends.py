@@ -56,7 +56,7 @@ from .onnx_export import (
 
 log = logging.getLogger(__name__)
 
-MAX_OCCLUDERS = 8
+MAX_OCCLUDERS = 4
 
 
 class OnnxForward(CountedForward):

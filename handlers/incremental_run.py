@@ -21,7 +21,9 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 
 from .incremental import StagePlan, place, plan_stages, stage_module, trace
@@ -30,7 +32,7 @@ from .onnx_export import INPUT_NAME, OUTPUT_NAME, OnnxUnavailable, export_onnx, 
 
 log = logging.getLogger(__name__)
 
-Runner = Callable[[torch.Tensor], torch.Tensor]
+Runner = Callable[[np.ndarray], np.ndarray]
 CHECK_SEED = 0
 CHECK_WINDOWS = 6
 
@@ -51,8 +53,10 @@ class _Normalize(nn.Module):
 class IncrementalOcclusion:
     """Logits of occluded copies of an image, by stage plan (module docstring).
 
-    plan: the stages; runners: one per stage, then the head (B x ... -> B x ...);
-    cost_fraction: the plan's estimated cost per occluded image / a full forward pass.
+    plan: the stages; runners: one per stage, then the head (float32 arrays B x ... ->
+    B x ...); cost_fraction: the plan's estimated cost per occluded image / a full
+    forward pass. Activations, crops and boxes are numpy arrays (ONNX Runtime's input and
+    output; torch stages wrap them without copying).
     """
 
     def __init__(self, plan: StagePlan, runners: Sequence[Runner]) -> None:
@@ -63,17 +67,17 @@ class IncrementalOcclusion:
     def cost_fraction(self) -> float:
         return self.plan.cost_fraction
 
-    def original(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def original(self, x: torch.Tensor) -> tuple[list[np.ndarray], torch.Tensor]:
         """x: 1 x C x *spatial (pixels) -> (the activations at the input and every cut,
         each 1 x ..., and the logits 1 x K), from one pass over the whole image."""
-        outputs = [x]
+        outputs = [np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)]
         for run in self.runners[:-1]:
             outputs.append(run(outputs[-1]))
-        return outputs, self.runners[-1](outputs[-1])
+        return outputs, torch.from_numpy(self.runners[-1](outputs[-1]))
 
     def logits(
         self,
-        activations: list[torch.Tensor],
+        activations: list[np.ndarray],
         corners: Sequence[tuple[int, ...]],
         window: int,
         baseline: float,
@@ -83,56 +87,51 @@ class IncrementalOcclusion:
         dims = len(corners[0])
         at = torch.tensor(corners, dtype=torch.long).view(-1, dims)
         previous, length = at, (window,) * dims
-        values: torch.Tensor | float = baseline
+        values: np.ndarray | float = baseline
         for k, (stage, run) in enumerate(zip(self.plan.stages, self.runners)):
             placement = place(stage, at, window, previous, length)
             offsets = placement.offsets(stage)
-            crops = _crops(activations[k], offsets, stage.crop)
-            _paste(crops, previous - offsets, length, values)
+            crops = _crops(activations[k], offsets.numpy(), stage.crop)
+            _paste(crops, (previous - offsets).numpy(), length, values)
             out = run(crops)
             strides = torch.tensor([s.stride for s in stage.span])
-            values = _boxes(out, placement.rect - offsets // strides, stage.rect)
+            values = _boxes(out, (placement.rect - offsets // strides).numpy(), stage.rect)
             previous, length = placement.rect, stage.rect
         last = activations[-1]
-        inputs = last.expand(len(at), *last.shape[1:]).clone()
-        _paste(inputs, previous, length, values)
-        return self.runners[-1](inputs)
+        inputs = np.repeat(last, len(at), axis=0)
+        _paste(inputs, previous.numpy(), length, values)
+        return torch.from_numpy(self.runners[-1](inputs))
 
 
-def _windows(source: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+def _windows(source: np.ndarray, lengths: Sequence[int], writeable: bool = False) -> np.ndarray:
     """A view of every box of ``lengths`` in source (... x *grid): ... x *positions x
-    *lengths (no copy; indexing it with per-box positions copies whole boxes at once,
-    faster than indexing every element)."""
-    first = source.dim() - len(lengths)
-    for axis, length in enumerate(lengths):  # unfold appends the box axis at the end
-        source = source.unfold(first + axis, length, 1)
-    return source
+    *lengths (no copy; indexing it with per-box positions copies whole boxes at once)."""
+    axes = tuple(range(source.ndim - len(lengths), source.ndim))
+    return sliding_window_view(source, tuple(lengths), axis=axes, writeable=writeable)
 
 
-def _crops(source: torch.Tensor, starts: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+def _crops(source: np.ndarray, starts: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
     """source: 1 x C x *grid -> B x C x *lengths, the boxes at ``starts`` (B x d)."""
-    dims = len(lengths)
-    windows = _windows(source[0], lengths).movedim(0, dims)  # *positions x C x *lengths
+    windows = np.moveaxis(_windows(source[0], lengths), 0, len(lengths))  # *pos x C x *len
     return windows[tuple(starts.T)]
 
 
-def _boxes(source: torch.Tensor, starts: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+def _boxes(source: np.ndarray, starts: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
     """source: B x C x *grid -> B x C x *lengths, image b's box at ``starts[b]``."""
-    batch = torch.arange(len(starts))
-    return _windows(source, lengths)[(batch, slice(None), *starts.T)]
+    return _windows(source, lengths)[(np.arange(len(starts)), slice(None), *starts.T)]
 
 
 def _paste(
-    target: torch.Tensor,
-    starts: torch.Tensor,
+    target: np.ndarray,
+    starts: np.ndarray,
     lengths: Sequence[int],
-    values: torch.Tensor | float,
+    values: np.ndarray | float,
 ) -> None:
     """Writes ``values`` (B x C x *lengths, or a number) into the boxes of ``target``
     (B x C x *grid) at ``starts`` (B x d), in place (through the boxes' view: one box of
     each image, so no element is written twice)."""
-    batch = torch.arange(len(starts))
-    _windows(target, lengths)[(batch, slice(None), *starts.T)] = values
+    view = _windows(target, lengths, writeable=True)
+    view[(np.arange(len(starts)), slice(None), *starts.T)] = values
 
 
 # ------------------------------------------------------------------------------ building
@@ -146,9 +145,9 @@ def _split(module: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 def _torch_runner(module: nn.Module) -> Runner:
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def run(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return module(x)
+            return module(torch.from_numpy(x)).numpy()
 
     return run
 
@@ -157,15 +156,15 @@ def _onnx_runner(
     module: nn.Module, shape: Sequence[int], full: Runner, session_options: dict[str, Any]
 ) -> Runner:
     """An ONNX Runtime session of ``module`` for inputs B x ``shape``; other shapes (the
-    one whole-image pass of ``activations``) run ``full`` (torch)."""
+    one whole-image pass of ``original``) run ``full`` (torch)."""
     session = new_session(export_onnx(module, shape), **session_options)
     shape = tuple(shape)
 
-    def run(x: torch.Tensor) -> torch.Tensor:
+    def run(x: np.ndarray) -> np.ndarray:
         if tuple(x.shape[1:]) != shape:
             return full(x)
-        (y,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.contiguous().numpy()})
-        return torch.from_numpy(y)
+        (y,) = session.run([OUTPUT_NAME], {INPUT_NAME: x})
+        return y
 
     return run
 

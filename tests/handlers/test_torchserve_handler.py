@@ -218,3 +218,17 @@ def test_bad_limits_in_model_config_fail_the_load(config: dict[str, Any], messag
 def test_limits_default_to_the_engine_defaults() -> None:
     assert handler_module.engine_limits(None) == EngineLimits()
     assert handler_module.engine_limits({"batchSize": 4}) == EngineLimits()
+
+
+def test_forward_section_of_the_model_config() -> None:
+    config = handler_module.forward_config(
+        {"xaiserve": {"forward": {"backend": "torch", "onnx_providers": ["CPUExecutionProvider"],
+                                  "incremental_occlusion": False}}}
+    )
+    assert config.backend == "torch" and not config.incremental_occlusion
+    assert config.onnx_providers == ("CPUExecutionProvider",)
+    assert handler_module.forward_config(None).incremental_occlusion
+    with pytest.raises(ModelLoadError, match="unknown xaiserve.forward"):
+        handler_module.forward_config({"xaiserve": {"forward": {"incremental": False}}})
+    with pytest.raises(ModelLoadError, match="incremental_occlusion"):
+        handler_module.forward_config({"xaiserve": {"forward": {"incremental_occlusion": "on"}}})

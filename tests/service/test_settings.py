@@ -46,6 +46,19 @@ def test_engine_limits_come_from_settings() -> None:
     )
 
 
+def test_forward_settings_reach_the_forward_config() -> None:
+    settings = parse_settings(
+        ["--forward-backend", "torch", "--onnx-threads", "3", "--no-incremental-occlusion"],
+        {"XAISERVE_FORWARD_MEMORY_MB": "64"},
+    )
+    config = settings.forward_config()
+    assert (config.backend, config.onnx_threads, config.memory_mb) == ("torch", 3, 64)
+    assert not config.incremental_occlusion
+    assert parse_settings([], {}).forward_config().incremental_occlusion
+    environ = {"XAISERVE_INCREMENTAL_OCCLUSION": "false"}
+    assert not parse_settings([], environ).forward_config().incremental_occlusion
+
+
 @pytest.mark.parametrize(
     ("argv", "environ"),
     [
@@ -56,6 +69,7 @@ def test_engine_limits_come_from_settings() -> None:
         ([], {"XAISERVE_BUILD_DEMO": "perhaps"}),
         ([], {"XAISERVE_BACKEND": "carrier-pigeon"}),
         (["--max-in-flight", "0"], {}),
+        ([], {"XAISERVE_INCREMENTAL_OCCLUSION": "sometimes"}),
     ],
 )
 def test_bad_values_are_refused(argv: list[str], environ: dict[str, str]) -> None:
