@@ -32,7 +32,8 @@ counts (the machine's speed drifts during a run; the minimum is the least distur
 Inputs: held-out demo images (``synthetic.TEST_SEED``), and one shape image drawn at
 224 x 224 for the ResNets. Occlusion: the demo's default window 8 / stride 4, ResNet-18
 window 15 / stride 8, ResNet-50 window 31 / stride 16 (cut: ~4x fewer windows than
-15 / 8, to keep the run under 10 minutes on 2 cores). The load average is printed: on a
+15 / 8, to keep the run under 10 minutes on 2 cores). The load average is printed, and on
+Linux the CPU time the hypervisor took from this machine (steal) per network: on a
 shared machine compare ratios measured in the same run, not absolute times.
 """
 
@@ -345,6 +346,24 @@ def print_report(report: Report) -> None:
           f"onnxruntime {occ['onnxruntime'].seconds / incremental['onnxruntime'].seconds:.2f}x")
 
 
+def cpu_times() -> tuple[int, int] | None:
+    """(steal, total) CPU ticks since boot from /proc/stat, or None where there is none."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(f) for f in fields]
+    return (ticks[7] if len(ticks) > 7 else 0), sum(ticks)
+
+
+def steal_share(start: tuple[int, int] | None) -> str:
+    """The share of CPU time stolen by the hypervisor since ``start``."""
+    end = cpu_times()
+    if start is None or end is None or end[1] == start[1]:
+        return "n/a"
+    return f"{(end[0] - start[0]) / (end[1] - start[1]):.0%}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nets", default=",".join(NETS),
@@ -381,7 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         if net.forwards.session is None:
             print(f"{name}: no ONNX Runtime forward: {net.forwards.onnx_status}")
             continue
+        ticks = cpu_times()
         print_report(run_net(net, args.min_seconds, args.repeats))
+        print(f"   CPU time stolen by the hypervisor during {name}: {steal_share(ticks)}")
         sys.stdout.flush()
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end; total "
           f"{time.perf_counter() - start:.0f} s")

@@ -8,8 +8,10 @@ An archive holds the model directory's ``config.yaml``, model code and weights, 
 :func:`xaiserve.handlers.onnx_export.export_model_dir`; a model that fails export has none
 and serves on torch), the handler (:mod:`xaiserve.handlers.torchserve_handler`)
 and a ``model-config.yaml`` with the per-model TorchServe settings (batch size, maximum
-batch delay, response timeout, workers, job queue size) and the engine limits the worker
-enforces (``xaiserve.limits``). The archive is named after the model (``demo.mar``) and
+batch delay, response timeout, workers, job queue size), the engine limits the worker
+enforces (``xaiserve.limits``) and how it runs forward-only batches
+(``xaiserve.forward``: backend, ONNX Runtime threads and providers, memory budget,
+incremental occlusion). The archive is named after the model (``demo.mar``) and
 carries its version from ``config.yaml``. ``torch-model-archiver`` does the packing.
 """
 
@@ -32,6 +34,7 @@ import yaml
 
 from xaiserve.handlers.calibration import CALIBRATION_FILES
 from xaiserve.handlers.errors import ModelLoadError
+from xaiserve.handlers.forward_config import BACKENDS, ForwardConfig
 from xaiserve.handlers.gad_store import index_files, read_index
 from xaiserve.handlers.limits import EngineLimits
 from xaiserve.handlers.model import read_config
@@ -56,6 +59,7 @@ class ArchiveSettings:
     min_workers, max_workers: worker processes of the model.
     job_queue_size: requests that may wait for a worker; more are refused by TorchServe.
     limits: per-request limits the engine enforces in the worker.
+    forward: how the worker runs forward-only batches.
     """
 
     batch_size: int = 8
@@ -65,6 +69,7 @@ class ArchiveSettings:
     max_workers: int = 1
     job_queue_size: int = 100
     limits: EngineLimits = field(default_factory=EngineLimits)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "response_timeout_s", "min_workers", "max_workers"):
@@ -86,7 +91,20 @@ class ArchiveSettings:
             "maxBatchDelay": self.max_batch_delay_ms,
             "responseTimeout": self.response_timeout_s,
             "jobQueueSize": self.job_queue_size,
-            "xaiserve": {"limits": dataclasses.asdict(self.limits)},
+            "xaiserve": {"limits": dataclasses.asdict(self.limits),
+                         "forward": self._forward_section()},
+        }
+
+    def _forward_section(self) -> dict[str, Any]:
+        """``xaiserve.forward``: the keys the worker reads (see the handler's
+        ``forward_config``)."""
+        forward = self.forward
+        return {
+            "backend": forward.backend,
+            "onnx_threads": forward.onnx_threads,
+            "onnx_providers": list(forward.onnx_providers),
+            "memory_mb": forward.memory_mb,
+            "incremental_occlusion": forward.incremental_occlusion,
         }
 
 
@@ -193,6 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
             default=getattr(defaults.limits, spec.name),
             help="engine limit enforced in the worker",
         )
+    forward = defaults.forward
+    parser.add_argument("--forward-backend", choices=BACKENDS, default=forward.backend,
+                        help="default backend of the worker's forward-only batches")
+    parser.add_argument("--onnx-threads", type=int, default=forward.onnx_threads,
+                        help="intra-op threads per ONNX Runtime session; 0: one per core")
+    parser.add_argument("--onnx-providers", default=",".join(forward.onnx_providers),
+                        help="ONNX Runtime execution providers, comma-separated")
+    parser.add_argument("--forward-memory-mb", type=int, default=forward.memory_mb,
+                        help="memory budget of one forward-only batch in MiB")
+    parser.add_argument("--incremental-occlusion", action=argparse.BooleanOptionalAction,
+                        default=forward.incremental_occlusion,
+                        help="occlusion recomputes only what each window changes")
     return parser
 
 
@@ -212,6 +242,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_workers=args.max_workers,
             job_queue_size=args.job_queue_size,
             limits=limits,
+            forward=ForwardConfig(
+                backend=args.forward_backend,
+                onnx_threads=args.onnx_threads,
+                onnx_providers=tuple(
+                    p.strip() for p in args.onnx_providers.split(",") if p.strip()
+                ),
+                memory_mb=args.forward_memory_mb,
+                incremental_occlusion=args.incremental_occlusion,
+            ),
         )
         for model_dir in args.model_dir:
             print(build_archive(model_dir, args.out, settings))

@@ -232,3 +232,13 @@ def test_forward_section_of_the_model_config() -> None:
         handler_module.forward_config({"xaiserve": {"forward": {"incremental": False}}})
     with pytest.raises(ModelLoadError, match="incremental_occlusion"):
         handler_module.forward_config({"xaiserve": {"forward": {"incremental_occlusion": "on"}}})
+
+
+def test_an_archives_forward_section_reads_back() -> None:
+    from xaiserve.handlers.forward_config import ForwardConfig
+    from xaiserve.model_store.archive import ArchiveSettings
+
+    forward = ForwardConfig(backend="torch", onnx_threads=2, memory_mb=64,
+                            incremental_occlusion=False)
+    settings = ArchiveSettings(forward=forward)
+    assert handler_module.forward_config(settings.model_config()) == forward

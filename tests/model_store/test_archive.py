@@ -64,7 +64,8 @@ def test_command_line_builds_one_archive_per_directory(
 
     code = archive.main(
         ["--model-dir", str(first), "--model-dir", str(second), "--out", str(tmp_path / "s"),
-         "--batch-size", "2", "--max-forward-passes", "500"]
+         "--batch-size", "2", "--max-forward-passes", "500", "--forward-backend", "torch",
+         "--no-incremental-occlusion"]
     )
 
     assert code == 0
@@ -75,6 +76,9 @@ def test_command_line_builds_one_archive_per_directory(
     settings = yaml.safe_load(_contents(tmp_path / "s" / "tiny-two.mar")["model-config.yaml"])
     assert settings["batchSize"] == 2
     assert settings["xaiserve"]["limits"]["max_forward_passes"] == 500
+    forward = settings["xaiserve"]["forward"]
+    assert forward["backend"] == "torch" and forward["incremental_occlusion"] is False
+    assert forward["onnx_providers"] == ["CPUExecutionProvider"]
 
 
 def test_missing_weights_are_refused(tmp_path: Path) -> None:
