@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 COPY_COST = 8.0
 """Estimated cost of copying one activation value, in multiply-accumulates."""
@@ -154,11 +154,10 @@ def _window_geometry(module: nn.Module, inner: Geometry) -> Geometry | None:
 
 def _spatial_uniform(node: fx.Node, dims: int) -> bool:
     """Whether a constant broadcasts the same value over the last ``dims`` axes."""
-    meta = node.meta.get("tensor_meta")
-    if meta is None:
+    shape = _shape(node)
+    if shape is None:
         return True  # a Python number
-    shape = tuple(meta.shape)
-    return all(size == 1 for size in shape[-dims:]) if len(shape) >= 1 else True
+    return all(size == 1 for size in shape[-dims:])
 
 
 def analyze(
@@ -302,8 +301,8 @@ def trace(module: nn.Module, example: torch.Tensor) -> fx.GraphModule:
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    meta = node.meta.get("tensor_meta")  # a tuple of them for tuple outputs
+    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
 
 
 def _node_cost(gm: fx.GraphModule, node: fx.Node) -> float:
