@@ -17,6 +17,7 @@ reason, and its occlusion runs full forward passes.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -241,14 +242,14 @@ def _check(
     starts: Sequence[Sequence[int]],
 ) -> float:
     """Max |logit difference| between the occluder and full forward passes of occluded
-    copies of ``x``, over windows at the grid's corners, centre and a few random places."""
-    generator = torch.Generator().manual_seed(CHECK_SEED)
-    corners = {tuple(a[0] for a in starts), tuple(a[-1] for a in starts),
-               tuple(a[len(a) // 2] for a in starts),
-               tuple(a[0] if i else a[-1] for i, a in enumerate(starts))}
-    while len(corners) < CHECK_WINDOWS:
-        corners.add(tuple(a[int(torch.randint(len(a), (1,), generator=generator))]
-                          for a in starts))
+    copies of ``x``: every window when there are at most CHECK_WINDOWS, else windows
+    spread evenly over the grid (its first and last included), its centre and the corner
+    first on one axis and last on the others."""
+    every = list(itertools.product(*starts))
+    picks = torch.linspace(0, len(every) - 1, min(CHECK_WINDOWS, len(every))).round().long()
+    corners = {every[int(i)] for i in picks}
+    corners |= {tuple(a[len(a) // 2] for a in starts),
+                tuple(a[0] if i else a[-1] for i, a in enumerate(starts))}
     corners = sorted(corners)
     occluded = x.expand(len(corners), *x.shape[1:]).clone()
     for j, corner in enumerate(corners):

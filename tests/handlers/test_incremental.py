@@ -139,6 +139,7 @@ def all_corners(shape: tuple[int, ...], window: int, stride: int) -> tuple[list,
     ("resnet18", (3, 64, 64), 9, 4),
     ("tiny", (3, 16, 16), 4, 2),
     ("resnet18", (3, 40, 36), 7, 5),  # not square, border-flush windows
+    ("resnet18", (3, 64, 64), 16, 16),  # 4 x 4 windows
 ])
 def test_occluded_logits_equal_full_forward_passes(backend, name, shape, window, stride):
     module = small_resnet18() if name == "resnet18" else tiny_served().module
@@ -158,6 +159,14 @@ def test_occluded_logits_equal_full_forward_passes(backend, name, shape, window,
     assert (got - expected).abs().max() <= tolerance
     assert (original - module(x)).abs().max() <= tolerance
     assert not any(m.training for m in module.modules())  # exports leave eval mode alone
+
+
+def test_a_grid_of_fewer_windows_than_the_check_samples():
+    # 2 x 2 windows (the check looks at up to CHECK_WINDOWS of them)
+    axes = [window_starts(64, 16, 16)[::3]] * 2
+    assert axes[0] == [0, 48]
+    occluder, reason = build_occluder(small_resnet18(), (3, 64, 64), 16, axes, "torch")
+    assert occluder is not None, reason
 
 
 def test_untraceable_model_gets_no_occluder_and_a_reason():
