@@ -1,12 +1,15 @@
 """Occluded images' logits by incremental inference: a stage plan (:mod:`.incremental`)
 run on crops, on torch or on ONNX Runtime.
 
-For one image, ``activations`` runs the stages once on the whole image and keeps the
+For one image, ``original`` runs the stages once on the whole image and keeps the
 activations at every cut. For a batch of windows, stage k gets, per window, a crop of the
-original's activations at cut k with the window's changed region pasted in (stage 0: the
-pixels, the window set to the baseline), all crops of one size so the batch is one call;
-from each output it keeps the positions the window changed. The head runs on the
-original's last activations with those regions pasted in, and returns the logits.
+original's activations at cut k with the window's region from stage k - 1 pasted in
+(stage 0: the pixels, the window set to the baseline), all crops of one size so the batch
+is one call (:func:`.incremental.place` says where each crop and region go); from each
+output it keeps a fixed-size region holding every position the window changed. The head
+runs on the original's last activations with those regions pasted in, and returns the
+logits. Crops and regions are numpy arrays, copied for the whole batch at once through
+sliding-window views.
 
 ``build_occluder`` makes the plan for a model, window side and window positions, the
 stage modules (``torch.fx`` graph modules, exported to ONNX for the onnxruntime backend)
