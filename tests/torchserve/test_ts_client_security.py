@@ -45,19 +45,23 @@ def test_tls_token_and_in_flight_limit(torchserve, start_gateway: Callable, tmp_
         assert [m.name for m in client.list_models().models] == ["demo", "tiny"]
 
         # admitted calls must still run when the extra ones arrive 0.5 s later, on a fast or a
-        # loaded machine: one call repeats a measured piece of work to last >= 1.5 s
-        occlusion = pb.MethodRequest(
-            method=pb.OCCLUSION, occlusion=pb.OcclusionParams(window=4, stride=2)
-        )
+        # loaded machine: one call repeats a measured piece of work to last >= 1.5 s. The
+        # piece is timed on its second run (the first also plans incremental occlusion),
+        # and each repeat has its own baseline (the engine computes identical ones once)
+        def occlusion(i: int) -> pb.MethodRequest:
+            params = pb.OcclusionParams(window=4, stride=2, baseline=0.5 + 0.01 * i)
+            return pb.MethodRequest(method=pb.OCCLUSION, occlusion=params)
+
         piece = pb.ExplainRequest(model_name="demo", image=pb.Image(encoded=demo_png(1)),
-                                  methods=[occlusion])
+                                  methods=[occlusion(0)])
         stub = explain_pb2_grpc.ExplanationServiceStub(client._channel)
         metadata = (("authorization", f"Bearer {TOKEN}"),)
+        stub.Explain(piece, timeout=120, metadata=metadata)
         started = time.monotonic()
         stub.Explain(piece, timeout=120, metadata=metadata)
         repeats = min(16, math.ceil(1.5 / (time.monotonic() - started)))
         slow = pb.ExplainRequest(model_name="demo", image=pb.Image(encoded=demo_png(1)),
-                                 methods=[occlusion] * repeats)
+                                 methods=[occlusion(i) for i in range(repeats)])
 
         def admitted(_: int) -> pb.ExplainResponse:
             return stub.Explain(slow, timeout=300, metadata=metadata)
