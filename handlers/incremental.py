@@ -369,7 +369,8 @@ def plan_stages(
             span = relative[nodes[j]]
             stage = _stage(i, j, span, absolute[nodes[j]], grid(i), grid(j), rects[j])
             area = _area(stage.crop) / _area(stage.grid_in)
-            copying = COPY_COST * (channels(i) * _area(stage.crop) + channels(j) * _area(stage.rect))
+            copied = channels(i) * _area(stage.crop) + channels(j) * _area(stage.rect)
+            copying = COPY_COST * copied
             stages[i, j] = stage
             stage_cost[i, j] = sum(costs[i + 1: j + 1]) * area + copying
 

@@ -149,8 +149,9 @@ class Occlusion(AttributionMethod):
         spatial = tuple(x.shape[2:])
         axes = [window_starts(d, w, params["stride"]) for d in spatial]
         occluder = ctx.forward.occluder(w, axes)
-        # full forward passes: the originals' logits in one batch
-        base = None if occluder else target_logits(ctx.forward(x, "attribute"), target)
+        base = None  # full forward passes: the originals' logits in one batch
+        if occluder is None:
+            base = target_logits(ctx.forward(x, "attribute"), target)
         counts = [len(a) for a in axes]
         maps = []
         for i in range(x.shape[0]):
