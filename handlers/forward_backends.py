@@ -126,7 +126,8 @@ class ModelForwards:
     ) -> IncrementalOcclusion | None:
         """The checked incremental occluder for windows of side ``window`` at every
         combination of ``starts`` (per spatial axis) on ``backend``, built on first use
-        and cached; None where the model does not allow one (the reason is logged once)."""
+        and cached; None where the model does not allow one or planning fails (the reason
+        is logged once): occlusion then runs full forward passes, never fails for it."""
         key = (backend, window, tuple(tuple(axis) for axis in starts))
         with self._lock:
             if key in self._occluders:
@@ -135,10 +136,15 @@ class ModelForwards:
             start = time.perf_counter()
             options = {"providers": self.config.onnx_providers,
                        "threads": self.config.onnx_threads}
-            occluder, reason = build_occluder(
-                self.served.module, self.served.config.input_shape, window, starts, backend,
-                options, self.config.onnx_tolerance,
-            )
+            try:
+                occluder, reason = build_occluder(
+                    self.served.module, self.served.config.input_shape, window, starts,
+                    backend, options, self.config.onnx_tolerance,
+                )
+            except Exception as err:  # a graph the planner did not foresee: full passes
+                occluder, reason = None, f"planning failed: {type(err).__name__}: {err}"
+                log.warning("model %s: incremental occlusion %s", self.served.config.name,
+                            reason)
             seconds = time.perf_counter() - start
             name = self.served.config.name
             if occluder is None:

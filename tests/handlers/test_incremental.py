@@ -234,3 +234,23 @@ def test_incremental_off_in_the_configuration():
 def test_plain_contexts_have_no_occluder():
     ctx = make_context(tiny_served())
     assert ctx.forward.occluder(4, [[0, 2], [0, 2]]) is None
+
+
+def test_a_failing_plan_means_full_passes_not_a_failed_request(monkeypatch):
+    import xaiserve.handlers.forward_backends as backends
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("a graph nobody foresaw")
+
+    served = resnet_served((3, 32, 32))
+    forwards = prepare_forwards(served, ForwardConfig())
+    monkeypatch.setattr(backends, "build_occluder", broken)
+    budget = Budget(10**6)
+    forward = forwards.forward(budget, "torch")
+    assert forward.occluder(8, [window_starts(32, 8, 8)] * 2) is None
+    method = Occlusion()
+    params = method.resolve_params({"window": 8, "stride": 8}, (3, 32, 32), "occlusion")
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    got = method.attribute(MethodContext(served, forward, budget, 16), x, torch.tensor([0]),
+                           params)
+    assert got.shape == x.shape and budget.spent == 1 + 16 and got.abs().sum() > 0
