@@ -48,7 +48,7 @@ from xaiserve.handlers.evaluation_tables import ranking
 from xaiserve.handlers.gad_train import GadTrainSettings, train_pair
 from xaiserve.handlers.limits import EngineLimits
 from xaiserve.handlers.methods.registry import METHODS
-from xaiserve.handlers.model import ModelConfig
+from xaiserve.handlers.model import ModelConfig, ServedModel
 from xaiserve.handlers.preprocess import decode_image
 from xaiserve.handlers.types import STAGES, EncodedImage
 
@@ -82,6 +82,18 @@ def load_engine(model_store: Path, model: str, limits: EngineLimits) -> Engine:
 
         ensure_demo_model(model_store / "demo", progress=True)
     return Engine.from_model_store(model_store, limits)
+
+
+def load_served(
+    model_store: Path, model: str, limits: EngineLimits
+) -> tuple[Engine, ServedModel]:
+    """The engine (``load_engine``) and its model ``model``; ModelLoadError when the store
+    does not hold it."""
+    engine = load_engine(model_store, model, limits)
+    served = engine.models.get(model)
+    if served is None:
+        raise ModelLoadError(f"model {model!r} not in {model_store}")
+    return engine, served
 
 
 def _names(text: str) -> list[str]:
@@ -155,11 +167,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        engine = load_engine(args.model_store, args.model, limits)
-        if args.model not in engine.models:
-            print(f"xaiserve: model {args.model!r} not in {args.model_store}", file=sys.stderr)
-            return 2
-        served = engine.models[args.model]
+        engine, served = load_served(args.model_store, args.model, limits)
         cfg = served.config
         missing = _missing_for_sections(args.sections, served.calibration is not None,
                                         served.gad is not None, args.model)
@@ -323,11 +331,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        engine = load_engine(args.model_store, args.model, limits)
-        served = engine.models.get(args.model)
-        if served is None:
-            print(f"xaiserve: model {args.model!r} not in {args.model_store}", file=sys.stderr)
-            return 2
+        _, served = load_served(args.model_store, args.model, limits)
         images = (LabeledImage(item.image, item.label)
                   for item in _data_images(args.data, served.config, limits, args.n))
         calibration = calibrate(
@@ -435,11 +439,7 @@ def run_gad_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     limits = EngineLimits()
     try:
-        engine = load_engine(args.model_store, args.model, limits)
-        served = engine.models.get(args.model)
-        if served is None:
-            print(f"xaiserve: model {args.model!r} not in {args.model_store}", file=sys.stderr)
-            return 2
+        _, served = load_served(args.model_store, args.model, limits)
         pair = _pair(args.classes, served.config.labels)
         x, labels = _pair_images(args.data, served.config, limits, pair, args.n)
         settings = GadTrainSettings(epochs=args.epochs, learning_rate=args.learning_rate,
