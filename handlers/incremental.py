@@ -305,6 +305,12 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
 
 
+def activation_shape(gm: fx.GraphModule, index: int) -> tuple[int, ...]:
+    """The shape of one image's value at node ``index`` (graph order) of a traced ``gm``,
+    without the batch axis (C x *spatial)."""
+    return _shape(list(gm.graph.nodes)[index])[1:]
+
+
 def _node_cost(gm: fx.GraphModule, node: fx.Node) -> float:
     """Estimated multiply-accumulates of one node for one image."""
     shape = _shape(node)

@@ -30,7 +30,14 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 
-from .incremental import StagePlan, place, plan_stages, stage_module, trace
+from .incremental import (
+    StagePlan,
+    activation_shape,
+    place,
+    plan_stages,
+    stage_module,
+    trace,
+)
 from .model import PixelSpaceModel
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, OnnxUnavailable, export_onnx, new_session
 
@@ -205,11 +212,9 @@ def build_occluder(
     runners = [_torch_runner(m) for m in modules]
     if backend == "onnxruntime":
         options = session_options or {}
-        shapes = [
-            (*_channels(example, modules[:k]), *stage.crop)
-            for k, stage in enumerate(plan.stages)
-        ]
-        shapes.append(tuple(_activation(example, modules[:-1]).shape[1:]))
+        dims = len(input_shape) - 1  # stage inputs: the cut's channels, the crop's sides
+        shapes = [(*activation_shape(gm, s.start)[:-dims], *s.crop) for s in plan.stages]
+        shapes.append(activation_shape(gm, plan.head_start))
         try:
             runners = [
                 _onnx_runner(m, shape, full, options)
@@ -222,19 +227,6 @@ def build_occluder(
     if error > tolerance:
         return None, f"check failed: max |logit difference| {error:.2e} > {tolerance:g}"
     return occluder, ""
-
-
-def _activation(x: torch.Tensor, modules: Sequence[nn.Module]) -> torch.Tensor:
-    with torch.no_grad():
-        for m in modules:
-            x = m(x)
-    return x
-
-
-def _channels(x: torch.Tensor, modules: Sequence[nn.Module]) -> tuple[int, ...]:
-    """The non-spatial, non-batch sizes of the activation after ``modules``."""
-    out = _activation(x, modules)
-    return tuple(out.shape[1:-(x.dim() - 2)])
 
 
 def _check(
