@@ -134,12 +134,10 @@ class ModelForwards:
                 self._occluders.move_to_end(key)
                 return self._occluders[key]
             start = time.perf_counter()
-            options = {"providers": self.config.onnx_providers,
-                       "threads": self.config.onnx_threads}
             try:
                 occluder, reason = build_occluder(
                     self.served.module, self.served.config.input_shape, window, starts,
-                    backend, options, self.config.onnx_tolerance,
+                    backend, self.config.session_options, self.config.onnx_tolerance,
                 )
             except Exception as err:  # a graph the planner did not foresee: full passes
                 occluder, reason = None, f"planning failed: {type(err).__name__}: {err}"
@@ -164,7 +162,7 @@ def _session(served: ServedModel, config: ForwardConfig) -> Any:
     OnnxUnavailable with the reason."""
     onnxruntime_module()  # fails fast (and says so) without onnxruntime
     shape = served.config.input_shape
-    options = {"providers": config.onnx_providers, "threads": config.onnx_threads}
+    options = config.session_options
     path = served.directory / ONNX_FILE
     stale = ""
     if path.is_file():

@@ -62,6 +62,11 @@ class ForwardConfig:
             raise ValueError(f"onnx_tolerance must be > 0, got {self.onnx_tolerance}")
 
     @property
+    def session_options(self) -> dict[str, object]:
+        """Keyword arguments of ``onnx_export.new_session``: providers and threads."""
+        return {"providers": self.onnx_providers, "threads": self.onnx_threads}
+
+    @property
     def memory_budget(self) -> int:
         """The memory budget in bytes."""
         return self.memory_mb * _MIB
