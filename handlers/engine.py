@@ -120,6 +120,7 @@ class Engine:
                     cam_layer=m.config.cam_layer,
                     forward_backend=self.forwards[m.config.name].default_backend,
                     onnx_status=self.forwards[m.config.name].onnx_status,
+                    onnx_providers=self.forwards[m.config.name].providers,
                     calibrated=m.calibration is not None,
                     gad_class_pairs=m.gad.names(m.config.labels) if m.gad else (),
                     unsupported_methods=tuple(f"{n}: {why}" for n, why in reasons.items() if why),

@@ -24,6 +24,9 @@ Occlusion also asks the forward for an incremental occluder (``ModelForwards.occ
 positions (a few seconds for a ResNet-18 on ONNX Runtime, then cached, at most
 ``MAX_OCCLUDERS`` per model), checked against full forward passes, and None (full forward
 passes) where the model's graph does not allow it or ``incremental_occlusion`` is off.
+Incremental stages run on the CPU: a session on a GPU provider (CUDA on GPU nodes, the
+default where onnxruntime-gpu finds a GPU) runs full passes, which a GPU batches well,
+rather than move every stage's crops through host memory.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from .onnx_export import (
 log = logging.getLogger(__name__)
 
 MAX_OCCLUDERS = 4
+CPU_PROVIDER = "CPUExecutionProvider"
 
 
 class OnnxForward(CountedForward):
@@ -92,6 +96,12 @@ class ModelForwards:
     config: ForwardConfig = field(default_factory=ForwardConfig)
     _occluders: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """The execution providers the ONNX Runtime session runs on, in order; () without
+        a session."""
+        return tuple(self.session.get_providers()) if self.session is not None else ()
 
     @property
     def default_backend(self) -> str:
@@ -134,15 +144,11 @@ class ModelForwards:
                 self._occluders.move_to_end(key)
                 return self._occluders[key]
             start = time.perf_counter()
-            try:
-                occluder, reason = build_occluder(
-                    self.served.module, self.served.config.input_shape, window, starts,
-                    backend, self.config.session_options, self.config.onnx_tolerance,
-                )
-            except Exception as err:  # a graph the planner did not foresee: full passes
-                occluder, reason = None, f"planning failed: {type(err).__name__}: {err}"
-                log.warning("model %s: incremental occlusion %s", self.served.config.name,
-                            reason)
+            if backend == ONNXRUNTIME and self.providers[:1] not in ((), (CPU_PROVIDER,)):
+                # each stage's crops would go through host memory: full passes on the GPU
+                occluder, reason = None, f"the session runs on {self.providers[0]}"
+            else:
+                occluder, reason = self._build_occluder(backend, window, starts)
             seconds = time.perf_counter() - start
             name = self.served.config.name
             if occluder is None:
@@ -155,6 +161,20 @@ class ModelForwards:
             if len(self._occluders) > MAX_OCCLUDERS:
                 self._occluders.popitem(last=False)
             return occluder
+
+    def _build_occluder(
+        self, backend: str, window: int, starts: Sequence[Sequence[int]]
+    ) -> tuple[IncrementalOcclusion | None, str]:
+        try:
+            stage_options = self.config.session_options | {"providers": (CPU_PROVIDER,)}
+            return build_occluder(
+                self.served.module, self.served.config.input_shape, window, starts,
+                backend, stage_options, self.config.onnx_tolerance,
+            )
+        except Exception as err:  # a graph the planner did not foresee: full passes
+            reason = f"planning failed: {type(err).__name__}: {err}"
+            log.warning("model %s: incremental occlusion %s", self.served.config.name, reason)
+            return None, reason
 
 
 def _session(served: ServedModel, config: ForwardConfig) -> Any:

@@ -26,9 +26,11 @@ class ForwardConfig:
         "torch" (ONNX Runtime then only for requests that ask for it).
     onnx_threads: intra-op threads of each ONNX Runtime session; 0: onnxruntime's default
         (one per physical core).
-    onnx_providers: execution providers in order of preference, e.g.
-        ("CUDAExecutionProvider", "CPUExecutionProvider") on GPU nodes; those the installed
-        onnxruntime lacks are skipped.
+    onnx_providers: execution providers in order of preference; those the installed
+        onnxruntime lacks are skipped. The default takes CUDA where onnxruntime-gpu and a
+        GPU are there (the GPU image on GPU nodes) and the CPU everywhere else.
+    onnx_device_id: the GPU of GPU providers (CUDA, TensorRT, ROCm); a TorchServe worker
+        uses the GPU TorchServe gave it.
     memory_mb: the memory budget of one forward-only batch: bytes per image x batch <= it.
     onnx_tolerance: the largest |torch - onnxruntime| logit difference the check accepts.
     export_on_load: export a model without ``model.onnx`` when it is loaded (in memory).
@@ -39,7 +41,8 @@ class ForwardConfig:
 
     backend: str = ONNXRUNTIME
     onnx_threads: int = 0
-    onnx_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    onnx_providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    onnx_device_id: int = 0
     memory_mb: int = 1024
     onnx_tolerance: float = DEFAULT_TOLERANCE
     export_on_load: bool = True
@@ -50,6 +53,8 @@ class ForwardConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.onnx_threads < 0:
             raise ValueError(f"onnx_threads must be >= 0, got {self.onnx_threads}")
+        if self.onnx_device_id < 0:
+            raise ValueError(f"onnx_device_id must be >= 0, got {self.onnx_device_id}")
         if not self.onnx_providers:
             raise ValueError("onnx_providers must name at least one provider")
         if self.memory_mb < 1:
@@ -63,8 +68,9 @@ class ForwardConfig:
 
     @property
     def session_options(self) -> dict[str, object]:
-        """Keyword arguments of ``onnx_export.new_session``: providers and threads."""
-        return {"providers": self.onnx_providers, "threads": self.onnx_threads}
+        """Keyword arguments of ``onnx_export.new_session``: providers, threads, GPU."""
+        return {"providers": self.onnx_providers, "threads": self.onnx_threads,
+                "device_id": self.onnx_device_id}
 
     @property
     def memory_budget(self) -> int:

@@ -191,8 +191,8 @@ def build_occluder(
 ) -> tuple[IncrementalOcclusion | None, str]:
     """(occluder, "") or (None, why not) for the pixel-space ``module``, input C x
     *spatial, windows of side ``window`` starting at every combination of ``starts`` (per
-    axis), stages on ``backend`` ("torch" or "onnxruntime", with ``session_options``:
-    ``providers``, ``threads``). Checked on a random image: the logits of occluded copies
+    axis), stages on ``backend`` ("torch" or "onnxruntime", its sessions made with
+    ``session_options``: ``onnx_export.new_session``'s keywords). Checked on a random image: the logits of occluded copies
     (the grid's corners, centre and a few more) within ``tolerance`` of full forward
     passes."""
     normalize, net = _split(module)

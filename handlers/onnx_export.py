@@ -249,24 +249,43 @@ def export_model_dir(
     return ExportResult(status, check)
 
 
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "ROCMExecutionProvider")
+"""Providers that run on one GPU, chosen by their ``device_id`` option."""
+
+
+def provider_list(
+    wanted: Sequence[str], available: Sequence[str], device_id: int = 0
+) -> list[str | tuple[str, dict[str, str]]]:
+    """The ``providers`` argument of an InferenceSession: the ``wanted`` providers this
+    onnxruntime has (``available``), in order, GPU providers with their ``device_id``."""
+    return [
+        (name, {"device_id": str(device_id)}) if name in GPU_PROVIDERS else name
+        for name in wanted
+        if name in available
+    ]
+
+
 def new_session(
     model: bytes | Path,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     threads: int = 0,
+    device_id: int = 0,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` of ``model`` (bytes or a file).
 
     providers: wanted execution providers in order of preference; those this onnxruntime
     lacks are skipped (none left: OnnxUnavailable). threads: intra-op threads (0:
-    onnxruntime's default, one per physical core).
+    onnxruntime's default, one per physical core). device_id: the GPU of GPU providers.
+    onnxruntime itself falls back to the next provider when one it has cannot start (a
+    GPU build on a node without a GPU); that is logged as a warning, and
+    ``session.get_providers()`` says what runs.
     """
     ort = onnxruntime_module()
-    available = set(ort.get_available_providers())
-    usable = [p for p in providers if p in available]
+    usable = provider_list(providers, ort.get_available_providers(), device_id)
     if not usable:
         raise OnnxUnavailable(
             f"none of the configured providers ({', '.join(providers)}) is available; "
-            f"onnxruntime has {', '.join(sorted(available))}"
+            f"onnxruntime has {', '.join(sorted(ort.get_available_providers()))}"
         )
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -279,6 +298,11 @@ def new_session(
     options.log_severity_level = 3  # errors only; failures come back as exceptions
     source = str(model) if isinstance(model, Path) else model
     try:
-        return ort.InferenceSession(source, options, providers=usable)
+        session = ort.InferenceSession(source, options, providers=usable)
     except Exception as err:  # onnxruntime's own exception types
         raise OnnxUnavailable(f"onnxruntime could not load the graph: {_short(err)}") from err
+    first = usable[0] if isinstance(usable[0], str) else usable[0][0]
+    if first not in session.get_providers():
+        log.warning("onnxruntime could not start %s; the session runs on %s", first,
+                    ", ".join(session.get_providers()))
+    return session

@@ -17,6 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,8 @@ class XaiHandler(BaseHandler):
         """Loads ``config.yaml``, the model code and weights from the extracted archive.
 
         The engine limits come from ``xaiserve.limits`` in the archive's model-config.yaml,
-        how forward-only batches run from ``xaiserve.forward``; the archive's
+        how forward-only batches run from ``xaiserve.forward``, the GPU of ONNX Runtime's
+        GPU providers from TorchServe (``gpu_id``, on hosts with GPUs); the archive's
         ``model.onnx``, when there, is checked and used (see ``forward_backends``).
         """
         self.context = context
@@ -130,6 +132,9 @@ class XaiHandler(BaseHandler):
         limits = engine_limits(getattr(context, "model_yaml_config", None))
         served = load_model_dir(model_dir)
         config = forward_config(getattr(context, "model_yaml_config", None))
+        gpu = context.system_properties.get("gpu_id")
+        if gpu is not None:  # TorchServe gives each worker of a GPU host one GPU
+            config = replace(config, onnx_device_id=int(gpu))
         self.engine = Engine({served.config.name: served}, limits, config)
         self.initialized = True
         logger.info(

@@ -155,6 +155,7 @@ class ModelInfo:
     cam_layer: str = ""
     forward_backend: str = "torch"
     onnx_status: str = ""
+    onnx_providers: tuple[str, ...] = ()  # what the ONNX Runtime session runs on, in order
     calibrated: bool = False
     gad_class_pairs: tuple[str, ...] = ()
     unsupported_methods: tuple[str, ...] = ()  # "method: reason"

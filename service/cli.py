@@ -308,6 +308,9 @@ def run_models(args: argparse.Namespace) -> int:
             "labels": list(m.labels),
             "methods": [pb.Method.Name(v).lower() for v in m.methods],
             "cam_layer": m.cam_layer,
+            "forward_backend": m.forward_backend,
+            "onnx_providers": list(m.onnx_providers),
+            "onnx_status": m.onnx_status,
             "calibrated": m.calibrated,
             "gad_class_pairs": list(m.gad_class_pairs),
         }
@@ -325,9 +328,19 @@ def run_models(args: argparse.Namespace) -> int:
         print(f"  labels     {len(m['labels'])}: {labels}")
         print(f"  methods    {', '.join(m['methods'])}")
         print(f"  cam layer  {m['cam_layer'] or '-'}")
+        print(f"  forward    {_forward_line(m)}")
         print(f"  calibrated {'yes' if m['calibrated'] else 'no (xaiserve calibrate)'}")
         print(f"  GAD pairs  {'; '.join(m['gad_class_pairs']) or '-'}")
     return 0
+
+
+def _forward_line(model: dict[str, Any]) -> str:
+    """How the model's forward-only batches run, for ``xaiserve models``."""
+    if model["onnx_providers"] and model["forward_backend"] == "onnxruntime":
+        return f"onnxruntime on {', '.join(model['onnx_providers'])}"
+    if model["onnx_status"]:
+        return f"{model['forward_backend']} (no ONNX Runtime: {model['onnx_status']})"
+    return model["forward_backend"]
 
 
 # --------------------------------------------------------------------------------- main

@@ -333,6 +333,7 @@ def models_to_proto(models: Iterable[ModelInfo]) -> pb.ListModelsResponse:
                 cam_layer=m.cam_layer,
                 forward_backend=m.forward_backend,
                 onnx_status=m.onnx_status,
+                onnx_providers=list(m.onnx_providers),
                 calibrated=m.calibrated,
                 gad_class_pairs=list(m.gad_class_pairs),
                 unsupported_methods=list(m.unsupported_methods),

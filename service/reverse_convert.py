@@ -230,6 +230,7 @@ def models_from_proto(message: pb.ListModelsResponse) -> list[ModelInfo]:
             cam_layer=m.cam_layer,
             forward_backend=m.forward_backend,
             onnx_status=m.onnx_status,
+            onnx_providers=tuple(m.onnx_providers),
             calibrated=m.calibrated,
             gad_class_pairs=tuple(m.gad_class_pairs),
             unsupported_methods=tuple(m.unsupported_methods),

@@ -60,11 +60,11 @@ class Settings:
     max_message_bytes: largest gRPC message received or sent.
     max_image_bytes, max_image_pixels, max_methods, max_forward_passes: per-request limits
         of the engine (see :class:`~xaiserve.handlers.limits.EngineLimits`).
-    forward_backend, onnx_threads, onnx_providers, forward_memory_mb,
-    incremental_occlusion: how forward-only
-        batches run on the local backend (see
+    forward_backend, onnx_threads, onnx_providers, onnx_device_id, forward_memory_mb,
+    incremental_occlusion: how forward-only batches run on the local backend (see
         :class:`~xaiserve.handlers.forward_config.ForwardConfig`); ``onnx_providers`` is
-        comma-separated, e.g. ``CUDAExecutionProvider,CPUExecutionProvider`` on GPU nodes.
+        comma-separated, by default ``CUDAExecutionProvider,CPUExecutionProvider`` (CUDA
+        where onnxruntime-gpu finds a GPU, else the CPU).
     default_deadline_seconds: deadline applied to calls that arrive without one.
     grace_seconds: how long in-flight calls may finish on SIGTERM/SIGINT.
     log_level: logging level name.
@@ -93,6 +93,7 @@ class Settings:
     forward_backend: str = _FORWARD_DEFAULTS.backend
     onnx_threads: int = _FORWARD_DEFAULTS.onnx_threads
     onnx_providers: str = ",".join(_FORWARD_DEFAULTS.onnx_providers)
+    onnx_device_id: int = _FORWARD_DEFAULTS.onnx_device_id
     forward_memory_mb: int = _FORWARD_DEFAULTS.memory_mb
     incremental_occlusion: bool = _FORWARD_DEFAULTS.incremental_occlusion
     default_deadline_seconds: float = 60.0
@@ -122,6 +123,7 @@ class Settings:
             backend=self.forward_backend,
             onnx_threads=self.onnx_threads,
             onnx_providers=tuple(p.strip() for p in self.onnx_providers.split(",") if p.strip()),
+            onnx_device_id=self.onnx_device_id,
             memory_mb=self.forward_memory_mb,
             incremental_occlusion=self.incremental_occlusion,
         )
@@ -239,6 +241,7 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
         _providers,
         "ONNX Runtime execution providers, comma-separated, in order of preference",
     ),
+    "onnx_device_id": (_non_negative_int, "the GPU of ONNX Runtime's GPU providers (CUDA)"),
     "forward_memory_mb": (
         _positive_int,
         "memory budget of one forward-only batch in MiB (bytes per image x batch <= it)",

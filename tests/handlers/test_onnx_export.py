@@ -7,6 +7,7 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -231,7 +232,7 @@ def test_torch_default_backend_keeps_onnxruntime_on_request() -> None:
 @pytest.mark.parametrize(
     "changes",
     [{"backend": "tensorrt"}, {"onnx_threads": -1}, {"onnx_providers": ()}, {"memory_mb": 0},
-     {"onnx_tolerance": 0.0}],
+     {"onnx_tolerance": 0.0}, {"onnx_device_id": -1}],
 )
 def test_bad_forward_config_is_refused(changes: dict) -> None:
     with pytest.raises(ValueError):
@@ -245,3 +246,83 @@ def test_export_of_a_module_in_training_mode_restores_it() -> None:
     with pytest.raises(OnnxUnavailable, match="^export failed: "):
         export_onnx(PixelSpaceModel(MedianNet(), (0.5,) * 3, (0.25,) * 3), (3, 16, 16))
     assert onnx_export.ONNX_FILE == "model.onnx"
+
+
+# ------------------------------------------------------------------ execution providers
+
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+def test_provider_list_keeps_what_onnxruntime_has_and_gives_gpus_their_device() -> None:
+    wanted = ("TensorrtExecutionProvider", CUDA, CPU)
+    assert onnx_export.provider_list(wanted, [CPU], 2) == [CPU]
+    assert onnx_export.provider_list(wanted, [CPU, CUDA], 2) == [
+        (CUDA, {"device_id": "2"}), CPU
+    ]
+    assert onnx_export.provider_list((CPU, CUDA), [CUDA, CPU]) == [
+        CPU, (CUDA, {"device_id": "0"})
+    ]
+
+
+def test_the_default_providers_run_on_the_cpu_where_onnxruntime_has_no_cuda() -> None:
+    assert ForwardConfig().onnx_providers == (CUDA, CPU)
+    engine = Engine({"tiny": tiny_served()}, EngineLimits())
+    (info,) = engine.list_models()
+    assert (info.forward_backend, info.onnx_status) == ("onnxruntime", "")
+    assert info.onnx_providers == (CPU,)
+    torch_only = Engine({"tiny": tiny_served()}, EngineLimits(), ForwardConfig(export_on_load=False))
+    assert torch_only.list_models()[0].onnx_providers == ()
+
+
+class FakeSession:
+    def __init__(self, providers: list[str]) -> None:
+        self.running = providers
+
+    def get_providers(self) -> list[str]:
+        return self.running
+
+
+def test_a_gpu_provider_that_cannot_start_is_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """onnxruntime-gpu on a node without a usable GPU: it falls back to the CPU itself; the
+    session asked for CUDA on the configured GPU, and the fallback is logged."""
+    import onnxruntime
+
+    asked = []
+
+    class GpuBuild:
+        SessionOptions = onnxruntime.SessionOptions
+        ExecutionMode = onnxruntime.ExecutionMode
+        GraphOptimizationLevel = onnxruntime.GraphOptimizationLevel
+
+        @staticmethod
+        def get_available_providers() -> list[str]:
+            return [CUDA, CPU]
+
+        @staticmethod
+        def InferenceSession(source: Any, options: Any, providers: list) -> FakeSession:  # noqa: N802
+            asked.append(providers)
+            return FakeSession([CPU])
+
+    monkeypatch.setattr(onnx_export, "onnxruntime_module", lambda: GpuBuild)
+    with caplog.at_level(logging.WARNING, logger=onnx_export.__name__):
+        session = new_session(b"graph", (CUDA, CPU), threads=1, device_id=3)
+    assert session.get_providers() == [CPU]
+    assert asked == [[(CUDA, {"device_id": "3"}), CPU]]
+    assert "could not start CUDAExecutionProvider; the session runs on CPUExecutionProvider" in (
+        caplog.text
+    )
+
+
+def test_a_session_on_a_gpu_runs_occlusion_as_full_passes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    forwards = forward_backends.prepare_forwards(tiny_served())
+    forwards.session = FakeSession([CUDA, CPU])
+    assert forwards.providers == (CUDA, CPU)
+    starts = [[0, 4, 8, 12]] * 2
+    with caplog.at_level(logging.INFO, logger=forward_backends.__name__):
+        assert forwards.occluder("onnxruntime", 4, starts) is None
+    assert "runs full forward passes: the session runs on CUDAExecutionProvider" in caplog.text
+    assert forwards.occluder("torch", 4, starts) is not None

@@ -46,9 +46,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
 
 
-def _context(model_dir: Path, yaml_config: dict[str, Any] | None = None) -> Any:
+def _context(
+    model_dir: Path, yaml_config: dict[str, Any] | None = None, gpu: int | None = None
+) -> Any:
     context = ts_context.Context(
-        "tiny", str(model_dir), {"model": {"modelName": "tiny"}}, 8, None, "0.12.0",
+        "tiny", str(model_dir), {"model": {"modelName": "tiny"}}, 8, gpu, "0.12.0",
         model_yaml_config=yaml_config or {},
     )
     context.metrics = RecordingMetrics()
@@ -232,6 +234,15 @@ def test_forward_section_of_the_model_config() -> None:
         handler_module.forward_config({"xaiserve": {"forward": {"incremental": False}}})
     with pytest.raises(ModelLoadError, match="incremental_occlusion"):
         handler_module.forward_config({"xaiserve": {"forward": {"incremental_occlusion": "on"}}})
+
+
+def test_onnx_runtime_runs_on_the_gpu_torchserve_gives_the_worker(model_dir: Path) -> None:
+    on_gpu = handler_module.XaiHandler()
+    on_gpu.initialize(_context(model_dir, gpu=1))
+    assert on_gpu.engine.forwards["tiny"].config.onnx_device_id == 1
+    on_cpu = handler_module.XaiHandler()
+    on_cpu.initialize(_context(model_dir))
+    assert on_cpu.engine.forwards["tiny"].config.onnx_device_id == 0
 
 
 def test_an_archives_forward_section_reads_back() -> None:

@@ -78,7 +78,7 @@ def test_command_line_builds_one_archive_per_directory(
     assert settings["xaiserve"]["limits"]["max_forward_passes"] == 500
     forward = settings["xaiserve"]["forward"]
     assert forward["backend"] == "torch" and forward["incremental_occlusion"] is False
-    assert forward["onnx_providers"] == ["CPUExecutionProvider"]
+    assert forward["onnx_providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 def test_missing_weights_are_refused(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ MODELS = [
         input_shape=(1, 8, 8),
         labels=("a", "b"),
         methods=("saliency", "occlusion", "quantum_cam"),
+        onnx_status="check failed: max |logit difference| 1.2e-03 > tolerance 0.0001",
     ),
     ModelInfo(
         name="demo",
@@ -41,6 +42,8 @@ MODELS = [
         labels=LABELS,
         methods=("saliency", "grad_cam", "occlusion"),
         cam_layer="features.3",
+        forward_backend="onnxruntime",
+        onnx_providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
     ),
 ]
 

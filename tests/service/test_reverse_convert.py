@@ -165,6 +165,7 @@ def test_models_survive_the_trip() -> None:
                 methods=[pb.SALIENCY, pb.GRAD_CAM], cam_layer="features.3",
                 forward_backend="onnxruntime", onnx_status="", calibrated=True,
                 gad_class_pairs=["a,b"], unsupported_methods=["lime: no"],
+                onnx_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
             )
         ]
     )

@@ -57,6 +57,11 @@ def test_forward_settings_reach_the_forward_config() -> None:
     assert parse_settings([], {}).forward_config().incremental_occlusion
     environ = {"XAISERVE_INCREMENTAL_OCCLUSION": "false"}
     assert not parse_settings([], environ).forward_config().incremental_occlusion
+    gpu = parse_settings(["--onnx-providers", "CUDAExecutionProvider"],
+                         {"XAISERVE_ONNX_DEVICE_ID": "2"}).forward_config()
+    assert (gpu.onnx_providers, gpu.onnx_device_id) == (("CUDAExecutionProvider",), 2)
+    assert parse_settings([], {}).forward_config().onnx_providers == (
+        "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
 @pytest.mark.parametrize(
@@ -68,6 +73,7 @@ def test_forward_settings_reach_the_forward_config() -> None:
         ([], {"XAISERVE_WORKERS": "many"}),
         ([], {"XAISERVE_BUILD_DEMO": "perhaps"}),
         ([], {"XAISERVE_BACKEND": "carrier-pigeon"}),
+        (["--onnx-device-id", "-1"], {}),
         (["--max-in-flight", "0"], {}),
         ([], {"XAISERVE_INCREMENTAL_OCCLUSION": "sometimes"}),
     ],

@@ -439,7 +439,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "input_shape", "labels", "methods", "cam_layer", "forward_backend", "onnx_status", "calibrated", "gad_class_pairs", "unsupported_methods")
+    __slots__ = ("name", "version", "input_shape", "labels", "methods", "cam_layer", "forward_backend", "onnx_status", "calibrated", "gad_class_pairs", "unsupported_methods", "onnx_providers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -451,6 +451,7 @@ class ModelInfo(_message.Message):
     CALIBRATED_FIELD_NUMBER: _ClassVar[int]
     GAD_CLASS_PAIRS_FIELD_NUMBER: _ClassVar[int]
     UNSUPPORTED_METHODS_FIELD_NUMBER: _ClassVar[int]
+    ONNX_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -462,7 +463,8 @@ class ModelInfo(_message.Message):
     calibrated: bool
     gad_class_pairs: _containers.RepeatedScalarFieldContainer[str]
     unsupported_methods: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., cam_layer: _Optional[str] = ..., forward_backend: _Optional[str] = ..., onnx_status: _Optional[str] = ..., calibrated: _Optional[bool] = ..., gad_class_pairs: _Optional[_Iterable[str]] = ..., unsupported_methods: _Optional[_Iterable[str]] = ...) -> None: ...
+    onnx_providers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., cam_layer: _Optional[str] = ..., forward_backend: _Optional[str] = ..., onnx_status: _Optional[str] = ..., calibrated: _Optional[bool] = ..., gad_class_pairs: _Optional[_Iterable[str]] = ..., unsupported_methods: _Optional[_Iterable[str]] = ..., onnx_providers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
