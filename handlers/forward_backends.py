@@ -36,6 +36,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +96,7 @@ class ModelForwards:
     preferred: str = ONNXRUNTIME
     config: ForwardConfig = field(default_factory=ForwardConfig)
     _occluders: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _building: dict = field(default_factory=dict, repr=False)  # key -> Future of the build
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -137,30 +139,54 @@ class ModelForwards:
         """The checked incremental occluder for windows of side ``window`` at every
         combination of ``starts`` (per spatial axis) on ``backend``, built on first use
         and cached; None where the model does not allow one or planning fails (the reason
-        is logged once): occlusion then runs full forward passes, never fails for it."""
+        is logged once): occlusion then runs full forward passes, never fails for it.
+
+        A build runs outside the model's lock, so requests for other windows (built or
+        not) do not wait for it; requests for the same window wait for that one build."""
         key = (backend, window, tuple(tuple(axis) for axis in starts))
         with self._lock:
             if key in self._occluders:
                 self._occluders.move_to_end(key)
                 return self._occluders[key]
-            start = time.perf_counter()
-            if backend == ONNXRUNTIME and self.providers[:1] not in ((), (CPU_PROVIDER,)):
-                # each stage's crops would go through host memory: full passes on the GPU
-                occluder, reason = None, f"the session runs on {self.providers[0]}"
+            pending = self._building.get(key)
+            if pending is None:
+                pending = self._building[key] = Future()
+                owner = True
             else:
-                occluder, reason = self._build_occluder(backend, window, starts)
-            seconds = time.perf_counter() - start
-            name = self.served.config.name
-            if occluder is None:
-                log.info("model %s: occlusion (window %d) runs full forward passes: %s",
-                         name, window, reason)
-            else:
-                log.info("model %s: incremental occlusion (window %d, %s) in %.1f s: %s",
-                         name, window, backend, seconds, describe(occluder.plan))
-            self._occluders[key] = occluder
-            if len(self._occluders) > MAX_OCCLUDERS:
-                self._occluders.popitem(last=False)
-            return occluder
+                owner = False
+        if not owner:
+            return pending.result()
+        occluder, built = None, False
+        try:
+            occluder, built = self._planned_occluder(backend, window, starts), True
+        finally:  # an error past the build's own guard: waiters run full passes, no cache
+            with self._lock:
+                if built:
+                    self._occluders[key] = occluder
+                    if len(self._occluders) > MAX_OCCLUDERS:
+                        self._occluders.popitem(last=False)
+                del self._building[key]
+            pending.set_result(occluder)
+        return occluder
+
+    def _planned_occluder(
+        self, backend: str, window: int, starts: Sequence[Sequence[int]]
+    ) -> IncrementalOcclusion | None:
+        start = time.perf_counter()
+        if backend == ONNXRUNTIME and self.providers[:1] not in ((), (CPU_PROVIDER,)):
+            # each stage's crops would go through host memory: full passes on the GPU
+            occluder, reason = None, f"the session runs on {self.providers[0]}"
+        else:
+            occluder, reason = self._build_occluder(backend, window, starts)
+        name = self.served.config.name
+        if occluder is None:
+            log.info("model %s: occlusion (window %d) runs full forward passes: %s",
+                     name, window, reason)
+        else:
+            log.info("model %s: incremental occlusion (window %d, %s) in %.1f s: %s",
+                     name, window, backend, time.perf_counter() - start,
+                     describe(occluder.plan))
+        return occluder
 
     def _build_occluder(
         self, backend: str, window: int, starts: Sequence[Sequence[int]]

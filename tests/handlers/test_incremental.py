@@ -254,3 +254,40 @@ def test_a_failing_plan_means_full_passes_not_a_failed_request(monkeypatch):
     got = method.attribute(MethodContext(served, forward, budget, 16), x, torch.tensor([0]),
                            params)
     assert got.shape == x.shape and budget.spent == 1 + 16 and got.abs().sum() > 0
+
+
+def test_a_build_blocks_neither_other_windows_nor_builds_twice(monkeypatch):
+    """While one window's plan is being built, a request for another window gets its own
+    (here: already cached) occluder at once; two requests for the building window share the
+    one build."""
+    import threading
+
+    import xaiserve.handlers.forward_backends as backends
+
+    served = resnet_served((3, 32, 32))
+    forwards = prepare_forwards(served, ForwardConfig())
+    ready = forwards.occluder("torch", 8, [window_starts(32, 8, 8)] * 2)
+    assert ready is not None
+    started, release, builds = threading.Event(), threading.Event(), []
+    real = backends.build_occluder
+
+    def slow(*args, **kwargs):
+        builds.append(args[2])
+        started.set()
+        assert release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backends, "build_occluder", slow)
+    axes = [window_starts(32, 8, 4)] * 2  # the same window side at other positions
+    results = []
+    callers = [threading.Thread(target=lambda: results.append(
+        forwards.occluder("torch", 8, axes))) for _ in range(2)]
+    callers[0].start()
+    assert started.wait(30)
+    callers[1].start()
+    assert forwards.occluder("torch", 8, [window_starts(32, 8, 8)] * 2) is ready  # no wait
+    release.set()
+    for caller in callers:
+        caller.join(30)
+    assert builds == [8]
+    assert len(results) == 2 and results[0] is results[1] and results[0] is not None
