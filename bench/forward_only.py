@@ -15,7 +15,8 @@ checked against torch as the engine does at load):
    best torch throughput), our occlusion with a full forward pass per occluded image on
    torch and on ONNX Runtime, the same incrementally (the server's default: only the
    region of the early layers a window changes is recomputed; one pass still counted per
-   occluded image, the plan's estimated share of a full pass printed; the plan is built
+   occluded image, the plan's estimated share of a full pass printed, and the share a
+   window changes, the least any exact incremental pass computes; the plan is built
    once per model and window before the timings), adaptive occlusion (ONNX Runtime,
    incremental; Spearman rank correlation with full occlusion), APEM per map (the
    occlusion map's, default options) on torch and on ONNX Runtime, and on the demo model
@@ -302,8 +303,9 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
             extra = f"max |map - torch full map| {map_difference[method]:.1e}"
         if method == "occlusion incremental":
             occluder, build = plans[backend]
-            extra += (f"; ~{occluder.cost_fraction:.0%} of a full pass per image, plan built "
-                      f"in {build:.1f} s" if occluder else "; no plan: full passes")
+            extra += (f"; ~{occluder.cost_fraction:.0%} of a full pass per image (a window "
+                      f"changes {occluder.plan.changed_fraction:.0%}), plan built in {build:.1f} s"
+                      if occluder else "; no plan: full passes")
         report.rows.append(Row(method, backend, int(passes), seconds, forward_seconds, extra))
     return report
 

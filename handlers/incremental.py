@@ -283,12 +283,15 @@ def place(
 class StagePlan:
     """The chosen cuts. stages: the local stages (empty: incremental inference does not
     pay); head_start: the last cut (the head runs from there on full activations);
-    cost_fraction: estimated cost per occluded image / a full forward pass."""
+    cost_fraction: estimated cost per occluded image / a full forward pass; reason: why
+    there are no stages; changed_fraction: the least an exact plan computes
+    (:func:`changed_fraction`)."""
 
     stages: tuple[Stage, ...]
     head_start: int
     cost_fraction: float
     reason: str = ""
+    changed_fraction: float = 1.0
 
 
 def trace(module: nn.Module, example: torch.Tensor) -> fx.GraphModule:
@@ -357,8 +360,10 @@ def plan_stages(
     cuts = cut_points(gm, absolute)
     costs = [_node_cost(gm, n) for n in nodes]
     full = sum(costs)
+    bound = changed_fraction(gm, window, starts, absolute)
     if not cuts or cuts[0] != 0 or len(cuts) < 2:
-        return StagePlan((), 0, 1.0, "no cut point: the network is not a chain of local layers")
+        return StagePlan((), 0, 1.0, "no cut point: the network is not a chain of local layers",
+                         bound)
 
     def grid(i: int) -> tuple[int, ...]:
         return _shape(nodes[i])[-dims:]
@@ -388,13 +393,48 @@ def plan_stages(
         best[j] = min((best[i][0] + stage_cost[i, j], i) for i in cuts[:b])
     total, last = min((best[i][0] + head_cost(i), i) for i in cuts if i != 0)
     if total > WORTH_IT * full:
-        return StagePlan((), 0, 1.0, f"no saving: estimated {total / full:.0%} of a forward pass")
+        return StagePlan((), 0, 1.0, f"no saving: estimated {total / full:.0%} of a forward pass",
+                         bound)
     chosen, cut = [], last
     while cut:
         previous = best[cut][1]
         chosen.append(stages[previous, cut])
         cut = previous
-    return StagePlan(_final_crops(chosen[::-1], window, starts), last, total / full)
+    return StagePlan(_final_crops(chosen[::-1], window, starts), last, total / full, "", bound)
+
+
+def changed_fraction(
+    gm: fx.GraphModule,
+    window: int,
+    starts: Sequence[Sequence[int]],
+    absolute: dict[fx.Node, Geometry | _Constant | None] | None = None,
+) -> float:
+    """The share of a forward pass a window changes, in the cost model of ``plan_stages``:
+    each node's cost times the mean share of its grid a window changes (over the windows
+    at every combination of ``starts``; nodes past the local layers: all of it; constants:
+    none), summed, over the cost of a full pass. No exact incremental pass computes less,
+    whatever its cuts; a plan's crops and copies come on top. ``absolute``: the nodes'
+    geometries relative to the input (``analyze``), when already known."""
+    nodes = list(gm.graph.nodes)
+    dims = len(starts)
+    absolute = absolute or analyze(gm, nodes[0], dims)
+    firsts = [torch.tensor(axis) for axis in starts]
+    changed = full = 0.0
+    for node in nodes:
+        cost = _node_cost(gm, node)
+        geometry = absolute.get(node)
+        full += cost
+        if not cost:
+            continue
+        if geometry is None:
+            changed += cost
+        elif geometry is not CONSTANT:
+            share = 1.0
+            for span, first, size in zip(geometry, firsts, _shape(node)[-dims:]):
+                begin, end = span.changed(first, first + window - 1, size)
+                share *= float((end - begin + 1).double().mean()) / size
+            changed += cost * share
+    return changed / full
 
 
 def _final_crops(

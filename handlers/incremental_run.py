@@ -256,9 +256,11 @@ def _check(
 
 
 def describe(plan: StagePlan) -> str:
-    """One line: the stages' crops over their grids and the estimated cost fraction."""
+    """One line: the stages' crops over their grids, the estimated cost fraction and the
+    share a window changes (the least an exact plan computes)."""
     crops = ", ".join(
         f"{'x'.join(map(str, s.crop))} of {'x'.join(map(str, s.grid_in))}" for s in plan.stages
     )
     return (f"{len(plan.stages)} stages (crops {crops}), about {plan.cost_fraction:.0%} "
-            "of a forward pass per occluded image")
+            f"of a forward pass per occluded image (a window changes "
+            f"{plan.changed_fraction:.0%} of it)")

@@ -13,7 +13,15 @@ from support.tiny_models import make_context, tiny_served
 from xaiserve.handlers.forward import Budget
 from xaiserve.handlers.forward_backends import prepare_forwards
 from xaiserve.handlers.forward_config import ForwardConfig
-from xaiserve.handlers.incremental import CONSTANT, Span, analyze, cut_points, plan_stages, trace
+from xaiserve.handlers.incremental import (
+    CONSTANT,
+    Span,
+    analyze,
+    changed_fraction,
+    cut_points,
+    plan_stages,
+    trace,
+)
 from xaiserve.handlers.incremental_run import build_occluder
 from xaiserve.handlers.methods.base import MethodContext
 from xaiserve.handlers.methods.occlusion import Occlusion, window_starts
@@ -118,6 +126,63 @@ def test_plan_for_resnet18_at_224_saves_about_half_the_arithmetic():
     for stage in plan.stages:  # crops start on the stride grid, flush crops too
         for span, crop, n in zip(stage.span, stage.crop, stage.grid_in):
             assert crop <= n and (n - crop) % span.stride == 0
+
+
+def test_changed_fraction_by_hand():
+    """conv 3x3 -> relu -> conv 3x3 on 8 x 8, then global layers; windows of 2 at 0, 2, 4, 6
+    per axis. Per axis a window changes conv1 positions s-1 .. s+2 (lengths 3, 4, 4, 3
+    inside the grid, mean 3.5) and conv2 positions s-2 .. s+3 (4, 6, 6, 4, mean 5).
+    Costs (the planner's model): input 64 values; conv1 2 x 64 outputs x 1 x 9 = 1152;
+    relu 128; conv2 128 x 2 x 9 = 2304; pool 2, flatten 2, linear 3 x 2 = 6, output 3."""
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3)).eval()
+    gm = trace(net, torch.rand(1, 1, 8, 8))
+    starts = [[0, 2, 4, 6]] * 2
+    full = 64 + 1152 + 128 + 2304 + 2 + 2 + 6 + 3
+    changed = (64 * 4 / 64 + 1152 * 3.5**2 / 64 + 128 * 3.5**2 / 64 + 2304 * 5**2 / 64
+               + 2 + 2 + 6 + 3)
+    assert changed_fraction(gm, 2, starts) == pytest.approx(changed / full)
+    assert plan_stages(gm, 2, starts).changed_fraction == pytest.approx(changed / full)
+
+
+def test_changed_fraction_matches_what_windows_change_in_a_resnet():
+    """The share of every convolution's outputs that differ between the image and each
+    occluded copy (measured), against the geometry's changed regions: never more, and
+    nearly all of them (a ReLU can leave an edge of the region unchanged)."""
+    module = small_resnet18()
+    gm = trace(module.net, torch.rand(1, 3, 48, 48))
+    starts = [window_starts(48, 8, 8)] * 2
+    convs = {n for n in gm.graph.nodes
+             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d)}
+    x = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(5))
+    corners = list(itertools.product(*starts))
+    occluded = x.repeat(len(corners), 1, 1, 1)
+    for j, (r, c) in enumerate(corners):
+        occluded[j, :, r:r + 8, c:c + 8] = 0.5
+    outputs = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n in convs:
+                outputs.setdefault(n, []).append(value)
+            return value
+
+    with torch.no_grad():
+        Recorder(gm).run(torch.cat([x, occluded]))
+    absolute = analyze(gm, list(gm.graph.nodes)[0], 2)
+    measured = predicted = 0.0
+    for node, (values,) in outputs.items():
+        differs = (values[1:] != values[:1]).any(dim=1)  # windows x H x W
+        for j, corner in enumerate(corners):
+            box = [span.changed(torch.tensor(c), torch.tensor(c + 7), n)
+                   for span, c, n in zip(absolute[node], corner, differs.shape[1:])]
+            inside = torch.zeros_like(differs[j])
+            inside[int(box[0][0]):int(box[0][1]) + 1, int(box[1][0]):int(box[1][1]) + 1] = True
+            assert not (differs[j] & ~inside).any(), (node.name, corner)
+            measured += float(differs[j].double().mean())
+            predicted += float(inside.double().mean())
+    assert measured >= 0.9 * predicted
 
 
 def test_a_window_as_large_as_the_image_gets_no_plan():
