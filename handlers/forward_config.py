@@ -25,8 +25,7 @@ class ForwardConfig:
     backend: the default of models whose ONNX forward passed its check: "onnxruntime", or
         "torch" (ONNX Runtime then only for requests that ask for it).
     onnx_threads: intra-op threads of each ONNX Runtime session; 0: onnxruntime's default
-        (one per physical core). Incremental occlusion runs as many single-threaded
-        pipelines instead (0: one per CPU the process may use).
+        (one per physical core).
     onnx_providers: execution providers in order of preference; those the installed
         onnxruntime lacks are skipped. The default takes CUDA where onnxruntime-gpu and a
         GPU are there (the GPU image on GPU nodes) and the CPU everywhere else.
