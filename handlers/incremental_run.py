@@ -9,9 +9,7 @@ is one call (:func:`.incremental.place` says where each crop and region go); fro
 output it keeps a fixed-size region holding every position the window changed. The head
 runs on the original's last activations with those regions pasted in, and returns the
 logits. Crops and regions are numpy arrays, copied for the whole batch at once through
-sliding-window views. On ONNX Runtime a batch is split over single-threaded pipelines,
-one per configured thread: many small stage calls and the copies between them keep the
-cores busier that way than with the threads inside each call.
+sliding-window views.
 
 ``build_occluder`` makes the plan for a model, window side and window positions, the
 stage modules (``torch.fx`` graph modules, exported to ONNX for the onnxruntime backend)
@@ -24,9 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -50,8 +46,6 @@ log = logging.getLogger(__name__)
 Runner = Callable[[np.ndarray], np.ndarray]
 CHECK_SEED = 0
 CHECK_WINDOWS = 6
-_PIPELINES = ThreadPoolExecutor(thread_name_prefix="xaiserve-occlusion")
-"""Runs the parts of incremental batches (ONNX Runtime and numpy release the GIL)."""
 
 
 class _Normalize(nn.Module):
@@ -71,16 +65,14 @@ class IncrementalOcclusion:
     """Logits of occluded copies of an image, by stage plan (module docstring).
 
     plan: the stages; runners: one per stage, then the head (float32 arrays B x ... ->
-    B x ...); pipelines: threads a batch's windows are split over (runners that may be
-    called from several threads at once); cost_fraction: the plan's estimated cost per
-    occluded image / a full forward pass. Activations, crops and boxes are numpy arrays (ONNX Runtime's input and
+    B x ...); cost_fraction: the plan's estimated cost per occluded image / a full
+    forward pass. Activations, crops and boxes are numpy arrays (ONNX Runtime's input and
     output; torch stages wrap them without copying).
     """
 
-    def __init__(self, plan: StagePlan, runners: Sequence[Runner], pipelines: int = 1) -> None:
+    def __init__(self, plan: StagePlan, runners: Sequence[Runner]) -> None:
         self.plan = plan
         self.runners = list(runners)
-        self.pipelines = pipelines
 
     @property
     def cost_fraction(self) -> float:
@@ -102,22 +94,7 @@ class IncrementalOcclusion:
         baseline: float,
     ) -> torch.Tensor:
         """Logits B x K of the image (``activations`` from :meth:`original`) with the
-        window of side ``window`` at each corner set to ``baseline``; the windows split
-        over ``pipelines`` threads (the stages' sessions run one thread each)."""
-        size = -(-len(corners) // self.pipelines)
-        parts = [corners[i:i + size] for i in range(0, len(corners), size)]
-        if len(parts) == 1:
-            return self._logits(activations, corners, window, baseline)
-        return torch.cat(list(_PIPELINES.map(
-            lambda part: self._logits(activations, part, window, baseline), parts)))
-
-    def _logits(
-        self,
-        activations: list[np.ndarray],
-        corners: Sequence[tuple[int, ...]],
-        window: int,
-        baseline: float,
-    ) -> torch.Tensor:
+        window of side ``window`` at each corner set to ``baseline``."""
         dims = len(corners[0])
         at = torch.tensor(corners, dtype=torch.long).view(-1, dims)
         previous, length = at, (window,) * dims
@@ -171,13 +148,6 @@ def _paste(
 # ------------------------------------------------------------------------------ building
 
 
-def available_cores() -> int:
-    """The CPUs this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def _split(module: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(normalization, network) of a pixel-space model; (identity, module) otherwise."""
     if isinstance(module, PixelSpaceModel):
@@ -222,10 +192,9 @@ def build_occluder(
     """(occluder, "") or (None, why not) for the pixel-space ``module``, input C x
     *spatial, windows of side ``window`` starting at every combination of ``starts`` (per
     axis), stages on ``backend`` ("torch" or "onnxruntime", its sessions made with
-    ``session_options``: ``onnx_export.new_session``'s keywords; on ONNX Runtime each
-    session gets one thread and a batch runs in ``threads`` pipelines, default one per
-    core). Checked on a random image: the logits of occluded copies (the grid's corners,
-    centre and a few more) within ``tolerance`` of full forward passes."""
+    ``session_options``: ``onnx_export.new_session``'s keywords). Checked on a random image: the logits of occluded copies
+    (the grid's corners, centre and a few more) within ``tolerance`` of full forward
+    passes."""
     normalize, net = _split(module)
     example = torch.rand(1, *input_shape, generator=torch.Generator().manual_seed(CHECK_SEED))
     try:
@@ -241,14 +210,8 @@ def build_occluder(
         modules.append(nn.Sequential(normalize, body).eval() if k == 0 else body)
     modules.append(stage_module(gm, plan.head_start, None))
     runners = [_torch_runner(m) for m in modules]
-    pipelines = 1
     if backend == "onnxruntime":
-        # as many single-threaded pipelines as the sessions would have threads: the small
-        # stages and the copies between them keep the cores busier than threads inside
-        # each call do (1.26x on ResNet-18 at 224 on 2 cores)
-        options = dict(session_options or {})
-        pipelines = int(options.get("threads") or 0) or available_cores()
-        options["threads"] = 1
+        options = session_options or {}
         dims = len(input_shape) - 1  # stage inputs: the cut's channels, the crop's sides
         shapes = [(*activation_shape(gm, s.start)[:-dims], *s.crop) for s in plan.stages]
         shapes.append(activation_shape(gm, plan.head_start))
@@ -259,7 +222,7 @@ def build_occluder(
             ]
         except OnnxUnavailable as err:
             return None, f"stage export to ONNX failed: {err}"
-    occluder = IncrementalOcclusion(plan, runners, pipelines)
+    occluder = IncrementalOcclusion(plan, runners)
     error = _check(occluder, module, example, window, starts)
     if error > tolerance:
         return None, f"check failed: max |logit difference| {error:.2e} > {tolerance:g}"

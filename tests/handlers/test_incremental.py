@@ -226,25 +226,6 @@ def test_occluded_logits_equal_full_forward_passes(backend, name, shape, window,
     assert not any(m.training for m in module.modules())  # exports leave eval mode alone
 
 
-def test_pipelines_split_a_batch_and_keep_its_order():
-    """On ONNX Runtime a batch runs in as many single-threaded pipelines as the configured
-    threads: the same logits, in the windows' order, as one pipeline (7 windows over 3)."""
-    module = small_resnet18()
-    axes, corners = all_corners((3, 64, 64), 9, 4)
-    one, reason = build_occluder(module, (3, 64, 64), 9, axes, "onnxruntime", {"threads": 1})
-    three, _ = build_occluder(module, (3, 64, 64), 9, axes, "onnxruntime", {"threads": 3})
-    assert (one.pipelines, three.pipelines) == (1, 3), reason
-    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
-    some = corners[5:12]
-    got = three.logits(three.original(x)[0], some, 9, 0.25)
-    assert torch.allclose(got, one.logits(one.original(x)[0], some, 9, 0.25), atol=1e-6)
-    occluded = x.expand(len(some), 3, 64, 64).clone()
-    for j, (a, b) in enumerate(some):
-        occluded[j, :, a:a + 9, b:b + 9] = 0.25
-    with torch.no_grad():
-        assert (got - module(occluded)).abs().max() <= 1e-4
-
-
 def test_a_grid_of_fewer_windows_than_the_check_samples():
     # 2 x 2 windows (the check looks at up to CHECK_WINDOWS of them)
     axes = [window_starts(64, 16, 16)[::3]] * 2
