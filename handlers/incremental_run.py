@@ -5,11 +5,11 @@ For one image, ``original`` runs the stages once on the whole image and keeps th
 activations at every cut. For a batch of windows, stage k gets, per window, a crop of the
 original's activations at cut k with the window's region from stage k - 1 pasted in
 (stage 0: the pixels, the window set to the baseline), all crops of one size so the batch
-is one call (:func:`.incremental.place` says where each crop and region go); from each
-output it keeps a fixed-size region holding every position the window changed. The head
-runs on the original's last activations with those regions pasted in, and returns the
-logits. Crops and regions are numpy arrays, copied for the whole batch at once through
-sliding-window views.
+is one call (:func:`.incremental.place` says where each crop and region go, worked out
+for every window when the occluder is built); from each output it keeps a fixed-size
+region holding every position the window changed. The head runs on the original's last
+activations with those regions pasted in, and returns the logits. Crops and regions are
+numpy arrays, copied for the whole batch at once through strided views of every box.
 
 ``build_occluder`` makes the plan for a model, window side and window positions, the
 stage modules (``torch.fx`` graph modules, exported to ONNX for the onnxruntime backend)
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from numpy.lib.stride_tricks import sliding_window_view
+from numpy.lib.stride_tricks import as_strided
 from torch import nn
 
 from .incremental import (
@@ -65,17 +65,28 @@ class IncrementalOcclusion:
     """Logits of occluded copies of an image, by stage plan (module docstring).
 
     plan: the stages; runners: one per stage, then the head (float32 arrays B x ... ->
-    B x ...); cost_fraction: the plan's estimated cost per occluded image / a full
-    forward pass. Activations, crops and boxes are numpy arrays (ONNX Runtime's input and
-    output; torch stages wrap them without copying).
+    B x ...); window, starts: the windows it serves (side, and start offsets per axis;
+    every combination is a window). Where each window's crops, pasted regions and kept
+    boxes lie is worked out once, here (``_Layout``), so a batch only gathers rows of it.
+    Activations, crops and boxes are numpy arrays (ONNX Runtime's input and output; torch
+    stages wrap them without copying).
     """
 
-    def __init__(self, plan: StagePlan, runners: Sequence[Runner]) -> None:
+    def __init__(
+        self,
+        plan: StagePlan,
+        runners: Sequence[Runner],
+        window: int,
+        starts: Sequence[Sequence[int]],
+    ) -> None:
         self.plan = plan
         self.runners = list(runners)
+        self.window = window
+        self.layout = _Layout(plan, window, starts)
 
     @property
     def cost_fraction(self) -> float:
+        """The plan's estimated cost per occluded image / a full forward pass."""
         return self.plan.cost_fraction
 
     def original(self, x: torch.Tensor) -> tuple[list[np.ndarray], torch.Tensor]:
@@ -90,35 +101,60 @@ class IncrementalOcclusion:
         self,
         activations: list[np.ndarray],
         corners: Sequence[tuple[int, ...]],
-        window: int,
         baseline: float,
     ) -> torch.Tensor:
         """Logits B x K of the image (``activations`` from :meth:`original`) with the
-        window of side ``window`` at each corner set to ``baseline``."""
-        dims = len(corners[0])
-        at = torch.tensor(corners, dtype=torch.long).view(-1, dims)
-        previous, length = at, (window,) * dims
+        window at each corner (one of the windows it serves) set to ``baseline``."""
+        rows = self.layout.rows(corners)
+        length: tuple[int, ...] = (self.window,) * len(corners[0])
         values: np.ndarray | float = baseline
         for k, (stage, run) in enumerate(zip(self.plan.stages, self.runners)):
+            crops = _crops(activations[k], self.layout.crops[k][rows], stage.crop)
+            _paste(crops, self.layout.pastes[k][rows], length, values)
+            values = _boxes(run(crops), self.layout.boxes[k][rows], stage.rect)
+            length = stage.rect
+        inputs = np.repeat(activations[-1], len(rows), axis=0)
+        _paste(inputs, self.layout.pastes[-1][rows], length, values)
+        return torch.from_numpy(self.runners[-1](inputs))
+
+
+class _Layout:
+    """Per window (rows in the order of ``itertools.product(*starts)``), B x d integer
+    arrays: ``crops[k]``, where stage k's crop starts in its input grid; ``pastes[k]``,
+    where the previous region goes in that crop (``pastes[-1]``: in the head's input);
+    ``boxes[k]``, where the region kept starts in stage k's output (see
+    :func:`.incremental.place`)."""
+
+    def __init__(self, plan: StagePlan, window: int, starts: Sequence[Sequence[int]]) -> None:
+        corners = list(itertools.product(*starts))
+        self.index = {corner: row for row, corner in enumerate(corners)}
+        at = torch.tensor(corners, dtype=torch.long).view(len(corners), len(starts))
+        previous, length = at, (window,) * len(starts)
+        self.crops, self.pastes, self.boxes = [], [], []
+        for stage in plan.stages:
             placement = place(stage, at, window, previous, length)
             offsets = placement.offsets(stage)
-            crops = _crops(activations[k], offsets.numpy(), stage.crop)
-            _paste(crops, (previous - offsets).numpy(), length, values)
-            out = run(crops)
             strides = torch.tensor([s.stride for s in stage.span])
-            values = _boxes(out, (placement.rect - offsets // strides).numpy(), stage.rect)
+            self.crops.append(offsets.numpy())
+            self.pastes.append((previous - offsets).numpy())
+            self.boxes.append((placement.rect - offsets // strides).numpy())
             previous, length = placement.rect, stage.rect
-        last = activations[-1]
-        inputs = np.repeat(last, len(at), axis=0)
-        _paste(inputs, previous.numpy(), length, values)
-        return torch.from_numpy(self.runners[-1](inputs))
+        self.pastes.append(previous.numpy())
+
+    def rows(self, corners: Sequence[tuple[int, ...]]) -> np.ndarray:
+        """The rows of these window corners."""
+        return np.fromiter((self.index[tuple(c)] for c in corners), dtype=np.intp,
+                           count=len(corners))
 
 
 def _windows(source: np.ndarray, lengths: Sequence[int], writeable: bool = False) -> np.ndarray:
     """A view of every box of ``lengths`` in source (... x *grid): ... x *positions x
     *lengths (no copy; indexing it with per-box positions copies whole boxes at once)."""
-    axes = tuple(range(source.ndim - len(lengths), source.ndim))
-    return sliding_window_view(source, tuple(lengths), axis=axes, writeable=writeable)
+    grid = source.shape[source.ndim - len(lengths):]
+    positions = tuple(n - length + 1 for n, length in zip(grid, lengths))
+    shape = source.shape[:source.ndim - len(lengths)] + positions + tuple(lengths)
+    strides = source.strides + source.strides[source.ndim - len(lengths):]
+    return as_strided(source, shape, strides, writeable=writeable)
 
 
 def _crops(source: np.ndarray, starts: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
@@ -222,7 +258,7 @@ def build_occluder(
             ]
         except OnnxUnavailable as err:
             return None, f"stage export to ONNX failed: {err}"
-    occluder = IncrementalOcclusion(plan, runners)
+    occluder = IncrementalOcclusion(plan, runners, window, starts)
     error = _check(occluder, module, example, window, starts)
     if error > tolerance:
         return None, f"check failed: max |logit difference| {error:.2e} > {tolerance:g}"
@@ -251,7 +287,7 @@ def _check(
         occluded[(j, slice(None), *(slice(c, c + window) for c in corner))] = 0.5
     with torch.no_grad():
         expected = module(occluded)
-    got = occluder.logits(occluder.original(x)[0], corners, window, 0.5)
+    got = occluder.logits(occluder.original(x)[0], corners, 0.5)
     return float((got - expected).abs().max())
 
 

@@ -227,7 +227,7 @@ class _TargetScores:
         scores = self.base.expand(len(corners)).clone()
         moved = [c for c, change in zip(corners, changes) if change]
         if moved:
-            logits = self.occluder.logits(self.activations, moved, self.window, self.baseline)
+            logits = self.occluder.logits(self.activations, moved, self.baseline)
             scores[torch.tensor(changes)] = target_logits(logits, self.yi.expand(len(moved)))
         return scores
 

@@ -218,7 +218,7 @@ def test_occluded_logits_equal_full_forward_passes(backend, name, shape, window,
     with torch.no_grad():
         expected = module(occluded)
         activations, original = occluder.original(x)
-        got = torch.cat([occluder.logits(activations, corners[s:s + 16], window, 0.25)
+        got = torch.cat([occluder.logits(activations, corners[s:s + 16], 0.25)
                          for s in range(0, len(corners), 16)])
     tolerance = 1e-5 if backend == "torch" else 1e-4
     assert (got - expected).abs().max() <= tolerance
