@@ -356,3 +356,23 @@ def test_a_build_blocks_neither_other_windows_nor_builds_twice(monkeypatch):
         caller.join(30)
     assert builds == [8]
     assert len(results) == 2 and results[0] is results[1] and results[0] is not None
+
+
+@pytest.mark.parametrize("shape,window", [((3, 20, 17), 4), ((2, 9), 3), ((1, 6, 7, 5), 2)])
+def test_windows_that_change_nothing_are_found_by_summed_areas(shape, window):
+    """_changes (a summed-area table) against looking at every window, in 1 to 3 spatial
+    dimensions: an occluded window changes the image unless all its values already equal
+    the baseline."""
+    from xaiserve.handlers.methods.occlusion import _changes
+
+    generator = torch.Generator().manual_seed(len(shape))
+    x = torch.full(shape, 0.5)
+    spots = torch.randperm(x.numel(), generator=generator)[: max(2, x.numel() // 60)]
+    x.view(-1)[spots] = 0.8
+    corners = list(itertools.product(*[range(n - window + 1) for n in shape[1:]]))
+    expected = [
+        not bool((x[(slice(None), *[slice(c, c + window) for c in corner])] == 0.5).all())
+        for corner in corners
+    ]
+    got = _changes(x, corners, window, 0.5).tolist()
+    assert got == expected and 0 < sum(expected) < len(expected)
