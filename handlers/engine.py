@@ -24,6 +24,7 @@ from .forward_backends import ForwardConfig, ModelForwards, prepare_forwards
 from .gad import gad_map, gad_reason
 from .limits import EngineLimits
 from .methods.base import AttributionMethod, MethodContext
+from .methods.occlusion import Occlusion, window_starts
 from .methods.registry import METHODS, get_method
 from .model import ServedModel, load_model_dir
 from .postprocess import apply_stage
@@ -87,6 +88,30 @@ class Engine:
             name: prepare_forwards(served, self.forward_config) for name, served in models.items()
         }
         self._locks = {name: threading.Lock() for name in models}
+
+    def warm_up(self) -> threading.Thread:
+        """Builds each model's incremental-occlusion plan for the default occlusion window
+        on its default backend, in a background thread, so the first occlusion request
+        does not pay for it (0.1-4 s); a request that comes meanwhile waits for that build
+        rather than starting another. The server and the TorchServe worker call it after
+        loading; returns the thread."""
+
+        def build() -> None:
+            occlusion = Occlusion()
+            for name, served in self.models.items():
+                forwards = self.forwards[name]
+                if not forwards.config.incremental_occlusion or occlusion.unsupported_reason(
+                    served
+                ):
+                    continue
+                shape = served.config.input_shape
+                params = occlusion.resolve_params({}, shape, "occlusion")
+                axes = [window_starts(n, params["window"], params["stride"]) for n in shape[1:]]
+                forwards.occluder(forwards.default_backend, params["window"], axes)
+
+        thread = threading.Thread(target=build, name="xaiserve-warm-up", daemon=True)
+        thread.start()
+        return thread
 
     @classmethod
     def from_model_store(

@@ -136,6 +136,7 @@ class XaiHandler(BaseHandler):
         if gpu is not None:  # TorchServe gives each worker of a GPU host one GPU
             config = replace(config, onnx_device_id=int(gpu))
         self.engine = Engine({served.config.name: served}, limits, config)
+        self.engine.warm_up()
         self.initialized = True
         logger.info(
             "xaiserve handler ready: model %s version %s from %s (torch threads %d)",

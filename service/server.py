@@ -258,6 +258,7 @@ def build_backend(settings: Settings) -> Backend:
         )
         models = ", ".join(m.name for m in engine.list_models())
         logger.info("local backend: models %s from %s", models, settings.model_store)
+        engine.warm_up()
         return LocalBackend(engine, workers=settings.workers)
     if settings.backend == "torchserve":
         from .torchserve_backend import TorchServeBackend

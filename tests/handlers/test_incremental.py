@@ -376,3 +376,33 @@ def test_windows_that_change_nothing_are_found_by_summed_areas(shape, window):
     ]
     got = _changes(x, corners, window, 0.5).tolist()
     assert got == expected and 0 < sum(expected) < len(expected)
+
+
+@pytest.mark.parametrize("incremental", [True, False])
+def test_warm_up_builds_the_default_windows_plan_that_requests_then_use(monkeypatch, incremental):
+    import xaiserve.handlers.forward_backends as backends
+    from xaiserve.handlers.engine import Engine
+    from xaiserve.handlers.limits import EngineLimits
+    from xaiserve.handlers.types import ExplainRequest, MethodRequest, RawTensor
+
+    built = []
+    real = backends.build_occluder
+
+    def counting(*args, **kwargs):
+        built.append((args[2], args[4]))  # window, backend
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backends, "build_occluder", counting)
+    config = ForwardConfig(incremental_occlusion=incremental)
+    served = resnet_served((3, 32, 32))
+    engine = Engine({served.config.name: served}, EngineLimits(), config)
+    engine.warm_up().join(60)
+    default = Occlusion().resolve_params({}, (3, 32, 32), "occlusion")["window"]
+    assert built == ([(default, "onnxruntime")] if incremental else [])
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1)).numpy()
+    result = engine.explain(ExplainRequest(
+        model=served.config.name, image=RawTensor(image.shape, image.astype("<f4").tobytes()),
+        methods=(MethodRequest("occlusion", {}, field="methods[0]", params_field="occlusion"),),
+    ))
+    assert result.explanations[0].forward_passes > 1
+    assert len(built) == (1 if incremental else 0)  # the request used the warm plan
