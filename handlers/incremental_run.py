@@ -228,9 +228,9 @@ def build_occluder(
     """(occluder, "") or (None, why not) for the pixel-space ``module``, input C x
     *spatial, windows of side ``window`` starting at every combination of ``starts`` (per
     axis), stages on ``backend`` ("torch" or "onnxruntime", its sessions made with
-    ``session_options``: ``onnx_export.new_session``'s keywords). Checked on a random image: the logits of occluded copies
-    (the grid's corners, centre and a few more) within ``tolerance`` of full forward
-    passes."""
+    ``session_options``: ``onnx_export.new_session``'s keywords). Checked on a random
+    image: the logits of occluded copies (the grid's corners, centre and a few more)
+    within ``tolerance`` of full forward passes."""
     normalize, net = _split(module)
     example = torch.rand(1, *input_shape, generator=torch.Generator().manual_seed(CHECK_SEED))
     try:

@@ -270,7 +270,8 @@ def test_the_default_providers_run_on_the_cpu_where_onnxruntime_has_no_cuda() ->
     (info,) = engine.list_models()
     assert (info.forward_backend, info.onnx_status) == ("onnxruntime", "")
     assert info.onnx_providers == (CPU,)
-    torch_only = Engine({"tiny": tiny_served()}, EngineLimits(), ForwardConfig(export_on_load=False))
+    no_onnx = ForwardConfig(export_on_load=False)
+    torch_only = Engine({"tiny": tiny_served()}, EngineLimits(), no_onnx)
     assert torch_only.list_models()[0].onnx_providers == ()
 
 
@@ -301,7 +302,9 @@ def test_a_gpu_provider_that_cannot_start_is_logged(
             return [CUDA, CPU]
 
         @staticmethod
-        def InferenceSession(source: Any, options: Any, providers: list) -> FakeSession:  # noqa: N802
+        def InferenceSession(  # noqa: N802 - onnxruntime's name
+            source: Any, options: Any, providers: list
+        ) -> FakeSession:
             asked.append(providers)
             return FakeSession([CPU])
 
