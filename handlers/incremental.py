@@ -206,9 +206,90 @@ def _node_geometry(
     if node.op == "call_function" and node.target is torch.cat:
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         elementwise = dim == 1
+    if node.op == "call_function" and node.target is operator.getitem:
+        elementwise = _channel_slice(node.args[1])
     if not elementwise or not all(_spatial_uniform(n, dims) for n in constants):
         return None
     return _merge([info[n] for n in local])
+
+
+def _channel_slice(index: object) -> bool:
+    """Whether a subscript keeps every image and position, slicing channels only."""
+    return (isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None)
+            and isinstance(index[1], slice))
+
+
+# ----------------------------------------------------------------------- joining shortcuts
+
+
+def join_shortcuts(gm: fx.GraphModule, example: torch.Tensor) -> int:
+    """More cut points, inside residual blocks. Where exactly two tensors are live, on one
+    grid, and the newer feeds a convolution (a block's inner activation and its shortcut),
+    both become one: z = cat([older, newer], dim=1) right after the newer, and the later
+    nodes read them back as channel slices of z, which then carries everything they need.
+    Every computing node is first moved right after the last of its inputs, so that a
+    shortcut computed from a block's input (a strided 1 x 1 convolution) is ready before
+    the block's convolutions. The function stays the same. Returns the joins made; shapes
+    propagated again on ``example``."""
+    _early_order(gm)
+    joins, made = 0, set()
+    for node in list(gm.graph.nodes):
+        if node.op not in _COMPUTING or node in made:
+            continue
+        if not any(_is_conv(gm, u) for u in node.users):
+            continue
+        nodes = list(gm.graph.nodes)  # as joined so far
+        index = {n: i for i, n in enumerate(nodes)}
+        here = index[node]
+        live = [m for m in nodes[: here + 1]
+                if m.op != "get_attr" and max((index[u] for u in m.users), default=-1) > here]
+        shapes = [_shape(m) for m in live]
+        if len(live) != 2 or None in shapes or shapes[0][2:] != shapes[1][2:]:
+            continue
+        older = live[0] if live[1] is node else live[1]
+        split = _shape(older)[1]
+        with gm.graph.inserting_after(node):
+            joined = gm.graph.call_function(torch.cat, ([older, node],), {"dim": 1})
+        with gm.graph.inserting_after(joined):
+            first = gm.graph.call_function(
+                operator.getitem, (joined, (slice(None), slice(0, split))))
+        with gm.graph.inserting_after(first):
+            second = gm.graph.call_function(
+                operator.getitem, (joined, (slice(None), slice(split, None))))
+        for user in list(older.users):
+            if user is not joined and index.get(user, -1) > here:
+                user.replace_input_with(older, first)
+        for user in list(node.users):
+            if user is not joined:
+                user.replace_input_with(node, second)
+        first.meta["tensor_meta"] = older.meta["tensor_meta"]  # for the next joins' checks
+        second.meta["tensor_meta"] = node.meta["tensor_meta"]
+        made |= {joined, first, second}
+        joins += 1
+    gm.graph.lint()
+    gm.recompile()
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example)
+    return joins
+
+
+_COMPUTING = ("call_module", "call_function", "call_method")
+
+
+def _is_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(
+        gm.get_submodule(node.target), nn.Conv1d | nn.Conv2d | nn.Conv3d)
+
+
+def _early_order(gm: fx.GraphModule) -> None:
+    """Moves every computing node right after the last of its inputs (graph order)."""
+    for node in list(gm.graph.nodes):
+        if node.op not in _COMPUTING or not node.all_input_nodes:
+            continue
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        last = max(node.all_input_nodes, key=order.__getitem__)
+        if order[last] + 1 < order[node]:
+            last.append(node)
 
 
 # ------------------------------------------------------------------------------ planning

@@ -33,6 +33,7 @@ from torch import nn
 from .incremental import (
     StagePlan,
     activation_shape,
+    join_shortcuts,
     place,
     plan_stages,
     stage_module,
@@ -235,9 +236,14 @@ def build_occluder(
     example = torch.rand(1, *input_shape, generator=torch.Generator().manual_seed(CHECK_SEED))
     try:
         gm = trace(net, normalize(example))
+        joined = trace(net, normalize(example))
     except Exception as err:  # torch.fx raises many types for untraceable code
         return None, f"not traceable by torch.fx: {type(err).__name__}: {err}"[:300]
     plan = plan_stages(gm, window, starts)
+    if join_shortcuts(joined, normalize(example)):  # cuts inside residual blocks too
+        finer = plan_stages(joined, window, starts)
+        if finer.stages and (not plan.stages or finer.cost_fraction < plan.cost_fraction):
+            gm, plan = joined, finer
     if not plan.stages:
         return None, plan.reason
     modules: list[nn.Module] = []
