@@ -14,10 +14,13 @@ This module finds, once per model, input shape and window side (``plan_stages``)
    axis, a :class:`Span`: output position p depends on input positions
    p * stride + lo ... p * stride + hi. Convolutions and pooling windows compose spans;
    element-wise operations (batch norm in eval mode, activations, sums of branches,
-   channel concatenation, arithmetic with per-channel constants) merge them; anything else
-   (global pooling, flatten, linear layers, interpolation...) makes a node global;
+   channel concatenation and slicing, arithmetic with per-channel constants) merge them;
+   anything else (global pooling, flatten, linear layers, interpolation...) makes a node
+   global;
 2. the cut points: local nodes through which one tensor carries everything the later nodes
-   need (between the blocks of a ResNet, after each layer of a plain CNN);
+   need (between the blocks of a ResNet, after each layer of a plain CNN; inside a
+   residual block once ``join_shortcuts`` has joined its inner activation and its
+   shortcut into one tensor);
 3. the cuts to use, by dynamic programming over an estimate of the cost per occluded
    image: each stage's multiply-accumulates scaled by the area of its crop, plus copying
    its crop and patch, plus the head (the layers after the last cut) on the full
