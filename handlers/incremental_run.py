@@ -31,6 +31,7 @@ from numpy.lib.stride_tricks import as_strided
 from torch import nn
 
 from .incremental import (
+    JOINS_WORTH_IT,
     StagePlan,
     activation_shape,
     join_shortcuts,
@@ -225,13 +226,15 @@ def build_occluder(
     backend: str,
     session_options: dict[str, Any] | None = None,
     tolerance: float = 1e-4,
+    joins_worth_it: float = JOINS_WORTH_IT,
 ) -> tuple[IncrementalOcclusion | None, str]:
     """(occluder, "") or (None, why not) for the pixel-space ``module``, input C x
     *spatial, windows of side ``window`` starting at every combination of ``starts`` (per
     axis), stages on ``backend`` ("torch" or "onnxruntime", its sessions made with
-    ``session_options``: ``onnx_export.new_session``'s keywords). Checked on a random
-    image: the logits of occluded copies (the grid's corners, centre and a few more)
-    within ``tolerance`` of full forward passes."""
+    ``session_options``: ``onnx_export.new_session``'s keywords). Cuts inside residual
+    blocks when that plan's estimate is at most ``joins_worth_it`` of the plan without.
+    Checked on a random image: the logits of occluded copies (the grid's corners, centre
+    and a few more) within ``tolerance`` of full forward passes."""
     normalize, net = _split(module)
     example = torch.rand(1, *input_shape, generator=torch.Generator().manual_seed(CHECK_SEED))
     try:
@@ -242,7 +245,8 @@ def build_occluder(
     plan = plan_stages(gm, window, starts)
     if join_shortcuts(joined, normalize(example)):  # cuts inside residual blocks too
         finer = plan_stages(joined, window, starts)
-        if finer.stages and (not plan.stages or finer.cost_fraction < plan.cost_fraction):
+        cheaper = not plan.stages or finer.cost_fraction <= joins_worth_it * plan.cost_fraction
+        if finer.stages and cheaper:
             gm, plan = joined, finer
     if not plan.stages:
         return None, plan.reason

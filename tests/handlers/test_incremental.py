@@ -260,6 +260,25 @@ def test_occluded_logits_equal_full_forward_passes(backend, name, shape, window,
     assert not any(m.training for m in module.modules())  # exports leave eval mode alone
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plans_with_cuts_inside_blocks_give_exact_logits(backend):
+    module = small_resnet18()
+    axes, corners = all_corners((3, 64, 64), 9, 4)
+    joined, reason = build_occluder(module, (3, 64, 64), 9, axes, backend, joins_worth_it=1.0)
+    plain, _ = build_occluder(module, (3, 64, 64), 9, axes, backend, joins_worth_it=0.0)
+    assert joined is not None, reason
+    assert len(joined.plan.stages) > len(plain.plan.stages)  # the joined plan was taken
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    occluded = x.expand(len(corners), 3, 64, 64).clone()
+    for j, (a, b) in enumerate(corners):
+        occluded[j, :, a:a + 9, b:b + 9] = 0.25
+    activations, _ = joined.original(x)
+    got = torch.cat([joined.logits(activations, corners[s:s + 32], 0.25)
+                     for s in range(0, len(corners), 32)])
+    with torch.no_grad():
+        assert (got - module(occluded)).abs().max() <= 1e-4
+
+
 def test_a_grid_of_fewer_windows_than_the_check_samples():
     # 2 x 2 windows (the check looks at up to CHECK_WINDOWS of them)
     axes = [window_starts(64, 16, 16)[::3]] * 2
