@@ -92,8 +92,9 @@ class Engine:
     def warm_up(self) -> threading.Thread:
         """Builds each model's incremental-occlusion plan for the default occlusion window
         on its default backend, in a background thread, so the first occlusion request
-        does not pay for it (0.1-4 s); a request that comes meanwhile waits for that build
-        rather than starting another. The server and the TorchServe worker call it after
+        does not pay for it (0.1-4 s). The build runs the model, so it holds the model's
+        lock as a request does (CAM methods hook its layers): a request that comes
+        meanwhile waits for it. The server and the TorchServe worker call it after
         loading; returns the thread."""
 
         def build() -> None:
@@ -107,7 +108,8 @@ class Engine:
                 shape = served.config.input_shape
                 params = occlusion.resolve_params({}, shape, "occlusion")
                 axes = [window_starts(n, params["window"], params["stride"]) for n in shape[1:]]
-                forwards.occluder(forwards.default_backend, params["window"], axes)
+                with self._locks[name]:
+                    forwards.occluder(forwards.default_backend, params["window"], axes)
 
         thread = threading.Thread(target=build, name="xaiserve-warm-up", daemon=True)
         thread.start()

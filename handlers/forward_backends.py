@@ -141,8 +141,9 @@ class ModelForwards:
         and cached; None where the model does not allow one or planning fails (the reason
         is logged once): occlusion then runs full forward passes, never fails for it.
 
-        A build runs outside the model's lock, so requests for other windows (built or
-        not) do not wait for it; requests for the same window wait for that one build."""
+        A build runs outside the cache's lock, so callers asking for other windows (built
+        or not) do not wait for it, and callers asking for the same window wait for that
+        one build. (The engine still runs one request per model at a time.)"""
         key = (backend, window, tuple(tuple(axis) for axis in starts))
         with self._lock:
             if key in self._occluders:

@@ -449,7 +449,11 @@ def test_warm_up_builds_the_default_windows_plan_that_requests_then_use(monkeypa
     config = ForwardConfig(incremental_occlusion=incremental)
     served = resnet_served((3, 32, 32))
     engine = Engine({served.config.name: served}, EngineLimits(), config)
-    engine.warm_up().join(60)
+    with engine._locks[served.config.name]:  # a request running: the build waits for it
+        warming = engine.warm_up()
+        warming.join(1.0)
+        assert built == []
+    warming.join(60)
     default = Occlusion().resolve_params({}, (3, 32, 32), "occlusion")["window"]
     assert built == ([(default, "onnxruntime")] if incremental else [])
     image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1)).numpy()
