@@ -281,11 +281,12 @@ def new_session(
     ``session.get_providers()`` says what runs.
     """
     ort = onnxruntime_module()
-    usable = provider_list(providers, ort.get_available_providers(), device_id)
+    available = ort.get_available_providers()
+    usable = provider_list(providers, available, device_id)
     if not usable:
         raise OnnxUnavailable(
             f"none of the configured providers ({', '.join(providers)}) is available; "
-            f"onnxruntime has {', '.join(sorted(ort.get_available_providers()))}"
+            f"onnxruntime has {', '.join(sorted(available))}"
         )
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -301,7 +302,7 @@ def new_session(
         session = ort.InferenceSession(source, options, providers=usable)
     except Exception as err:  # onnxruntime's own exception types
         raise OnnxUnavailable(f"onnxruntime could not load the graph: {_short(err)}") from err
-    first = usable[0] if isinstance(usable[0], str) else usable[0][0]
+    first = next(name for name in providers if name in available)
     if first not in session.get_providers():
         log.warning("onnxruntime could not start %s; the session runs on %s", first,
                     ", ".join(session.get_providers()))
