@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -224,11 +225,11 @@ class Lattice:
     eps_max: float
     resolution: float
 
-    @property
+    @cached_property
     def log_q(self) -> float:
         return math.log1p(-self.resolution)
 
-    @property
+    @cached_property
     def top(self) -> int:
         return math.ceil(math.log(GEOMETRIC_SPAN) / self.log_q)
 
