@@ -28,6 +28,8 @@ efficiency: (forward passes / the machine's best throughput for the network) / s
 against the best of either backend ("eff") and of the backend the method ran on ("own");
 "in fwd" is the share of the method's time spent inside the counted forward (the rest:
 building perturbed images, searching, interpolating, and APEM's one torch gradient).
+APEM rows also print the efficiency of their forward-only part: without the torch
+gradient's pass and time (the gradient of the same image timed right after each run).
 With ``--repeats N`` the methods run N times in turn and each method's fastest run
 counts (the machine's speed drifts during a run; the minimum is the least disturbed).
 Inputs: held-out demo images (``synthetic.TEST_SEED``), and one shape image drawn at
@@ -54,7 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xaiserve.handlers.apem import apem, relevance_from_map
+from xaiserve.handlers.apem import apem, gradient_sign_and_logits, relevance_from_map
 from xaiserve.handlers.apem_filter import filter_map
 from xaiserve.handlers.forward import Budget
 from xaiserve.handlers.forward_backends import ModelForwards, prepare_forwards
@@ -100,6 +102,7 @@ class Row:
     seconds: float
     forward_seconds: float | None = None
     extra: str = ""
+    gradient_seconds: float = 0.0  # APEM's torch gradient (not forward-only), timed aside
 
 
 @dataclass
@@ -239,11 +242,18 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
         plans[backend] = (occluder, seconds)
 
     def add(method: str, backend: str, passes: int, seconds: float,
-            ctx: MethodContext | None = None) -> None:
-        entry = totals.setdefault((method, backend, repeat), [0, 0.0, 0.0])
+            ctx: MethodContext | None = None, gradient: float = 0.0) -> None:
+        entry = totals.setdefault((method, backend, repeat), [0, 0.0, 0.0, 0.0])
         entry[0] += passes
         entry[1] += seconds
         entry[2] += ctx.forward.seconds if ctx is not None else math.nan
+        entry[3] += gradient
+
+    def gradient_seconds(x: torch.Tensor, y: int) -> float:
+        """The time of APEM's one torch gradient for x (best of 2, right after the
+        method: the same machine state)."""
+        return min(timed(lambda: gradient_sign_and_logits(
+            net.served.module, x[0], y, Budget(10), "apem"))[1] for _ in range(2))
 
     for repeat in range(repeats):  # round robin: each method's best repeat counts
         for x in net.images:
@@ -273,7 +283,8 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
                 ctx = context(net, backend)
                 records[backend], seconds = timed(lambda: apem(
                     ctx.forward, ctx.model, x[0], y, relevance, budget=ctx.budget))
-                add("APEM per map", backend, ctx.budget.spent, seconds, ctx)
+                add("APEM per map", backend, ctx.budget.spent, seconds, ctx,
+                    gradient_seconds(x, y))
             a, b = records["torch"], records["onnxruntime"]
             eps_agree.append((a.eps_minus, a.eps_plus) == (b.eps_minus, b.eps_plus))
             if net.name == "demo":
@@ -282,7 +293,8 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
                     _, seconds = timed(lambda: filter_map(
                         ctx.forward, ctx.model, x[0], y, relevance, budget=ctx.budget,
                         request=FilterRequest(mode="fast")))
-                    add("APEM filter (fast)", backend, ctx.budget.spent, seconds, ctx)
+                    add("APEM filter (fast)", backend, ctx.budget.spent, seconds, ctx,
+                        gradient_seconds(x, y))
 
     after = best_throughput(net, min_seconds)
     report.best = {b: max(before[b], after[b]) for b in before}
@@ -292,7 +304,7 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
         kept = best_repeat.setdefault((method, backend), entry)
         if entry[1] < kept[1]:
             best_repeat[method, backend] = entry
-    for (method, backend), (passes, seconds, forward_seconds) in best_repeat.items():
+    for (method, backend), (passes, seconds, forward_seconds, gradient) in best_repeat.items():
         extra = ""
         if method == "occlusion adaptive":
             extra = (f"Spearman vs full {statistics.mean(correlations):.3f} (mean), "
@@ -306,7 +318,8 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
             extra += (f"; ~{occluder.cost_fraction:.0%} of a full pass per image (a window "
                       f"changes {occluder.plan.changed_fraction:.0%}), plan built in {build:.1f} s"
                       if occluder else "; no plan: full passes")
-        report.rows.append(Row(method, backend, int(passes), seconds, forward_seconds, extra))
+        report.rows.append(
+            Row(method, backend, int(passes), seconds, forward_seconds, extra, gradient))
     return report
 
 
@@ -336,8 +349,13 @@ def print_report(report: Report) -> None:
         speed = captum.seconds / row.seconds
         inside = row.forward_seconds
         share = "" if math.isnan(inside) else f"{inside / row.seconds:.0%}"
+        extra = row.extra
+        if row.gradient_seconds:  # the forward-only part: the searches without the gradient
+            searches = (row.passes - len(net.images)) / best_rate
+            extra = (f"without the torch gradient ({row.gradient_seconds:.2f} s): eff "
+                     f"{searches / (row.seconds - row.gradient_seconds):.0%}; {extra}")
         print(f"   {row.method:<28} {row.backend:<11} {row.passes:>7} {row.seconds:>9.2f} "
-              f"{speed:>8.2f}x {eff:>5.0%} {own:>5.0%} {share:>6}  {row.extra}")
+              f"{speed:>8.2f}x {eff:>5.0%} {own:>5.0%} {share:>6}  {extra}".rstrip("; "))
     occ = {r.backend: r for r in report.rows if r.method == "occlusion"}
     incremental = {r.backend: r for r in report.rows if r.method == "occlusion incremental"}
     adaptive = next(r for r in report.rows if r.method == "occlusion adaptive")
