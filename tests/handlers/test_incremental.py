@@ -21,6 +21,7 @@ from xaiserve.handlers.incremental import (
     cut_points,
     join_shortcuts,
     plan_stages,
+    stage_module,
     trace,
 )
 from xaiserve.handlers.incremental_run import build_occluder
@@ -217,6 +218,38 @@ def test_cuts_inside_blocks_make_the_resnet18_plan_cheaper():
     joined = plan_stages(gm, 15, starts)
     assert joined.cost_fraction < plain.cost_fraction - 0.03  # 48% vs 54% of a pass
     assert joined.changed_fraction == pytest.approx(plain.changed_fraction, abs=0.01)
+
+
+def test_stages_keep_only_the_joins_at_their_cuts():
+    """A stage's joins other than its output are undone (their slices read the parts
+    again): each stage module has at most one cat, its output, and computes the same as
+    the joined graph's nodes; the head, after the last cut, has none."""
+    torch.manual_seed(0)
+    net = resnets.resnet18(num_classes=5, width=8).eval()
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    gm = trace(net, x)
+    join_shortcuts(gm, x)
+    plan = plan_stages(gm, 9, [window_starts(64, 9, 4)] * 2)
+    nodes = list(gm.graph.nodes)
+    values = {}
+    recorder = torch.fx.Interpreter(gm)
+    run_node = recorder.run_node
+    recorder.run_node = lambda n: values.setdefault(n, run_node(n))
+    with torch.no_grad():
+        logits = recorder.run(x)
+    for stage in plan.stages:
+        module = stage_module(gm, stage.start, stage.end)
+        cats = [n for n in module.graph.nodes if n.target is torch.cat]
+        output = next(n for n in module.graph.nodes if n.op == "output")
+        assert all(cat in output.all_input_nodes for cat in cats) and len(cats) <= 1
+        with torch.no_grad():
+            assert torch.equal(module(values[nodes[stage.start]]), values[nodes[stage.end]])
+    joined_cuts = [s for s in plan.stages if nodes[s.end].target is torch.cat]
+    assert joined_cuts  # the plan cuts inside blocks, so some stage outputs are joins
+    head = stage_module(gm, plan.head_start, None)
+    assert not [n for n in head.graph.nodes if n.target is torch.cat]
+    with torch.no_grad():
+        assert torch.equal(head(values[nodes[plan.head_start]]), logits)
 
 
 def test_a_window_as_large_as_the_image_gets_no_plan():
