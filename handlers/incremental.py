@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from .tracing import symbolic_trace
+
 COPY_COST = 8.0
 """Estimated cost of copying one activation value, in multiply-accumulates."""
 WORTH_IT = 0.85
@@ -386,7 +388,7 @@ class StagePlan:
 def trace(module: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """``module`` traced by torch.fx, every node annotated with its output's shape
     (ShapeProp on ``example``, 1 x C x *spatial). Raises what the tracer raises."""
-    gm = fx.symbolic_trace(module)
+    gm = symbolic_trace(module)
     with torch.no_grad():
         ShapeProp(gm).propagate(example)
     return gm

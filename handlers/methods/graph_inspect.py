@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..tracing import symbolic_trace
+
 _TRACED: WeakKeyDictionary[nn.Module, fx.GraphModule | str] = WeakKeyDictionary()
 
 RELU_FUNCTIONS: frozenset[Any] = frozenset(
@@ -44,7 +46,7 @@ def traced(net: nn.Module) -> fx.GraphModule | str:
     found = _TRACED.get(net)
     if found is None:
         try:
-            found = fx.symbolic_trace(net)
+            found = symbolic_trace(net)
         except Exception as err:  # data-dependent control flow, unsupported Python
             found = f"torch.fx cannot trace the network ({type(err).__name__}: {err})"
         _TRACED[net] = found
