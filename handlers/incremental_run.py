@@ -49,8 +49,11 @@ log = logging.getLogger(__name__)
 Runner = Callable[[np.ndarray], np.ndarray]
 CHECK_SEED = 0
 CHECK_WINDOWS = 6
-MIN_PART = 4
-"""The fewest windows a parallel worker gets (smaller batches run in fewer parts)."""
+MIN_PART = 1
+"""The fewest windows a parallel part gets. 1: every batch of two windows or more is split,
+since a part on a one-thread session leaves the other cores idle (ResNet-50's memory
+budget makes batches of 7 windows: with at least 4 per part they ran in one part, 1.75x
+slower than on two-thread sessions)."""
 
 
 class _Normalize(nn.Module):
@@ -260,8 +263,9 @@ def build_occluder(
     workers > 1 (onnxruntime only): stage sessions of one thread each, batches split into
     up to ``workers`` parts run at the same time. On this project's 2-core machine,
     against one part on two-thread sessions (whose threads meet after every operator),
-    interleaved, median of 8: ResNet-18 at 224, window 15, 11% faster on 12 windows and
-    17% on 32; the demo model 30% faster on 225 windows, 9% slower on 28.
+    interleaved, medians: ResNet-18 at 224, window 15, 11% faster on 12 windows and 17%
+    on 32; ResNet-50, window 31, 20% on 7 windows, 9% slower on 3; the demo model 30%
+    faster on 225 windows, 9% slower on 28.
     Checked on a random image: the logits of occluded copies (the grid's corners, centre
     and a few more) within ``tolerance`` of full forward passes."""
     normalize, net = _split(module)
