@@ -322,9 +322,9 @@ def _perturbed(
     """x + eps_i * directions[rows_i] (clamped to [0, 1] when asked), len(rows) x C x
     *spatial, built run by run of equal rows (rounds list each direction's values
     together) with numpy, one thread: torch's elementwise ops on whole rounds wake its
-    OpenMP threads, which then spin for milliseconds and slow the ONNX Runtime call that
-    follows by about 12% on the demo model (measured); building the whole round at once
-    also made three temporaries and ran about 4x slower."""
+    OpenMP threads, which then spin for milliseconds and slowed the ONNX Runtime calls
+    that follow by 12-14% in the demo model's fast filter (interleaved); building the
+    whole round at once also made three temporaries and ran about 4x slower."""
     base = x.detach().numpy()
     every = directions.detach().numpy()
     scale = eps.to(x.dtype).numpy().reshape((-1,) + (1,) * x.dim())
