@@ -32,7 +32,6 @@ rather than move every stage's crops through host memory.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -198,20 +197,11 @@ class ModelForwards:
             return build_occluder(
                 self.served.module, self.served.config.input_shape, window, starts,
                 backend, stage_options, self.config.onnx_tolerance,
-                workers=self.config.onnx_threads or available_cpus(),
             )
         except Exception as err:  # a graph the planner did not foresee: full passes
             reason = f"planning failed: {type(err).__name__}: {err}"
             log.warning("model %s: incremental occlusion %s", self.served.config.name, reason)
             return None, reason
-
-
-def available_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask where the system has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _session(served: ServedModel, config: ForwardConfig) -> Any:

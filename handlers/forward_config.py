@@ -25,9 +25,7 @@ class ForwardConfig:
     backend: the default of models whose ONNX forward passed its check: "onnxruntime", or
         "torch" (ONNX Runtime then only for requests that ask for it).
     onnx_threads: intra-op threads of each ONNX Runtime session; 0: onnxruntime's default
-        (one per physical core). Incremental occlusion's stage sessions run one thread
-        each instead, on that many parts of a batch at once (0: the CPUs this process
-        may use).
+        (one per physical core).
     onnx_providers: execution providers in order of preference; those the installed
         onnxruntime lacks are skipped. The default takes CUDA where onnxruntime-gpu and a
         GPU are there (the GPU image on GPU nodes) and the CPU everywhere else.

@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -49,11 +48,6 @@ log = logging.getLogger(__name__)
 Runner = Callable[[np.ndarray], np.ndarray]
 CHECK_SEED = 0
 CHECK_WINDOWS = 6
-MIN_PART = 1
-"""The fewest windows a parallel part gets. 1: every batch of two windows or more is split,
-since a part on a one-thread session leaves the other cores idle (ResNet-50's memory
-budget makes batches of 7 windows: with at least 4 per part they ran in one part, 1.75x
-slower than on two-thread sessions)."""
 
 
 class _Normalize(nn.Module):
@@ -77,9 +71,7 @@ class IncrementalOcclusion:
     every combination is a window). Where each window's crops, pasted regions and kept
     boxes lie is worked out once, here (``_Layout``), so a batch only gathers rows of it.
     Activations, crops and boxes are numpy arrays (ONNX Runtime's input and output; torch
-    stages wrap them without copying). workers: parts of a batch run at the same time,
-    each through all stages (runners that may be called from several threads at once:
-    one-thread ONNX Runtime sessions); 1: the batch in one part.
+    stages wrap them without copying).
     """
 
     def __init__(
@@ -88,15 +80,11 @@ class IncrementalOcclusion:
         runners: Sequence[Runner],
         window: int,
         starts: Sequence[Sequence[int]],
-        workers: int = 1,
     ) -> None:
         self.plan = plan
         self.runners = list(runners)
         self.window = window
         self.layout = _Layout(plan, window, starts)
-        self.workers = max(1, workers)
-        self._pool = (ThreadPoolExecutor(self.workers - 1, "xaiserve-occlusion")
-                      if self.workers > 1 else None)  # threads start on first use
 
     @property
     def cost_fraction(self) -> float:
@@ -118,23 +106,9 @@ class IncrementalOcclusion:
         baseline: float,
     ) -> torch.Tensor:
         """Logits B x K of the image (``activations`` from :meth:`original`) with the
-        window at each corner (one of the windows it serves) set to ``baseline``; with
-        several workers, in up to ``workers`` parts of at least MIN_PART windows at once
-        (the calling thread runs the last)."""
+        window at each corner (one of the windows it serves) set to ``baseline``."""
         rows = self.layout.rows(corners)
-        parts = min(self.workers, len(rows) // MIN_PART)
-        if parts < 2:
-            return torch.from_numpy(self._logits(activations, rows, baseline))
-        *others, last = np.array_split(rows, parts)
-        running = [self._pool.submit(self._logits, activations, part, baseline)
-                   for part in others]
-        outputs = [self._logits(activations, last, baseline)]
-        return torch.from_numpy(np.concatenate([r.result() for r in running] + outputs))
-
-    def _logits(self, activations: list[np.ndarray], rows: np.ndarray,
-                baseline: float) -> np.ndarray:
-        """Logits of the windows of ``rows`` (layout rows), one pass through the stages."""
-        length: tuple[int, ...] = (self.window,) * (activations[0].ndim - 2)
+        length: tuple[int, ...] = (self.window,) * len(corners[0])
         values: np.ndarray | float = baseline
         for k, (stage, run) in enumerate(zip(self.plan.stages, self.runners)):
             crops = _crops(activations[k], self.layout.crops[k][rows], stage.crop)
@@ -143,7 +117,7 @@ class IncrementalOcclusion:
             length = stage.rect
         inputs = np.repeat(activations[-1], len(rows), axis=0)
         _paste(inputs, self.layout.pastes[-1][rows], length, values)
-        return self.runners[-1](inputs)
+        return torch.from_numpy(self.runners[-1](inputs))
 
 
 class _Layout:
@@ -253,19 +227,12 @@ def build_occluder(
     session_options: dict[str, Any] | None = None,
     tolerance: float = 1e-4,
     joins_worth_it: float = JOINS_WORTH_IT,
-    workers: int = 1,
 ) -> tuple[IncrementalOcclusion | None, str]:
     """(occluder, "") or (None, why not) for the pixel-space ``module``, input C x
     *spatial, windows of side ``window`` starting at every combination of ``starts`` (per
     axis), stages on ``backend`` ("torch" or "onnxruntime", its sessions made with
     ``session_options``: ``onnx_export.new_session``'s keywords). Cuts inside residual
     blocks when that plan's estimate is at most ``joins_worth_it`` of the plan without.
-    workers > 1 (onnxruntime only): stage sessions of one thread each, batches split into
-    up to ``workers`` parts run at the same time. On this project's 2-core machine,
-    against one part on two-thread sessions (whose threads meet after every operator),
-    interleaved, medians: ResNet-18 at 224, window 15, 11% faster on 12 windows and 17%
-    on 32; ResNet-50, window 31, 20% on 7 windows, 9% slower on 3; the demo model 30%
-    faster on 225 windows, 9% slower on 28.
     Checked on a random image: the logits of occluded copies (the grid's corners, centre
     and a few more) within ``tolerance`` of full forward passes."""
     normalize, net = _split(module)
@@ -289,12 +256,8 @@ def build_occluder(
         modules.append(nn.Sequential(normalize, body).eval() if k == 0 else body)
     modules.append(stage_module(gm, plan.head_start, None))
     runners = [_torch_runner(m) for m in modules]
-    if backend != "onnxruntime":
-        workers = 1  # torch stages use all cores already
     if backend == "onnxruntime":
-        options = dict(session_options or {})
-        if workers > 1:
-            options["threads"] = 1
+        options = session_options or {}
         dims = len(input_shape) - 1  # stage inputs: the cut's channels, the crop's sides
         shapes = [(*activation_shape(gm, s.start)[:-dims], *s.crop) for s in plan.stages]
         shapes.append(activation_shape(gm, plan.head_start))
@@ -305,7 +268,7 @@ def build_occluder(
             ]
         except OnnxUnavailable as err:
             return None, f"stage export to ONNX failed: {err}"
-    occluder = IncrementalOcclusion(plan, runners, window, starts, workers)
+    occluder = IncrementalOcclusion(plan, runners, window, starts)
     error = _check(occluder, module, example, window, starts)
     if error > tolerance:
         return None, f"check failed: max |logit difference| {error:.2e} > {tolerance:g}"

@@ -235,8 +235,7 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     ),
     "onnx_threads": (
         _non_negative_int,
-        "intra-op threads per ONNX Runtime session (incremental occlusion: parts of a "
-        "batch run at once on one-thread sessions); 0: one per core",
+        "intra-op threads per ONNX Runtime session; 0: one per core",
     ),
     "onnx_providers": (
         _providers,

@@ -24,7 +24,7 @@ from xaiserve.handlers.incremental import (
     stage_module,
     trace,
 )
-from xaiserve.handlers.incremental_run import MIN_PART, build_occluder
+from xaiserve.handlers.incremental_run import build_occluder
 from xaiserve.handlers.methods.base import MethodContext
 from xaiserve.handlers.methods.occlusion import Occlusion, window_starts
 from xaiserve.handlers.model import ModelConfig, PixelSpaceModel, ServedModel
@@ -310,73 +310,6 @@ def test_plans_with_cuts_inside_blocks_give_exact_logits(backend):
                      for s in range(0, len(corners), 32)])
     with torch.no_grad():
         assert (got - module(occluded)).abs().max() <= 1e-4
-
-
-def test_parallel_parts_give_the_same_logits_on_one_thread_sessions(monkeypatch):
-    """workers=2 on onnxruntime: stage sessions of one thread, a batch of 2 x MIN_PART
-    windows or more split in two parts run on two threads at once, logits as one part's;
-    a smaller batch runs in one part."""
-    import threading
-
-    import xaiserve.handlers.incremental_run as incremental_run
-
-    threads = []
-    real_session = incremental_run.new_session
-
-    def recording(*args, **kwargs):
-        threads.append(kwargs.get("threads", 0))
-        return real_session(*args, **kwargs)
-
-    monkeypatch.setattr(incremental_run, "new_session", recording)
-    module = small_resnet18()
-    axes, corners = all_corners((3, 64, 64), 9, 4)
-    single, _ = build_occluder(module, (3, 64, 64), 9, axes, "onnxruntime", {"threads": 2})
-    assert threads and set(threads) == {2}
-    threads.clear()
-    parallel, reason = build_occluder(module, (3, 64, 64), 9, axes, "onnxruntime",
-                                      {"threads": 2}, workers=2)
-    assert parallel is not None, reason
-    assert threads and set(threads) == {1}
-    callers = []
-    head = parallel.runners[-1]
-
-    def counting_head(x):
-        callers.append((threading.get_ident(), len(x)))
-        return head(x)
-
-    parallel.runners[-1] = counting_head
-    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(8))
-    activations, _ = parallel.original(x)
-    callers.clear()
-    batch = corners[: 2 * MIN_PART + 3]
-    got = parallel.logits(activations, batch, 0.25)
-    assert len({ident for ident, _ in callers}) == 2
-    assert sorted(n for _, n in callers) == [MIN_PART + 1, MIN_PART + 2]
-    expected = single.logits(single.original(x)[0], batch, 0.25)
-    assert (got - expected).abs().max() <= 1e-5
-    callers.clear()
-    parallel.logits(activations, corners[: 2 * MIN_PART - 1], 0.25)
-    assert len(callers) == 1
-
-
-def test_torch_occluders_run_in_one_part():
-    axes, _ = all_corners((3, 64, 64), 9, 4)
-    occluder, _ = build_occluder(small_resnet18(), (3, 64, 64), 9, axes, "torch", workers=4)
-    assert occluder.workers == 1
-
-
-def test_workers_come_from_the_onnx_threads_or_the_cpus(monkeypatch):
-    import xaiserve.handlers.forward_backends as backends
-
-    seen = []
-    monkeypatch.setattr(backends, "build_occluder",
-                        lambda *args, **kwargs: (seen.append(kwargs["workers"]), (None, "x"))[1])
-    monkeypatch.setattr(backends, "available_cpus", lambda: 6)
-    served = resnet_served((3, 32, 32))
-    axes = [window_starts(32, 8, 8)] * 2
-    prepare_forwards(served, ForwardConfig(onnx_threads=3)).occluder("onnxruntime", 8, axes)
-    prepare_forwards(served, ForwardConfig()).occluder("onnxruntime", 8, axes)
-    assert seen == [3, 6]
 
 
 def test_a_grid_of_fewer_windows_than_the_check_samples():
