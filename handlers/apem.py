@@ -605,6 +605,40 @@ def _flipped_both(score: MapScore | None) -> bool:
     return score is not None and not score.minus.censored and not score.plus.censored
 
 
+class SharedGradient:
+    """sign(grad_x CE(f(x), y)) and the logits of one unperturbed x, computed on first use
+    (one forward + backward, charged to ``budget`` then) and shared by every APEM search
+    and filter of that (x, y): a request's maps all perturb the same image along the same
+    gradient sign, so one pass serves them all."""
+
+    def __init__(
+        self, module: nn.Module, x: torch.Tensor, y: int, budget: Budget, stage: str = STAGE
+    ) -> None:
+        self.module, self.x, self.y, self.budget, self.stage = module, x, y, budget, stage
+        self._value: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def computed(self) -> bool:
+        return self._value is not None
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sign C x *spatial, logits K)."""
+        if self._value is None:
+            self._value = gradient_sign_and_logits(
+                self.module, self.x, self.y, self.budget, self.stage
+            )
+        return self._value
+
+
+@dataclass(frozen=True)
+class ScoredMap:
+    """One map's reliability record and, where APEM is defined, the score of its two
+    searches (the APEM filter starts from it instead of searching again)."""
+
+    record: ReliabilityRecord
+    score: MapScore | None
+
+
 def apem(
     forward: Forward,
     module: nn.Module,
@@ -618,6 +652,7 @@ def apem(
     field: str = "methods[0]",
     stage: str = STAGE,
     seed: int = SHUFFLE_SEED,
+    gradient: SharedGradient | None = None,
 ) -> ReliabilityRecord:
     """The reliability record of one map (seed 004, sections 3.1 and 5.2).
 
@@ -630,52 +665,128 @@ def apem(
     shuffle's run in the same forward calls; further shuffles only when that one does not
     flip both ways. ``resolution`` in the record is the worst relative bracket width
     reached by the original's two searches; ``forward_passes`` all images evaluated for
-    the record, the gradient's included.
+    the record, the gradient's included (unless a ``gradient`` shared with other maps of
+    the same x and y had computed it already).
 
     Undefined cases (all-zero R, all-one R, the model not predicting y on x) set
     ``undefined_reason``; eps_minus, eps_plus and apem are then NaN and no search runs.
     APEM_norm is None when shuffles = 0, NaN when no shuffle flips both ways.
     """
-    resolved = resolve_options(options, x.numel(), field)
-    spent = budget.spent
-    nan = math.nan
-
-    def undefined(reason: str) -> ReliabilityRecord:
-        return ReliabilityRecord(
-            eps_minus=nan,
-            eps_plus=nan,
-            apem=nan,
-            resolution=resolved.resolution,
-            eps_minus_censored=False,
-            eps_plus_censored=False,
-            forward_passes=budget.spent - spent,
-            apem_norm=None,
-            undefined_reason=reason,
-        )
-
-    check_relevance(relevance, x)
-    reason = undefined_reason(relevance)
-    if reason:
-        return undefined(reason)
-    sign, logits = gradient_sign_and_logits(module, x, y, budget, stage)
-    reason = undefined_at(sign, logits, y)
-    if reason:
-        return undefined(reason)
-
-    generator = torch.Generator().manual_seed(seed)
-    shuffles = [shuffled(relevance, generator) for _ in range(resolved.shuffles)]
-    # the original and the first shuffle share forward calls; later shuffles only if needed
-    score, *scores = score_maps(
-        forward, x, y, [relevance, *shuffles[:1]], sign, resolved, batch=batch, stage=stage
+    (scored,) = apem_many(
+        forward, module, x, y, [relevance], [options], budget=budget, batch=batch,
+        fields=[field], stage=stage, seed=seed, gradient=gradient,
     )
-    apem_norm = None if not shuffles else math.nan
-    for i, candidate in enumerate(shuffles):
-        (shuffle_score,) = scores if i == 0 else score_maps(
-            forward, x, y, [candidate], sign, resolved, batch=batch, stage=stage
-        )
-        if _flipped_both(shuffle_score):
-            apem_norm = _normalized(score, shuffle_score)
-            break
+    return scored.record
+
+
+def apem_many(
+    forward: Forward,
+    module: nn.Module,
+    x: torch.Tensor,
+    y: int,
+    maps: Sequence[torch.Tensor],
+    options: Sequence[ReliabilityRequest | None],
+    *,
+    budget: Budget,
+    fields: Sequence[str],
+    batch: int = DEFAULT_BATCH,
+    stage: str = STAGE,
+    seed: int = SHUFFLE_SEED,
+    gradient: SharedGradient | None = None,
+) -> list[ScoredMap]:
+    """``apem`` of several maps of the same x and y (one request's), in shared forward
+    calls: one gradient for all, and the searches of every map whose options give the same
+    eps lattice and clamping (eps_max, resolution, clamp) in the same rounds, so each round
+    is one larger batch instead of one small batch per map. Each search sees exactly the
+    eps values it would alone, so the records equal ``apem``'s map by map.
+
+    maps, options, fields: per map (``fields`` name the options in errors). A record's
+    ``forward_passes`` counts the images of its own searches, plus the gradient's pass on
+    the first map that needed it; they add up to what the call charged ``budget``.
+    """
+    if not len(maps) == len(options) == len(fields):
+        raise ValueError(f"{len(maps)} maps, {len(options)} options, {len(fields)} fields")
+    resolved = [resolve_options(o, x.numel(), f) for o, f in zip(options, fields)]
+    for relevance in maps:
+        check_relevance(relevance, x)
+    gradient = gradient or SharedGradient(module, x, y, budget, stage)
+    passes = [0] * len(maps)
+    reasons = [undefined_reason(relevance) for relevance in maps]
+    for i, reason in enumerate(reasons):
+        if reason:
+            continue
+        spent = budget.spent
+        sign, logits = gradient.get()
+        passes[i] += budget.spent - spent  # the gradient's pass, where it was computed
+        at = undefined_at(sign, logits, y)
+        reasons = [r or at for r in reasons]
+        break
+    scores: dict[int, MapScore] = {}
+    norms: dict[int, float | None] = {}
+    groups: dict[tuple[float, float, bool], list[int]] = {}
+    for i, o in enumerate(resolved):
+        if not reasons[i]:
+            groups.setdefault((o.eps_max, o.resolution, o.clamp), []).append(i)
+    for members in groups.values():
+        _score_group(forward, x, y, maps, resolved, members, gradient.get()[0], batch, stage,
+                     seed, scores, norms, passes)
+    return [
+        ScoredMap(_undefined_record(resolved[i], passes[i], reasons[i]), None)
+        if reasons[i]
+        else ScoredMap(_record(scores[i], norms[i], passes[i]), scores[i])
+        for i in range(len(maps))
+    ]
+
+
+def _score_group(
+    forward: Forward,
+    x: torch.Tensor,
+    y: int,
+    maps: Sequence[torch.Tensor],
+    resolved: Sequence[ApemOptions],
+    members: list[int],
+    sign: torch.Tensor,
+    batch: int,
+    stage: str,
+    seed: int,
+    scores: dict[int, MapScore],
+    norms: dict[int, float | None],
+    passes: list[int],
+) -> None:
+    """The searches of maps sharing one lattice and clamping: round after round, every
+    member's original (first round only) and its next shuffle, while it has one and no
+    earlier shuffle flipped both ways, scored together. Fills scores, norms, passes."""
+    options = resolved[members[0]]
+    shuffles = {}
+    for i in members:
+        generator = torch.Generator().manual_seed(seed)
+        shuffles[i] = [shuffled(maps[i], generator) for _ in range(resolved[i].shuffles)]
+        norms[i] = None if not shuffles[i] else math.nan
+    turn, waiting = 0, list(members)
+    while waiting:
+        owners, batch_maps = [], []
+        for i in waiting:
+            if turn == 0:
+                owners.append((i, "original"))
+                batch_maps.append(maps[i])
+            if turn < len(shuffles[i]):
+                owners.append((i, "shuffle"))
+                batch_maps.append(shuffles[i][turn])
+        found = score_maps(forward, x, y, batch_maps, sign, options, batch=batch, stage=stage)
+        still = []
+        for (i, kind), score in zip(owners, found):
+            if score is not None:
+                passes[i] += score.minus.forward_passes + score.plus.forward_passes
+            if kind == "original":
+                scores[i] = score
+            elif _flipped_both(score):
+                norms[i] = _normalized(scores[i], score)
+            elif turn + 1 < len(shuffles[i]):
+                still.append(i)
+        turn, waiting = turn + 1, still
+
+
+def _record(score: MapScore, apem_norm: float | None, passes: int) -> ReliabilityRecord:
     return ReliabilityRecord(
         eps_minus=score.minus.eps,
         eps_plus=score.plus.eps,
@@ -683,6 +794,22 @@ def apem(
         resolution=score.resolution,
         eps_minus_censored=score.minus.censored,
         eps_plus_censored=score.plus.censored,
-        forward_passes=budget.spent - spent,
+        forward_passes=passes,
         apem_norm=apem_norm,
+    )
+
+
+def _undefined_record(options: ApemOptions, passes: int, reason: str) -> ReliabilityRecord:
+    """eps values and APEM NaN, with the reason."""
+    nan = math.nan
+    return ReliabilityRecord(
+        eps_minus=nan,
+        eps_plus=nan,
+        apem=nan,
+        resolution=options.resolution,
+        eps_minus_censored=False,
+        eps_plus_censored=False,
+        forward_passes=passes,
+        apem_norm=None,
+        undefined_reason=reason,
     )

@@ -47,8 +47,8 @@ from .apem import (
     ApemOptions,
     Forward,
     MapScore,
+    SharedGradient,
     check_relevance,
-    gradient_sign_and_logits,
     max_calls_for,
     resolve_options,
     score_maps,
@@ -246,6 +246,21 @@ class _Setup:
     sign: torch.Tensor | None
     before: MapScore | None
     reason: str
+    inherited: int = 0
+    """Passes of the gradient and the original's searches done before the filter (by the
+    map's APEM, ``Shared``): they count toward the filter's ``forward_budget`` as if it
+    had spent them, so it answers the same with or without them."""
+
+
+@dataclass(frozen=True)
+class Shared:
+    """Work the filter can take from the map's APEM in the same request instead of
+    repeating it: the gradient of x and y (``apem.SharedGradient``), and ``before``, the
+    map's own score from ``apem.apem_many`` with the same options (its searches are the
+    ones the filter would run for the original)."""
+
+    gradient: SharedGradient | None = None
+    before: MapScore | None = None
 
 
 def _setup(
@@ -260,6 +275,7 @@ def _setup(
     budget: Budget,
     batch: int,
     field: str,
+    shared: Shared,
 ) -> _Setup:
     """Options, the gradient sign and the original's score (or why it is undefined)."""
     resolved = resolve_options(options, x.numel(), field)
@@ -269,12 +285,19 @@ def _setup(
     reason = undefined_reason(relevance)
     if reason:
         return _Setup(resolved, filter_options, None, None, reason)
-    sign, logits = gradient_sign_and_logits(module, x, y, budget, STAGE)
+    gradient = shared.gradient or SharedGradient(module, x, y, budget, STAGE)
+    inherited = int(gradient.computed)
+    sign, logits = gradient.get()
     reason = undefined_at(sign, logits, y)
     if reason:
         return _Setup(resolved, filter_options, None, None, reason)
-    (before,) = score_maps(forward, x, y, [relevance], sign, resolved, batch=batch, stage=STAGE)
-    return _Setup(resolved, filter_options, sign, before, "")
+    before = shared.before
+    if before is None:
+        (before,) = score_maps(forward, x, y, [relevance], sign, resolved, batch=batch,
+                               stage=STAGE)
+    else:
+        inherited += before.minus.forward_passes + before.plus.forward_passes
+    return _Setup(resolved, filter_options, sign, before, "", inherited)
 
 
 def _record(
@@ -308,6 +331,7 @@ def filter_exact(
     budget: Budget,
     batch: int = DEFAULT_BATCH,
     field: str = "methods[0]",
+    shared: Shared | None = None,
 ) -> FilteredRecord:
     """Algorithm 2 as written: one APEM per distinct positive value, until the first drop.
 
@@ -319,7 +343,8 @@ def filter_exact(
     """
     spent = budget.spent
     setup = _setup(
-        forward, module, x, y, relevance, options, request, "exact", budget, batch, field
+        forward, module, x, y, relevance, options, request, "exact", budget, batch, field,
+        shared or Shared(),
     )
     if setup.reason:
         return _record(relevance, relevance, None, None, budget.spent - spent)
@@ -330,7 +355,7 @@ def filter_exact(
     values, _ = distinct_positive(relevance)
     for value in values[:-1]:  # the last step, the all-zero map, drops by definition
         candidate = zero_through(relevance, value)
-        if cap is not None and budget.spent - spent + cost > cap:
+        if cap is not None and budget.spent - spent + setup.inherited + cost > cap:
             raise ResourceExhausted(
                 f"{field}.filter.forward_budget",
                 f"the exact filter needs more than {cap} forward passes; use mode 'fast'",
@@ -357,6 +382,7 @@ def filter_fast(
     budget: Budget,
     batch: int = DEFAULT_BATCH,
     field: str = "methods[0]",
+    shared: Shared | None = None,
 ) -> FilteredRecord:
     """Algorithm 2 on a budgeted subset of its steps (module docstring).
 
@@ -369,7 +395,8 @@ def filter_fast(
     """
     spent = budget.spent
     setup = _setup(
-        forward, module, x, y, relevance, options, request, "fast", budget, batch, field
+        forward, module, x, y, relevance, options, request, "fast", budget, batch, field,
+        shared or Shared(),
     )
     if setup.reason:
         return _record(relevance, relevance, None, None, budget.spent - spent)
@@ -379,7 +406,8 @@ def filter_fast(
     scores: dict[int, MapScore | None] = {0: setup.before}
     drop = len(values)  # the first known drop; M_D (all zero) drops by definition
     while True:
-        room = math.inf if cap is None else (cap - (budget.spent - spent)) // cost
+        used = budget.spent - spent + setup.inherited
+        room = math.inf if cap is None else (cap - used) // cost
         count = int(min(CANDIDATES_PER_ROUND, room))
         if len(scores) == 1:  # first round: an exponential search from the start
             steps = quantile_steps(counts, list(range(1, drop)), count, front_loaded=True)
@@ -419,8 +447,15 @@ def filter_map(
     budget: Budget,
     batch: int = DEFAULT_BATCH,
     field: str = "methods[0]",
+    shared: Shared | None = None,
 ) -> FilteredRecord:
-    """``filter_fast`` or ``filter_exact`` as ``request.mode`` says (default fast)."""
+    """``filter_fast`` or ``filter_exact`` as ``request.mode`` says (default fast).
+
+    shared: the gradient and the original's score from the map's APEM in the same request
+    (``Shared``), not computed again; the record's ``forward_passes`` then count the
+    filter's own images only, while ``forward_budget`` still counts the shared ones, so
+    the answer does not depend on whether the map's APEM was asked for too.
+    """
     request = request or FilterRequest()
     if request.mode not in MODES:
         raise InvalidArgument(
@@ -438,4 +473,5 @@ def filter_map(
         budget=budget,
         batch=batch,
         field=field,
+        shared=shared,
     )

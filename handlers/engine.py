@@ -16,8 +16,17 @@ from typing import Any
 
 import torch
 
-from .apem import ApemOptions, apem, relevance_from_map, resolve_options
-from .apem_filter import filter_map, resolve_filter_options
+from .apem import STAGE as APEM_STAGE
+from .apem import (
+    ApemOptions,
+    MapScore,
+    SharedGradient,
+    apem_many,
+    relevance_from_map,
+    resolve_options,
+)
+from .apem_filter import STAGE as FILTER_STAGE
+from .apem_filter import Shared, filter_map, resolve_filter_options
 from .errors import InvalidArgument, ModelLoadError, NotFound, ResourceExhausted
 from .forward import Budget, CountedForward
 from .forward_backends import ForwardConfig, ModelForwards, prepare_forwards
@@ -37,9 +46,11 @@ from .types import (
     Explanation,
     ExplainRequest,
     ExplainResult,
+    FilteredRecord,
     MethodRequest,
     ModelInfo,
     Prediction,
+    ReliabilityRecord,
     ReliabilityRequest,
 )
 
@@ -59,12 +70,47 @@ class _Planned:
     ranked: bool = False  # one of AUTO's candidates
 
 
+@dataclass
+class _Draft:
+    """One map on its way to an ``Explanation``: computed and post-processed first, its
+    APEM and filter added once every map of the request is there (they share forward
+    calls and the gradient)."""
+
+    item: _Planned
+    staged: torch.Tensor
+    map: Any
+    forward_passes: int
+    timings: dict[str, float]
+    png: bytes | None
+    reliability: ReliabilityRecord | None = None
+    filtered: FilteredRecord | None = None
+    score: MapScore | None = None  # its APEM searches, for the filter
+
+    def explanation(self) -> Explanation:
+        return Explanation(
+            method=self.item.method.name,
+            stage=self.item.request.stage,
+            map=self.map,
+            forward_passes=self.forward_passes,
+            timings=self.timings,
+            png=self.png,
+            reliability=self.reliability,
+            filtered=self.filtered,
+        )
+
+
 def _apem_rank(explanation: Explanation) -> tuple[int, float]:
     """Sort key: defined APEM first, highest first."""
     record = explanation.reliability
     if record is None or record.undefined_reason or math.isnan(record.apem):
         return (1, 0.0)
     return (0, -record.apem)
+
+
+def _ranked(group: list[_Draft]) -> list[Explanation]:
+    """The explanations of one requested method; AUTO's ranked by APEM, best first."""
+    explanations = [d.explanation() for d in group]
+    return sorted(explanations, key=_apem_rank) if group[0].item.ranked else explanations
 
 
 class Engine:
@@ -181,12 +227,13 @@ class Engine:
             target = torch.tensor([prediction.target.index])
             ctx = MethodContext(served, forward, budget, self.limits.max_batch)
             attributions: dict[tuple[str, str], torch.Tensor] = {}
-            explanations = tuple(
-                explanation
+            drafts = [
+                [self._draft(ctx, item, x, target, request, attributions) for item in group]
                 for group in plan
-                for explanation in self._explain_group(
-                    ctx, group, x, target, request, attributions
-                )
+            ]
+            self._reliability(ctx, [d for group in drafts for d in group], x, target, request)
+            explanations = tuple(
+                explanation for group in drafts for explanation in _ranked(group)
             )
         timings[f"forward.{forward.label}"] = forward.seconds
         timings["total"] = time.perf_counter() - start
@@ -292,22 +339,7 @@ class Engine:
         target = request.target if request.target is not None else int(order[0])
         return Prediction(top_k=tuple(score(int(i)) for i in order[:k]), target=score(target))
 
-    def _explain_group(
-        self,
-        ctx: MethodContext,
-        group: list[_Planned],
-        x: torch.Tensor,
-        target: torch.Tensor,
-        request: ExplainRequest,
-        attributions: dict[tuple[str, str], torch.Tensor],
-    ) -> list[Explanation]:
-        """The explanations of one requested method; AUTO's ranked by APEM, best first."""
-        explanations = [
-            self._explain_one(ctx, item, x, target, request, attributions) for item in group
-        ]
-        return sorted(explanations, key=_apem_rank) if group[0].ranked else explanations
-
-    def _explain_one(
+    def _draft(
         self,
         ctx: MethodContext,
         item: _Planned,
@@ -315,10 +347,11 @@ class Engine:
         target: torch.Tensor,
         request: ExplainRequest,
         attributions: dict[tuple[str, str], torch.Tensor],
-    ) -> Explanation:
-        """One map. ``attributions`` holds the raw maps computed so far in this request, by
-        method and parameters, so one method asked for at several stages runs once (the
-        later explanations then report no forward passes of their own)."""
+    ) -> _Draft:
+        """One map, without its APEM and filter. ``attributions`` holds the raw maps
+        computed so far in this request, by method and parameters, so one method asked for
+        at several stages runs once (the later explanations then report no forward passes
+        of their own)."""
         spent_before = ctx.budget.spent
         t0 = time.perf_counter()
         key = (item.method.name, repr(sorted(item.params.items())))
@@ -336,34 +369,53 @@ class Engine:
         attr_map = staged.numpy().astype("float32")
         png = self._png(attr_map, x, request)
         timings["postprocess"] = time.perf_counter() - t0 - timings.get("gad", 0.0)
-        forward_passes = ctx.budget.spent - spent_before
+        return _Draft(item, staged, attr_map, ctx.budget.spent - spent_before, timings, png)
 
-        reliability = filtered = None
-        if item.apem_options is not None:
-            relevance = relevance_from_map(staged)
-            y = int(target[0])
-            args = (ctx.forward, ctx.model, x[0], y, relevance, item.request.reliability)
-            common = {"budget": ctx.budget, "field": item.request.field}
-            if item.request.reliability is not None:
-                t0 = time.perf_counter()
-                reliability = apem(*args, **common)
-                timings["apem"] = time.perf_counter() - t0
-            if item.request.filter is not None:
-                t0 = time.perf_counter()
-                record = filter_map(*args, request=item.request.filter, **common)
-                kept = attr_map * (record.map > 0)  # the original's values where R was kept
-                filtered = replace(record, map=kept, png=self._png(kept, x, request))
-                timings["filter"] = time.perf_counter() - t0
-        return Explanation(
-            method=item.method.name,
-            stage=item.request.stage,
-            map=attr_map,
-            forward_passes=forward_passes,
-            timings=timings,
-            png=png,
-            reliability=reliability,
-            filtered=filtered,
-        )
+    def _reliability(
+        self,
+        ctx: MethodContext,
+        drafts: list[_Draft],
+        x: torch.Tensor,
+        target: torch.Tensor,
+        request: ExplainRequest,
+    ) -> None:
+        """The APEM records and filtered maps asked for, added to the drafts. Every map's
+        APEM runs in the same forward calls (``apem_many``; its timing ``apem`` is its
+        share of them by forward passes), one gradient serves them all, and a filter starts
+        from its map's APEM instead of searching the original again."""
+        wanted = [d for d in drafts if d.item.apem_options is not None]
+        if not wanted:
+            return
+        y = int(target[0])
+        scored = [d for d in wanted if d.item.request.reliability is not None]
+        gradient = SharedGradient(ctx.model, x[0], y, ctx.budget,
+                                  APEM_STAGE if scored else FILTER_STAGE)
+        relevance = {id(d): relevance_from_map(d.staged) for d in wanted}
+        if scored:
+            t0 = time.perf_counter()
+            results = apem_many(
+                ctx.forward, ctx.model, x[0], y, [relevance[id(d)] for d in scored],
+                [d.item.request.reliability for d in scored], budget=ctx.budget,
+                fields=[d.item.request.field for d in scored], gradient=gradient,
+            )
+            elapsed = time.perf_counter() - t0
+            total = sum(r.record.forward_passes for r in results)
+            for d, result in zip(scored, results):
+                share = result.record.forward_passes / total if total else 1 / len(scored)
+                d.reliability, d.score = result.record, result.score
+                d.timings["apem"] = elapsed * share
+        for d in wanted:
+            if d.item.request.filter is None:
+                continue
+            t0 = time.perf_counter()
+            record = filter_map(
+                ctx.forward, ctx.model, x[0], y, relevance[id(d)], d.item.request.reliability,
+                request=d.item.request.filter, budget=ctx.budget, field=d.item.request.field,
+                shared=Shared(gradient, d.score),
+            )
+            kept = d.map * (record.map > 0)  # the original's values where R was kept
+            d.filtered = replace(record, map=kept, png=self._png(kept, x, request))
+            d.timings["filter"] = time.perf_counter() - t0
 
     @staticmethod
     def _png(attr_map: Any, x: torch.Tensor, request: ExplainRequest) -> bytes | None:

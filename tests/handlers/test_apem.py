@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -366,3 +367,54 @@ def test_forward_passes_match_the_budget(served, images):
     assert record.forward_passes == ctx.budget.spent - before
     assert record.forward_passes == ctx.budget.by_stage["apem"] - by_stage
     assert record.apem_norm is not None and record.resolution <= RES
+
+
+def test_maps_scored_together_equal_maps_scored_alone(served, images):
+    """apem_many: every record as apem gives it alone (each search sees the same eps
+    values), in fewer forward calls, with one gradient for all; the records' passes add
+    up to what the call charged."""
+    x = images[1]
+    y = predicted(make_context(served).forward, x)
+    g = torch.Generator().manual_seed(3)
+    maps = [saliency_map(served.module, x, y), torch.rand(1, 16, 16, generator=g),
+            torch.rand(3, 16, 16, generator=g), torch.zeros(1, 16, 16)]
+    options = [ReliabilityRequest(shuffles=2), None,
+               ReliabilityRequest(resolution=0.05, shuffles=1), None]
+    alone, calls_alone = [], 0
+    for relevance, o in zip(maps, options):
+        ctx = make_context(served, max_batch=64)
+        counting = CountingForward(ctx.forward)
+        alone.append(A.apem(counting, served.module, x, y, relevance, o, budget=ctx.budget))
+        calls_alone += counting.calls
+    ctx = make_context(served, max_batch=64)
+    counting = CountingForward(ctx.forward)
+    together = A.apem_many(counting, served.module, x, y, maps, options, budget=ctx.budget,
+                           fields=[f"methods[{i}]" for i in range(4)])
+    print(f"\n4 maps: {calls_alone} forward calls alone, {counting.calls} together")
+    assert [t.record.forward_passes for t in together] == [
+        alone[0].forward_passes, *(a.forward_passes - 1 for a in alone[1:3]), 0
+    ]  # the gradient's pass is counted once, on the first map
+    assert sum(t.record.forward_passes for t in together) == ctx.budget.spent
+    assert ctx.budget.by_stage["apem"] == ctx.budget.spent
+    for a, t in zip(alone[:3], together[:3]):
+        assert replace(t.record, forward_passes=0) == replace(a, forward_passes=0)
+        assert t.score.apem == t.record.apem
+    assert together[2].record.resolution <= 0.05 and together[0].record.resolution <= RES
+    assert together[3].score is None and together[3].record.undefined_reason == (
+        alone[3].undefined_reason) != ""
+    assert alone[0].apem_norm is not None and alone[2].apem_norm is not None
+    assert counting.calls < calls_alone
+
+
+def test_maps_scored_together_share_one_undefined_prediction(served, images):
+    """A wrong target makes every map's APEM undefined, after one gradient."""
+    x = images[0]
+    ctx = make_context(served, max_batch=64)
+    other = (predicted(ctx.forward, x) + 1) % 3
+    maps = [torch.rand(1, 16, 16), torch.rand(1, 16, 16)]
+    spent = ctx.budget.spent
+    together = A.apem_many(ctx.forward, served.module, x, other, maps, [None, None],
+                           budget=ctx.budget, fields=["methods[0]", "methods[1]"])
+    assert ctx.budget.spent - spent == 1  # the one gradient, no search
+    assert [t.record.forward_passes for t in together] == [1, 0]
+    assert all("not the explained class" in t.record.undefined_reason for t in together)

@@ -270,3 +270,26 @@ def test_defaults():
     options = A.resolve_options(None, 768)
     assert AF.resolve_filter_options(None, options) == AF.FilterOptions("fast", 4096)
     assert AF.resolve_filter_options(FilterRequest(mode="exact"), options).forward_budget is None
+
+
+def test_filter_takes_the_gradient_and_the_original_score_from_apem(served, images):
+    """Given the map's APEM from the same request (``Shared``), the filter answers as alone
+    and spends the gradient's pass and the original's searches less."""
+    x = images[1]
+    ctx = make_context(served, max_batch=64)
+    y = int(ctx.forward(x.unsqueeze(0), "predict").argmax())
+    relevance = saliency_map(served.module, x, y)
+    alone = AF.filter_map(ctx.forward, served.module, x, y, relevance, budget=ctx.budget)
+    ctx = make_context(served, max_batch=64)
+    gradient = A.SharedGradient(served.module, x, y, ctx.budget)
+    (scored,) = A.apem_many(ctx.forward, served.module, x, y, [relevance], [None],
+                            budget=ctx.budget, fields=["methods[0]"], gradient=gradient)
+    spent = ctx.budget.spent
+    shared = AF.filter_map(ctx.forward, served.module, x, y, relevance, budget=ctx.budget,
+                           shared=AF.Shared(gradient, scored.score))
+    assert np.array_equal(shared.map, alone.map)
+    assert (shared.apem_before, shared.apem_after) == (alone.apem_before, alone.apem_after)
+    assert shared.apem_before == scored.record.apem
+    assert shared.forward_passes == ctx.budget.spent - spent
+    assert shared.forward_passes == alone.forward_passes - scored.record.forward_passes
+    assert scored.record.forward_passes > 1  # the gradient and the original's searches

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 import pickle
 from pathlib import Path
 
@@ -330,3 +331,36 @@ def test_one_method_at_several_stages_runs_once(engine):
 
     staged = apply_stage(torch.from_numpy(raw)[None], torch.zeros(1, 3, 16, 16), "one_channel")
     np.testing.assert_allclose(result.explanations[1].map, staged[0].numpy(), atol=1e-6)
+
+
+def test_maps_of_one_request_share_the_apem_work(engine):
+    """Two maps with APEM and filter in one request: the records and filtered maps of
+    requests asking for each alone, one gradient between them, and filters that start
+    from their map's APEM instead of searching the original again."""
+    from xaiserve.handlers.types import FilterRequest, ReliabilityRequest
+
+    image = EncodedImage(png_bytes(rgb_image(seed=4)))
+
+    def item(name: str, i: int) -> MethodRequest:
+        return MethodRequest(name, field=f"methods[{i}]", reliability=ReliabilityRequest(),
+                             filter=FilterRequest())
+
+    alone = [engine.explain(request(image, item(n, 0))) for n in ("saliency", "grad_cam")]
+    both = engine.explain(request(image, item("saliency", 0), item("grad_cam", 1)))
+    for single, joint in zip(alone, both.explanations):
+        (expected,) = single.explanations
+        assert np.array_equal(joint.map, expected.map)
+        assert replace(joint.reliability, forward_passes=0) == replace(
+            expected.reliability, forward_passes=0)
+        assert np.array_equal(joint.filtered.map, expected.filtered.map)
+        assert joint.filtered.apem_before == joint.reliability.apem
+        assert joint.filtered.forward_passes == expected.filtered.forward_passes
+    first, second = both.explanations
+    assert first.reliability.forward_passes == alone[0].explanations[0].reliability.forward_passes
+    assert second.reliability.forward_passes == (
+        alone[1].explanations[0].reliability.forward_passes - 1)  # the gradient, shared
+    assert both.forward_passes["apem"] == sum(
+        e.reliability.forward_passes for e in both.explanations)
+    assert both.forward_passes["apem_filter"] == sum(  # the filters' own rounds only
+        e.filtered.forward_passes for e in both.explanations)
+    assert set(first.timings) >= {"attribute", "postprocess", "apem", "filter"}
