@@ -20,7 +20,10 @@ checked against torch as the engine does at load):
    once per model and window before the timings), adaptive occlusion (ONNX Runtime,
    incremental; Spearman rank correlation with full occlusion), APEM per map (the
    occlusion map's, default options) on torch and on ONNX Runtime, and on the demo model
-   the fast APEM filter on both.
+   the fast APEM filter on both; and the APEMs of a request's four maps (occlusion,
+   adaptive occlusion, saliency, Grad-CAM) on ONNX Runtime, one by one (each map its own
+   gradient and search rounds) and together as the engine runs them (``apem_many``: one
+   gradient, every map's searches in the same forward calls).
 
 Printed per method: forward passes, seconds, speed-up over Captum's Occlusion, and the
 efficiency: (forward passes / the machine's best throughput for the network) / seconds
@@ -56,7 +59,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xaiserve.handlers.apem import apem, gradient_sign_and_logits, relevance_from_map
+from xaiserve.handlers.apem import apem, apem_many, gradient_sign_and_logits, relevance_from_map
 from xaiserve.handlers.apem_filter import filter_map
 from xaiserve.handlers.forward import Budget
 from xaiserve.handlers.forward_backends import ModelForwards, prepare_forwards
@@ -64,6 +67,7 @@ from xaiserve.handlers.forward_config import ForwardConfig
 from xaiserve.handlers.methods.base import MethodContext
 from xaiserve.handlers.methods.occlusion import Occlusion, window_starts
 from xaiserve.handlers.methods.occlusion_adaptive import rank_correlation
+from xaiserve.handlers.methods.registry import get_method
 from xaiserve.handlers.model import ModelConfig, PixelSpaceModel, ServedModel, load_model_dir
 from xaiserve.handlers.postprocess import apply_stage
 from xaiserve.handlers.types import FilterRequest
@@ -72,6 +76,10 @@ from xaiserve.model_store.build_demo import ensure_demo_model
 
 ROOT = Path(__file__).resolve().parents[1]
 NETS = ("demo", "resnet18", "resnet50")
+REQUEST_MAPS = 4
+"""A request's maps for the APEM rows: occlusion, adaptive occlusion, saliency, Grad-CAM."""
+ONE_BY_ONE = f"APEM, {REQUEST_MAPS} maps one by one"
+TOGETHER = f"APEM, {REQUEST_MAPS} maps together"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -102,7 +110,19 @@ class Row:
     seconds: float
     forward_seconds: float | None = None
     extra: str = ""
-    gradient_seconds: float = 0.0  # APEM's torch gradient (not forward-only), timed aside
+    gradient_seconds: float = 0.0  # APEM's torch gradients (not forward-only), timed aside
+    gradients: int = 1  # torch gradient passes per image in ``passes``
+
+
+class Calls:
+    """Wraps a forward, counting its calls (the rounds of the APEM searches)."""
+
+    def __init__(self, forward: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
+        self.forward, self.calls = forward, 0
+
+    def __call__(self, x: torch.Tensor, stage: str) -> torch.Tensor:
+        self.calls += 1
+        return self.forward(x, stage)
 
 
 @dataclass
@@ -234,7 +254,8 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
     )
     totals: dict[tuple[str, str], list[float]] = {}
     correlations: list[float] = []
-    eps_agree = []
+    eps_agree, same_records = [], []
+    forward_calls = {ONE_BY_ONE: 0, TOGETHER: 0}  # over every repeat
     plans, map_difference = {}, {}
     axes = [window_starts(side, net.window, net.stride) for side in shape[1:]]
     for backend in ("torch", "onnxruntime"):  # built once per model and window, then cached
@@ -242,11 +263,14 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
         plans[backend] = (occluder, seconds)
 
     def add(method: str, backend: str, passes: int, seconds: float,
-            ctx: MethodContext | None = None, gradient: float = 0.0) -> None:
+            ctx: MethodContext | None = None, gradient: float = 0.0,
+            forward_seconds: float | None = None) -> None:
         entry = totals.setdefault((method, backend, repeat), [0, 0.0, 0.0, 0.0])
         entry[0] += passes
         entry[1] += seconds
-        entry[2] += ctx.forward.seconds if ctx is not None else math.nan
+        if forward_seconds is None:
+            forward_seconds = ctx.forward.seconds if ctx is not None else math.nan
+        entry[2] += forward_seconds
         entry[3] += gradient
 
     def gradient_seconds(x: torch.Tensor, y: int) -> float:
@@ -287,6 +311,32 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
                     gradient_seconds(x, y))
             a, b = records["torch"], records["onnxruntime"]
             eps_agree.append((a.eps_minus, a.eps_plus) == (b.eps_minus, b.eps_plus))
+
+            # a request's maps: their APEMs one by one (each its own gradient and rounds)
+            # and together (the engine: one gradient, every map's searches in one call)
+            maps = [relevance, relevance_from_map(apply_stage(adaptive, x, "one_channel")[0])]
+            for name in ("saliency", "grad_cam"):
+                method = get_method(name)
+                params = method.resolve_params({}, shape, name)
+                raw = method.attribute(context(net, "torch"), x, target, params)
+                maps.append(relevance_from_map(apply_stage(raw, x, "one_channel")[0]))
+            ctx = context(net, "onnxruntime")
+            counted = Calls(ctx.forward)
+            alone, seconds = timed(lambda: [apem(counted, ctx.model, x[0], y, r,
+                                                 budget=ctx.budget) for r in maps])
+            add(ONE_BY_ONE, "onnxruntime", ctx.budget.spent, seconds, ctx,
+                len(maps) * gradient_seconds(x, y))
+            forward_calls[ONE_BY_ONE] += counted.calls
+            ctx = context(net, "onnxruntime")
+            counted = Calls(ctx.forward)
+            together, seconds = timed(lambda: apem_many(
+                counted, ctx.model, x[0], y, maps, [None] * len(maps), budget=ctx.budget,
+                fields=[f"methods[{i}]" for i in range(len(maps))]))
+            add(TOGETHER, "onnxruntime", ctx.budget.spent, seconds, ctx, gradient_seconds(x, y))
+            forward_calls[TOGETHER] += counted.calls
+            same_records.append(all(
+                (t.record.eps_minus, t.record.eps_plus) == (a.eps_minus, a.eps_plus)
+                for t, a in zip(together, alone)))
             if net.name == "demo":
                 for backend in ("torch", "onnxruntime"):
                     ctx = context(net, backend)
@@ -311,6 +361,10 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
                      f"{min(correlations):.3f} (min)")
         if method == "APEM per map" and backend == "onnxruntime":
             extra = f"same eps as torch on {sum(eps_agree)}/{len(eps_agree)} maps"
+        if method == TOGETHER:
+            extra = (f"same eps as one by one in {sum(same_records)}/{len(same_records)} "
+                     f"runs; {forward_calls[TOGETHER]} forward calls vs "
+                     f"{forward_calls[ONE_BY_ONE]} one by one (all repeats)")
         if method in map_difference:
             extra = f"max |map - torch full map| {map_difference[method]:.1e}"
         if method == "occlusion incremental":
@@ -318,8 +372,9 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
             extra += (f"; ~{occluder.cost_fraction:.0%} of a full pass per image (a window "
                       f"changes {occluder.plan.changed_fraction:.0%}), plan built in {build:.1f} s"
                       if occluder else "; no plan: full passes")
-        report.rows.append(
-            Row(method, backend, int(passes), seconds, forward_seconds, extra, gradient))
+        gradients = REQUEST_MAPS if method == ONE_BY_ONE else 1
+        report.rows.append(Row(method, backend, int(passes), seconds, forward_seconds, extra,
+                               gradient, gradients))
     return report
 
 
@@ -351,7 +406,7 @@ def print_report(report: Report) -> None:
         share = "" if math.isnan(inside) else f"{inside / row.seconds:.0%}"
         extra = row.extra
         if row.gradient_seconds:  # the forward-only part: the searches without the gradient
-            searches = (row.passes - len(net.images)) / best_rate
+            searches = (row.passes - row.gradients * len(net.images)) / best_rate
             extra = (f"without the torch gradient ({row.gradient_seconds:.2f} s): eff "
                      f"{searches / (row.seconds - row.gradient_seconds):.0%}; {extra}")
         print(f"   {row.method:<28} {row.backend:<11} {row.passes:>7} {row.seconds:>9.2f} "
@@ -364,6 +419,10 @@ def print_report(report: Report) -> None:
           f"{occ['torch'].seconds / occ['onnxruntime'].seconds:.2f}x; incremental vs full "
           f"passes: torch {occ['torch'].seconds / incremental['torch'].seconds:.2f}x, "
           f"onnxruntime {occ['onnxruntime'].seconds / incremental['onnxruntime'].seconds:.2f}x")
+    rows = {r.method: r for r in report.rows}
+    print(f"   APEM of {REQUEST_MAPS} maps together vs one by one: "
+          f"{rows[ONE_BY_ONE].seconds / rows[TOGETHER].seconds:.2f}x faster, "
+          f"{rows[ONE_BY_ONE].passes - rows[TOGETHER].passes} fewer forward passes")
 
 
 def cpu_times() -> tuple[int, int] | None:
