@@ -23,7 +23,8 @@ The seed scans eps = 1, 2, 3, ... with one forward pass per step (``reference_se
 ``Lattice`` whose neighbours differ by the resolution: a grid over [eps_max * 1e-6, eps_max]
 first, then grids splitting the bracket [last not flipped, first flipped] until
 (hi - lo) / hi <= resolution (1% in 3 calls of 12 values), and it searches several
-directions (relevance, irrelevance, shuffles, filter candidates) in the same forward calls.
+directions (relevance, irrelevance, shuffles, filter candidates) in the same forward calls;
+``apem_many`` puts the maps of one request there too, with one gradient for all.
 
 Shapes: x is one image, C x *spatial (no batch dimension); maps are C x *spatial or
 1 x *spatial; directions are K x C x *spatial.
