@@ -713,15 +713,13 @@ def apem_many(
     gradient = gradient or SharedGradient(module, x, y, budget, stage)
     passes = [0] * len(maps)
     reasons = [undefined_reason(relevance) for relevance in maps]
-    for i, reason in enumerate(reasons):
-        if reason:
-            continue
+    defined = [i for i, reason in enumerate(reasons) if not reason]
+    if defined:  # the gradient's pass (where computed here) counts on the first such map
         spent = budget.spent
         sign, logits = gradient.get()
-        passes[i] += budget.spent - spent  # the gradient's pass, where it was computed
+        passes[defined[0]] += budget.spent - spent
         at = undefined_at(sign, logits, y)
-        reasons = [r or at for r in reasons]
-        break
+        reasons = [reason or at for reason in reasons]
     scores: dict[int, MapScore] = {}
     norms: dict[int, float | None] = {}
     groups: dict[tuple[float, float, bool], list[int]] = {}
