@@ -400,7 +400,7 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
         extra = ""
         if method == "occlusion adaptive":
             images = (f"{net.held_out} held-out images (not timed)" if net.held_out
-                      else f"the {len(correlations)} timed images")
+                      else f"the {len(net.images)} timed image(s)")
             extra = (f"Spearman vs full {statistics.mean(correlations):.3f} (mean), "
                      f"{min(correlations):.3f} (min) over {images}")
         if method == "APEM per map" and backend == "onnxruntime":
