@@ -56,7 +56,7 @@ test-torchserve: $(STAMP)
 
 # Forward-only work side by side in one process (bench/forward_only.py): Captum's Occlusion,
 # our occlusion on torch and on ONNX Runtime, adaptive occlusion, APEM per map, on the demo
-# model and ResNet-18/50-shaped networks at 224 x 224. About 8 minutes on 2 cores.
+# model and ResNet-18/50-shaped networks at 224 x 224. 4 to 8 minutes on 2 cores.
 bench: demo-model
 	$(BIN)/python bench/forward_only.py --demo-dir $(MODEL_STORE)/demo
 
