@@ -184,9 +184,10 @@ class ModelForwards:
             log.info("model %s: occlusion (window %d) runs full forward passes: %s",
                      name, window, reason)
         else:
-            log.info("model %s: incremental occlusion (window %d, %s) in %.1f s: %s",
-                     name, window, backend, time.perf_counter() - start,
-                     describe(occluder.plan))
+            log.info("model %s: incremental occlusion (window %d, %s) in %.1f s: %s; %d of "
+                     "the stages without a ring (valid windows)", name, window, backend,
+                     time.perf_counter() - start, describe(occluder.plan),
+                     occluder.valid_stages)
         return occluder
 
     def _build_occluder(

@@ -7,9 +7,14 @@ original's activations at cut k with the window's region from stage k - 1 pasted
 (stage 0: the pixels, the window set to the baseline), all crops of one size so the batch
 is one call (:func:`.incremental.place` says where each crop and region go, worked out
 for every window when the occluder is built); from each output it keeps a fixed-size
-region holding every position the window changed. The head runs on the original's last
-activations with those regions pasted in, and returns the logits. Crops and regions are
-numpy arrays, copied for the whole batch at once through strided views of every box.
+region holding every position the window changed. A stage of one layer of windows runs
+them valid (unpadded) on a crop of the activation padded once per image instead
+(:mod:`.incremental_valid`): its output is that region, with no ring around it computed
+and cut away (ResNet-18 at 224, window 15, all 12 stages: incremental occlusion 4-7%
+faster on ONNX Runtime, the demo model's 12-17%; same logits). The head runs on the
+original's last activations with those regions pasted in, and returns the logits. Crops
+and regions are numpy arrays, copied for the whole batch at once through strided views of
+every box.
 
 ``build_occluder`` makes the plan for a model, window side and window positions, the
 stage modules (``torch.fx`` graph modules, exported to ONNX for the onnxruntime backend)
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,6 +46,7 @@ from .incremental import (
     stage_module,
     trace,
 )
+from .incremental_valid import ValidStage, make_valid
 from .model import PixelSpaceModel
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, OnnxUnavailable, export_onnx, new_session
 
@@ -66,12 +73,16 @@ class _Normalize(nn.Module):
 class IncrementalOcclusion:
     """Logits of occluded copies of an image, by stage plan (module docstring).
 
-    plan: the stages; runners: one per stage, then the head (float32 arrays B x ... ->
-    B x ...); window, starts: the windows it serves (side, and start offsets per axis;
-    every combination is a window). Where each window's crops, pasted regions and kept
-    boxes lie is worked out once, here (``_Layout``), so a batch only gathers rows of it.
-    Activations, crops and boxes are numpy arrays (ONNX Runtime's input and output; torch
-    stages wrap them without copying).
+    plan: the stages; runners: one per stage (on crops), then the head (float32 arrays
+    B x ... -> B x ...); whole: one per stage, on whole activations (``original``);
+    window, starts: the windows it serves (side, and start offsets per axis; every
+    combination is a window); valid: per stage, its rewrite with valid windows
+    (:mod:`.incremental_valid`: crops of the padded activation, no ring, the output is the
+    kept region) or None (the network's padding on crops, the kept box cut out); fills:
+    per stage, the padding's value per input channel (valid stages). Where each window's
+    crops, pasted regions and kept boxes lie is worked out once, here (``_Layout``), so a
+    batch only gathers rows of it. Activations, crops and boxes are numpy arrays (ONNX
+    Runtime's input and output; torch stages wrap them without copying).
     """
 
     def __init__(
@@ -80,24 +91,40 @@ class IncrementalOcclusion:
         runners: Sequence[Runner],
         window: int,
         starts: Sequence[Sequence[int]],
+        whole: Sequence[Runner],
+        valid: Sequence[ValidStage | None] = (),
+        fills: Sequence[np.ndarray | None] = (),
     ) -> None:
         self.plan = plan
         self.runners = list(runners)
+        self.whole = list(whole)
         self.window = window
-        self.layout = _Layout(plan, window, starts)
+        self.valid = list(valid) or [None] * len(plan.stages)
+        self.fills = list(fills) or [None] * len(plan.stages)
+        self.layout = _Layout(plan, window, starts, self.valid)
 
     @property
     def cost_fraction(self) -> float:
         """The plan's estimated cost per occluded image / a full forward pass."""
         return self.plan.cost_fraction
 
+    @property
+    def valid_stages(self) -> int:
+        """Stages that run valid windows (no ring)."""
+        return sum(v is not None for v in self.valid)
+
     def original(self, x: torch.Tensor) -> tuple[list[np.ndarray], torch.Tensor]:
         """x: 1 x C x *spatial (pixels) -> (the activations at the input and every cut,
-        each 1 x ..., and the logits 1 x K), from one pass over the whole image."""
+        each 1 x ..., padded where a valid stage reads them, and the logits 1 x K), from
+        one pass over the whole image."""
         outputs = [np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)]
-        for run in self.runners[:-1]:
+        for run in self.whole:
             outputs.append(run(outputs[-1]))
-        return outputs, torch.from_numpy(self.runners[-1](outputs[-1]))
+        logits = torch.from_numpy(self.runners[-1](outputs[-1]))
+        for k, (valid, fill) in enumerate(zip(self.valid, self.fills)):
+            if valid is not None:
+                outputs[k] = _padded(outputs[k], valid.front, valid.back, fill)
+        return outputs, logits
 
     def logits(
         self,
@@ -110,10 +137,13 @@ class IncrementalOcclusion:
         rows = self.layout.rows(corners)
         length: tuple[int, ...] = (self.window,) * len(corners[0])
         values: np.ndarray | float = baseline
-        for k, (stage, run) in enumerate(zip(self.plan.stages, self.runners)):
-            crops = _crops(activations[k], self.layout.crops[k][rows], stage.crop)
+        for k, (stage, run, valid) in enumerate(zip(self.plan.stages, self.runners, self.valid)):
+            crop = stage.crop if valid is None else valid.length
+            crops = _crops(activations[k], self.layout.crops[k][rows], crop)
             _paste(crops, self.layout.pastes[k][rows], length, values)
-            values = _boxes(run(crops), self.layout.boxes[k][rows], stage.rect)
+            values = run(crops)
+            if valid is None:
+                values = _boxes(values, self.layout.boxes[k][rows], stage.rect)
             length = stage.rect
         inputs = np.repeat(activations[-1], len(rows), axis=0)
         _paste(inputs, self.layout.pastes[-1][rows], length, values)
@@ -122,24 +152,43 @@ class IncrementalOcclusion:
 
 class _Layout:
     """Per window (rows in the order of ``itertools.product(*starts)``), B x d integer
-    arrays: ``crops[k]``, where stage k's crop starts in its input grid; ``pastes[k]``,
-    where the previous region goes in that crop (``pastes[-1]``: in the head's input);
-    ``boxes[k]``, where the region kept starts in stage k's output (see
-    :func:`.incremental.place`)."""
+    arrays: ``crops[k]``, where stage k's crop starts in its input grid (padded, for a
+    valid stage: the kept region's start x stride); ``pastes[k]``, where the previous
+    region goes in that crop (``pastes[-1]``: in the head's input); ``boxes[k]``, where
+    the region kept starts in stage k's output (None for a valid stage, whose output is
+    that region; see :func:`.incremental.place`). ``fits[k]``: every window's previous
+    region lies inside its crop (always for padded stages, whose crops are made to hold
+    it)."""
 
-    def __init__(self, plan: StagePlan, window: int, starts: Sequence[Sequence[int]]) -> None:
+    def __init__(
+        self,
+        plan: StagePlan,
+        window: int,
+        starts: Sequence[Sequence[int]],
+        valid: Sequence[ValidStage | None],
+    ) -> None:
         corners = list(itertools.product(*starts))
         self.index = {corner: row for row, corner in enumerate(corners)}
         at = torch.tensor(corners, dtype=torch.long).view(len(corners), len(starts))
         previous, length = at, (window,) * len(starts)
-        self.crops, self.pastes, self.boxes = [], [], []
-        for stage in plan.stages:
+        self.crops, self.pastes, self.boxes, self.fits = [], [], [], []
+        for stage, rewritten in zip(plan.stages, valid):
             placement = place(stage, at, window, previous, length)
-            offsets = placement.offsets(stage)
             strides = torch.tensor([s.stride for s in stage.span])
+            if rewritten is None:
+                offsets = placement.offsets(stage)
+                self.boxes.append((placement.rect - offsets // strides).numpy())
+                paste = previous - offsets
+                self.fits.append(True)
+            else:
+                offsets = placement.rect * strides
+                self.boxes.append(None)
+                paste = previous + torch.tensor(rewritten.front) - offsets
+                inside = (paste >= 0) & (paste + torch.tensor(length) <= torch.tensor(
+                    rewritten.length))
+                self.fits.append(bool(inside.all()))
             self.crops.append(offsets.numpy())
-            self.pastes.append((previous - offsets).numpy())
-            self.boxes.append((placement.rect - offsets // strides).numpy())
+            self.pastes.append(paste.numpy())
             previous, length = placement.rect, stage.rect
         self.pastes.append(previous.numpy())
 
@@ -168,6 +217,19 @@ def _crops(source: np.ndarray, starts: np.ndarray, lengths: Sequence[int]) -> np
 def _boxes(source: np.ndarray, starts: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
     """source: B x C x *grid -> B x C x *lengths, image b's box at ``starts[b]``."""
     return _windows(source, lengths)[(np.arange(len(starts)), slice(None), *starts.T)]
+
+
+def _padded(
+    source: np.ndarray, front: Sequence[int], back: Sequence[int], fill: np.ndarray
+) -> np.ndarray:
+    """source (1 x C x *grid) with ``front`` and ``back`` positions per spatial axis
+    around its grid, holding ``fill`` (per channel, C)."""
+    grid = source.shape[-len(front):]
+    shape = source.shape[:-len(front)] + tuple(n + a + b for n, a, b in zip(grid, front, back))
+    out = np.empty(shape, dtype=np.float32)
+    out[...] = fill.reshape((1, -1) + (1,) * (source.ndim - 2))
+    out[(..., *(slice(a, a + n) for a, n in zip(front, grid)))] = source
+    return out
 
 
 def _paste(
@@ -227,14 +289,17 @@ def build_occluder(
     session_options: dict[str, Any] | None = None,
     tolerance: float = 1e-4,
     joins_worth_it: float = JOINS_WORTH_IT,
+    valid_windows: bool = True,
 ) -> tuple[IncrementalOcclusion | None, str]:
     """(occluder, "") or (None, why not) for the pixel-space ``module``, input C x
     *spatial, windows of side ``window`` starting at every combination of ``starts`` (per
     axis), stages on ``backend`` ("torch" or "onnxruntime", its sessions made with
     ``session_options``: ``onnx_export.new_session``'s keywords). Cuts inside residual
     blocks when that plan's estimate is at most ``joins_worth_it`` of the plan without.
-    Checked on a random image: the logits of occluded copies (the grid's corners, centre
-    and a few more) within ``tolerance`` of full forward passes."""
+    Stages that allow it run valid windows on padded activations (no ring,
+    :mod:`.incremental_valid`) unless ``valid_windows`` is off. Checked on a random image:
+    the logits of occluded copies (the grid's corners, centre and a few more) within
+    ``tolerance`` of full forward passes."""
     normalize, net = _split(module)
     example = torch.rand(1, *input_shape, generator=torch.Generator().manual_seed(CHECK_SEED))
     try:
@@ -250,16 +315,25 @@ def build_occluder(
             gm, plan = joined, finer
     if not plan.stages:
         return None, plan.reason
-    modules: list[nn.Module] = []
-    for k, stage in enumerate(plan.stages):
-        body = stage_module(gm, stage.start, stage.end)
-        modules.append(nn.Sequential(normalize, body).eval() if k == 0 else body)
+    bodies = [stage_module(gm, stage.start, stage.end) for stage in plan.stages]
+    valid = [None] * len(bodies)
+    if valid_windows:
+        valid = [make_valid(body, stage)[0] for body, stage in zip(bodies, plan.stages)]
+        fits = _Layout(plan, window, starts, valid).fits  # previous regions inside the crops
+        valid = [v if fit else None for v, fit in zip(valid, fits)]
+
+    def first(k: int, body: nn.Module) -> nn.Module:  # stage 0 starts from pixels
+        return nn.Sequential(normalize, body).eval() if k == 0 else body
+
+    whole = [first(k, body) for k, body in enumerate(bodies)]
+    modules = [whole[k] if v is None else first(k, v.module) for k, v in enumerate(valid)]
     modules.append(stage_module(gm, plan.head_start, None))
     runners = [_torch_runner(m) for m in modules]
+    dims = len(input_shape) - 1  # stage inputs: the cut's channels, the crop's sides
     if backend == "onnxruntime":
         options = session_options or {}
-        dims = len(input_shape) - 1  # stage inputs: the cut's channels, the crop's sides
-        shapes = [(*activation_shape(gm, s.start)[:-dims], *s.crop) for s in plan.stages]
+        shapes = [(*activation_shape(gm, s.start)[:-dims], *(s.crop if v is None else v.length))
+                  for s, v in zip(plan.stages, valid)]
         shapes.append(activation_shape(gm, plan.head_start))
         try:
             runners = [
@@ -268,11 +342,27 @@ def build_occluder(
             ]
         except OnnxUnavailable as err:
             return None, f"stage export to ONNX failed: {err}"
-    occluder = IncrementalOcclusion(plan, runners, window, starts)
+    fills = [
+        None if v is None else _fill(v.fill, activation_shape(gm, s.start)[0],
+                                     normalize if k == 0 else None)
+        for k, (s, v) in enumerate(zip(plan.stages, valid))
+    ]
+    occluder = IncrementalOcclusion(plan, runners, window, starts,
+                                    [_torch_runner(m) for m in whole], valid, fills)
     error = _check(occluder, module, example, window, starts)
     if error > tolerance:
         return None, f"check failed: max |logit difference| {error:.2e} > {tolerance:g}"
     return occluder, ""
+
+
+def _fill(value: float, channels: int, normalize: nn.Module | None) -> np.ndarray:
+    """The padding of a valid stage's input, per channel: ``value`` (what the windows'
+    padding stands for), in pixels for the first stage (normalization maps it to
+    ``value``: mean + value x std)."""
+    fill = np.full(channels, value, dtype=np.float32)
+    if isinstance(normalize, _Normalize) and math.isfinite(value):
+        fill = (normalize.mean + value * normalize.std).reshape(-1).numpy().astype(np.float32)
+    return fill
 
 
 def _check(
