@@ -145,7 +145,9 @@ def test_explain_sends_the_request_the_key_and_the_deadline(setup: Setup) -> Non
     model, inputs, remaining = setup.fake.seen[-1]
     assert model == "demo"
     assert convert.request_from_proto(pb.ExplainRequest.FromString(inputs["body"])) == _plain()
-    assert 5.0 < remaining <= 7.0  # the gRPC deadline of the call
+    # the gRPC deadline of the call (7 s); grpc measures what remains on the wall clock,
+    # which the host may adjust a little, so up to one second more is allowed
+    assert 5.0 < remaining <= 8.0
     assert abs(float(inputs["deadline"]) - (time.time() + 7.0)) < 1.0  # for the worker
 
 
