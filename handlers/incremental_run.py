@@ -264,16 +264,13 @@ def _torch_runner(module: nn.Module) -> Runner:
 
 
 def _onnx_runner(
-    module: nn.Module, shape: Sequence[int], full: Runner, session_options: dict[str, Any]
+    module: nn.Module, shape: Sequence[int], session_options: dict[str, Any]
 ) -> Runner:
-    """An ONNX Runtime session of ``module`` for inputs B x ``shape``; other shapes (the
-    one whole-image pass of ``original``) run ``full`` (torch)."""
+    """An ONNX Runtime session of ``module`` for inputs B x ``shape`` (a stage's crops, or
+    the head's whole activation; ``original``'s whole-image stages run on torch)."""
     session = new_session(export_onnx(module, shape), **session_options)
-    shape = tuple(shape)
 
     def run(x: np.ndarray) -> np.ndarray:
-        if tuple(x.shape[1:]) != shape:
-            return full(x)
         (y,) = session.run([OUTPUT_NAME], {INPUT_NAME: x})
         return y
 
@@ -329,17 +326,14 @@ def build_occluder(
     modules = [whole[k] if v is None else first(k, v.module) for k, v in enumerate(valid)]
     modules.append(stage_module(gm, plan.head_start, None))
     runners = [_torch_runner(m) for m in modules]
-    dims = len(input_shape) - 1  # stage inputs: the cut's channels, the crop's sides
     if backend == "onnxruntime":
         options = session_options or {}
+        dims = len(input_shape) - 1  # stage inputs: the cut's channels, the crop's sides
         shapes = [(*activation_shape(gm, s.start)[:-dims], *(s.crop if v is None else v.length))
                   for s, v in zip(plan.stages, valid)]
         shapes.append(activation_shape(gm, plan.head_start))
         try:
-            runners = [
-                _onnx_runner(m, shape, full, options)
-                for m, shape, full in zip(modules, shapes, runners)
-            ]
+            runners = [_onnx_runner(m, shape, options) for m, shape in zip(modules, shapes)]
         except OnnxUnavailable as err:
             return None, f"stage export to ONNX failed: {err}"
     fills = [
