@@ -57,7 +57,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +68,7 @@ from xaiserve.handlers.apem_filter import filter_map
 from xaiserve.handlers.forward import Budget
 from xaiserve.handlers.forward_backends import ModelForwards, prepare_forwards
 from xaiserve.handlers.forward_config import ForwardConfig
+from xaiserve.handlers.incremental_run import IncrementalOcclusion
 from xaiserve.handlers.methods.base import MethodContext
 from xaiserve.handlers.methods.occlusion import Occlusion, window_starts
 from xaiserve.handlers.methods.occlusion_adaptive import rank_correlation
@@ -261,7 +261,8 @@ def held_out_correlations(net: Net, full: dict, adaptive: dict) -> list[float]:
     return correlations
 
 
-def head_seconds(occluder: Any, x: torch.Tensor, windows: int, batch: int) -> float:
+def head_seconds(occluder: IncrementalOcclusion, x: torch.Tensor, windows: int,
+                 batch: int) -> float:
     """The time of the incremental plan's head (the layers after its last cut, which run on
     whole activations) for ``windows`` occluded copies of x in batches of ``batch``: the
     part of incremental occlusion no crop makes smaller (the original's activations stand
@@ -417,9 +418,9 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
                       f"changes {occluder.plan.changed_fraction:.0%}), plan built in {build:.1f} s"
                       f"; its head alone {heads[backend]:.2f} s"
                       if occluder else "; no plan: full passes")
-            ratios = [totals[captum, "torch", r][1] / totals[method, backend, r][1]
-                      for r in range(repeats)]
             if repeats > 1:
+                ratios = (totals[captum, "torch", r][1] / totals[method, backend, r][1]
+                          for r in range(repeats))
                 extra += "; vs Captum per repeat " + ", ".join(f"{q:.2f}x" for q in ratios)
         gradients = REQUEST_MAPS if method == ONE_BY_ONE else 1
         report.rows.append(Row(method, backend, int(passes), seconds, forward_seconds, extra,
