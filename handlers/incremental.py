@@ -149,17 +149,23 @@ def _window_geometry(module: nn.Module, inner: Geometry) -> Geometry | None:
         return None
     if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d) and module.padding_mode != "zeros":
         return None
-
-    def per_axis(value: int | Sequence[int]) -> tuple[int, ...]:
-        return tuple(value) if isinstance(value, Sequence) else (value,) * dims
-
-    kernel, stride = per_axis(module.kernel_size), per_axis(module.stride or module.kernel_size)
-    pad, dilation = per_axis(padding), per_axis(getattr(module, "dilation", 1))
+    kernel, stride, pad, dilation = window_params(module, dims)
     if len(kernel) != dims:
         return None
     return tuple(
         span.window(k, s, p, d) for span, k, s, p, d in zip(inner, kernel, stride, pad, dilation)
     )
+
+
+def window_params(module: nn.Module, dims: int) -> tuple[tuple[int, ...], ...]:
+    """(kernel, stride, padding, dilation) per axis of a convolution or pooling module with
+    ``dims`` spatial axes (numeric padding)."""
+
+    def per_axis(value: int | Sequence[int]) -> tuple[int, ...]:
+        return tuple(value) if isinstance(value, Sequence) else (value,) * dims
+
+    kernel, stride = per_axis(module.kernel_size), per_axis(module.stride or module.kernel_size)
+    return kernel, stride, per_axis(module.padding), per_axis(getattr(module, "dilation", 1))
 
 
 def _spatial_uniform(node: fx.Node, dims: int) -> bool:

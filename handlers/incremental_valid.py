@@ -23,13 +23,12 @@ from __future__ import annotations
 import copy
 import math
 import operator
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
-from .incremental import Stage
+from .incremental import Stage, window_params
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
@@ -148,7 +147,7 @@ class _Rewriter:
         if self.kind[source] != "in":
             raise _Reject("a window reads another window's output")
         module = self.gm.get_submodule(node.target)
-        kernel, stride, padding, dilation = _window_params(module, self.dims)
+        kernel, stride, padding, dilation = window_params(module, self.dims)
         if any(p > 0 for p in padding):
             if source not in self.raw:
                 raise _Reject("a padded window reads a computed value, not the stage input")
@@ -183,17 +182,6 @@ class _Rewriter:
                                                                      self.stage.rect)]
         with self.graph.inserting_before(user):
             return self.graph.call_function(operator.getitem, (node, (..., *slices)))
-
-
-def _window_params(module: nn.Module, dims: int) -> tuple[tuple[int, ...], ...]:
-    """(kernel, stride, padding, dilation) per axis of a convolution or pooling module."""
-
-    def per_axis(value: int | Sequence[int]) -> tuple[int, ...]:
-        return tuple(value) if isinstance(value, Sequence) else (value,) * dims
-
-    kernel = per_axis(module.kernel_size)
-    stride = per_axis(module.stride or module.kernel_size)
-    return (kernel, stride, per_axis(module.padding), per_axis(getattr(module, "dilation", 1)))
 
 
 def _fill(module: nn.Module) -> float:
