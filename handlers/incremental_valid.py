@@ -60,8 +60,6 @@ class _Reject(Exception):
 def make_valid(module: fx.GraphModule, stage: Stage) -> tuple[ValidStage | None, str]:
     """(the stage rewritten, "") or (None, why not). ``module``: the stage's graph module
     (``incremental.stage_module``); it is not changed (the rewrite shares its weights)."""
-    dims = len(stage.span)
-    strides = {s.stride for s in stage.span}
     if any(s.lo > 0 for s in stage.span):
         return None, "the stage reads no input before its output position"
     length = tuple((r - 1) * s.stride + (s.hi - s.lo) + 1 for s, r in zip(stage.span, stage.rect))
@@ -72,7 +70,7 @@ def make_valid(module: fx.GraphModule, stage: Stage) -> tuple[ValidStage | None,
     )
     rewritten = fx.GraphModule(module, copy.deepcopy(module.graph))
     try:
-        fill = _Rewriter(rewritten, stage, length, dims, strides).run()
+        fill = _Rewriter(rewritten, stage, length).run()
     except _Reject as reason:
         return None, str(reason)
     rewritten.graph.lint()
@@ -87,15 +85,14 @@ class _Rewriter:
     "in" and "out" tensors meet, the "in" one is sliced to the kept region (stride 1
     only). Constants (parameters, numbers) are neither."""
 
-    def __init__(self, gm: fx.GraphModule, stage: Stage, length: tuple[int, ...], dims: int,
-                 strides: set[int]) -> None:
-        self.gm, self.stage, self.length, self.dims = gm, stage, length, dims
+    def __init__(self, gm: fx.GraphModule, stage: Stage, length: tuple[int, ...]) -> None:
+        self.gm, self.stage, self.length, self.dims = gm, stage, length, len(stage.span)
         self.graph = gm.graph
         self.kind: dict[fx.Node, str] = {}
         self.raw: set[fx.Node] = set()  # the input itself, or channel slices / joins of it
         self.fills: set[float] = set()
         self.windows = 0
-        self.strided = strides != {1}
+        self.strided = any(s.stride != 1 for s in stage.span)
 
     def run(self) -> float:
         for node in list(self.graph.nodes):
