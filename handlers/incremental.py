@@ -63,7 +63,7 @@ _LOCAL_MODULES = (
     nn.Hardsigmoid, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
     nn.Dropout3d,
 )
-_WINDOW_MODULES = (
+WINDOW_MODULES = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
 )
@@ -210,7 +210,7 @@ def _node_geometry(
     constants = [n for n in inputs if info[n] is CONSTANT]
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        if isinstance(module, _WINDOW_MODULES) and len(local) == 1:
+        if isinstance(module, WINDOW_MODULES) and len(local) == 1:
             return _window_geometry(module, info[local[0]])
         if isinstance(module, _LOCAL_MODULES) and len(local) == 1:
             return info[local[0]]

@@ -28,9 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .incremental import Stage, window_params
+from .incremental import WINDOW_MODULES, Stage, window_params
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 
@@ -117,9 +116,8 @@ class _Rewriter:
         tensors = [n for n in node.all_input_nodes if n in self.kind]
         if not tensors:
             return  # a constant computed in the stage
-        if node.op == "call_module" and isinstance(
-            self.gm.get_submodule(node.target), _CONVS + _MAX_POOLS + _AVG_POOLS
-        ):
+        if node.op == "call_module" and isinstance(self.gm.get_submodule(node.target),
+                                                   WINDOW_MODULES):
             self._window(node, tensors)
             return
         kinds = {self.kind[n] for n in tensors}
@@ -164,7 +162,7 @@ class _Rewriter:
                 cropped = self.graph.call_function(operator.getitem, (source, (..., *slices)))
             node.replace_input_with(source, cropped)
         valid = copy.copy(module)  # shares the weights
-        valid.padding = 0 if isinstance(module, _MAX_POOLS + _AVG_POOLS) else (0,) * self.dims
+        valid.padding = (0,) * self.dims
         name = f"valid_{self.windows}"
         self.gm.add_submodule(name, valid)
         node.target = name
