@@ -20,7 +20,7 @@ _MIB = 1024 * 1024
 @dataclass(frozen=True)
 class ForwardConfig:
     """How forward-only batches run (server flags ``--forward-backend``, ``--onnx-threads``,
-    ``--onnx-providers``, ``--forward-memory-mb``; env ``XAISERVE_*``).
+    ``--onnx-providers``, ``--forward-memory-mb``, ``--forward-call-batch``; env ``XAISERVE_*``).
 
     backend: the default of models whose ONNX forward passed its check: "onnxruntime", or
         "torch" (ONNX Runtime then only for requests that ask for it).
@@ -32,6 +32,9 @@ class ForwardConfig:
     onnx_device_id: the GPU of GPU providers (CUDA, TensorRT, ROCm); a TorchServe worker
         uses the GPU TorchServe gave it.
     memory_mb: the memory budget of one forward-only batch: bytes per image x batch <= it.
+    call_batch: images per backend call, at most; 0: on ONNX Runtime the batch size with
+        the best throughput, measured when the model loads (``forward.fastest_batch``,
+        about half a second), on torch the memory budget's batch.
     onnx_tolerance: the largest |torch - onnxruntime| logit difference the check accepts.
     export_on_load: export a model without ``model.onnx`` when it is loaded (in memory).
     incremental_occlusion: occlusion recomputes only the region of the early layers a
@@ -44,6 +47,7 @@ class ForwardConfig:
     onnx_providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
     onnx_device_id: int = 0
     memory_mb: int = 1024
+    call_batch: int = 0
     onnx_tolerance: float = DEFAULT_TOLERANCE
     export_on_load: bool = True
     incremental_occlusion: bool = True
@@ -59,6 +63,8 @@ class ForwardConfig:
             raise ValueError("onnx_providers must name at least one provider")
         if self.memory_mb < 1:
             raise ValueError(f"memory_mb must be >= 1, got {self.memory_mb}")
+        if self.call_batch < 0:
+            raise ValueError(f"call_batch must be >= 0, got {self.call_batch}")
         if not isinstance(self.incremental_occlusion, bool):
             raise ValueError(
                 f"incremental_occlusion must be true or false, got {self.incremental_occlusion!r}"

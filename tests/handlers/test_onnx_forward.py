@@ -14,7 +14,16 @@ from torch import nn
 from support.tiny_models import tiny_served
 from xaiserve.handlers.engine import Engine
 from xaiserve.handlers.errors import InvalidArgument
-from xaiserve.handlers.forward import Budget, TorchForward, image_bytes, memory_batch_size
+from xaiserve.handlers import forward as forward_module
+from xaiserve.handlers.forward import (
+    PROBE_CALLS,
+    PROBE_TOLERANCE,
+    Budget,
+    TorchForward,
+    fastest_batch,
+    image_bytes,
+    memory_batch_size,
+)
 from xaiserve.handlers.forward_backends import OnnxForward, prepare_forwards
 from xaiserve.handlers.forward_config import ForwardConfig
 from xaiserve.handlers.limits import EngineLimits
@@ -136,6 +145,99 @@ def test_batches_follow_the_memory_budget() -> None:
     assert logits.shape == (30, 3)
     assert session.batches == [7, 7, 7, 7, 2]
     assert budget.by_stage == {"attribute": 30}
+
+
+def test_calls_take_at_most_the_call_batch_of_what_the_memory_budget_builds() -> None:
+    served = tiny_served()
+    session = RecordingSession(served.module)
+    budget = Budget(10**6)
+    forward = OnnxForward(session, budget, batch_size=8, call_batch=3)
+    x = torch.rand(10, 3, 16, 16)
+    logits = forward(x, "attribute")
+    assert session.batches == [3, 3, 3, 1]
+    with torch.no_grad():
+        assert torch.allclose(logits, served.module(x), atol=1e-6)
+    assert budget.by_stage == {"attribute": 10}
+    assert OnnxForward(session, budget, batch_size=4, call_batch=50).call_batch == 4
+    assert OnnxForward(session, budget, batch_size=4).call_batch == 4
+    with pytest.raises(ValueError, match="call_batch"):
+        TorchForward(served.module, budget, 4, call_batch=0)
+
+
+class FakeClock:
+    """``time`` for ``fastest_batch``: a call of B images takes ``cost(B)`` seconds, its
+    first call at each size (the warm-up) ``warm_up`` seconds."""
+
+    def __init__(self, cost, warm_up: float = 1000.0) -> None:
+        self.now, self.cost, self.warm_up, self.seen = 0.0, cost, warm_up, set()
+        self.sizes: list[int] = []
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def run(self, x: torch.Tensor) -> None:
+        size = x.shape[0]
+        if size not in self.seen:
+            self.seen.add(size)
+            self.sizes.append(size)
+            self.now += self.warm_up
+        else:
+            self.now += self.cost(size)
+
+
+def smallest_near_best(sizes: list[int], cost) -> int:
+    rates = {s: s / cost(s) for s in sizes}
+    best = max(rates.values())
+    return min(s for s, r in rates.items() if r >= (1 - PROBE_TOLERANCE) * best)
+
+
+@pytest.mark.parametrize(
+    ("limit", "cost"),
+    [
+        (100, lambda b: 1.0 + b),  # per-call overhead: larger is faster, up to the limit
+        (675, lambda b: 2.0 + b * (1.0 if b <= 64 else 1.3)),  # a cache cliff past 64
+        (675, lambda b: 0.5 + b * (1.0 if b <= 16 else 2.0)),  # past 16: half the speed
+        (1, lambda b: 1.0),
+    ],
+)
+def test_fastest_batch_takes_the_smallest_size_near_the_best(monkeypatch, limit, cost) -> None:
+    clock = FakeClock(cost)
+    monkeypatch.setattr(forward_module, "time", clock)
+    size, rates = fastest_batch(clock.run, (3, 4, 4), limit, seconds=1e9)
+    expected_sizes = sorted({min(limit, 2**k) for k in range(12)})
+    assert clock.sizes == list(rates) == expected_sizes  # powers of two, then the limit
+    assert size == smallest_near_best(expected_sizes, cost)
+    for s, rate in rates.items():  # the warm-up call never counts
+        assert rate == pytest.approx(s / cost(s))
+
+
+def test_fastest_batch_stops_trying_larger_sizes_when_its_time_is_up(monkeypatch) -> None:
+    clock = FakeClock(lambda b: 1.0 + b, warm_up=0.0)
+    monkeypatch.setattr(forward_module, "time", clock)
+    seconds = PROBE_CALLS * (1 + 1) + PROBE_CALLS * (1 + 2) - 1  # passes during size 2
+    size, rates = fastest_batch(clock.run, (3, 4, 4), 512, seconds=seconds)
+    assert list(rates) == [1, 2] and size == 2
+    with pytest.raises(ValueError, match="limit"):
+        fastest_batch(clock.run, (3, 4, 4), 0)
+
+
+def test_call_batches_are_measured_on_onnx_runtime_or_configured() -> None:
+    served = tiny_served()
+    measured = prepare_forwards(served)
+    assert measured.call_batches["torch"] == measured.batch_size
+    assert 1 <= measured.call_batches["onnxruntime"] <= measured.batch_size
+    limit = measured.batch_size
+    powers = {min(limit, 2**k) for k in range(limit.bit_length() + 1)}
+    assert measured.call_batches["onnxruntime"] in powers
+    fixed = prepare_forwards(served, ForwardConfig(call_batch=5))
+    assert fixed.call_batches == {"torch": 5, "onnxruntime": 5}
+    for backend in ("torch", "onnxruntime"):
+        forward = fixed.forward(Budget(100), backend)
+        assert (forward.batch_size, forward.call_batch) == (fixed.batch_size, 5)
+    capped = prepare_forwards(served, ForwardConfig(call_batch=10**9, memory_mb=1))
+    assert capped.call_batches["onnxruntime"] == capped.batch_size
+    with pytest.raises(ValueError, match="call_batch"):
+        ForwardConfig(call_batch=-1)
 
 
 def test_both_backends_charge_the_same_passes_and_stop_at_the_budget() -> None:
