@@ -104,6 +104,7 @@ class ArchiveSettings:
             "onnx_threads": forward.onnx_threads,
             "onnx_providers": list(forward.onnx_providers),
             "memory_mb": forward.memory_mb,
+            "call_batch": forward.call_batch,
             "incremental_occlusion": forward.incremental_occlusion,
         }
 
@@ -220,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ONNX Runtime execution providers, comma-separated")
     parser.add_argument("--forward-memory-mb", type=int, default=forward.memory_mb,
                         help="memory budget of one forward-only batch in MiB")
+    parser.add_argument("--forward-call-batch", type=int, default=forward.call_batch,
+                        help="images per forward-only backend call, at most; 0: measured "
+                             "at load on ONNX Runtime (the fastest batch)")
     parser.add_argument("--incremental-occlusion", action=argparse.BooleanOptionalAction,
                         default=forward.incremental_occlusion,
                         help="occlusion recomputes only what each window changes")
@@ -249,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     p.strip() for p in args.onnx_providers.split(",") if p.strip()
                 ),
                 memory_mb=args.forward_memory_mb,
+                call_batch=args.forward_call_batch,
                 incremental_occlusion=args.incremental_occlusion,
             ),
         )

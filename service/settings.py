@@ -61,7 +61,8 @@ class Settings:
     max_image_bytes, max_image_pixels, max_methods, max_forward_passes: per-request limits
         of the engine (see :class:`~xaiserve.handlers.limits.EngineLimits`).
     forward_backend, onnx_threads, onnx_providers, onnx_device_id, forward_memory_mb,
-    incremental_occlusion: how forward-only batches run on the local backend (see
+    forward_call_batch, incremental_occlusion:
+        how forward-only batches run on the local backend (see
         :class:`~xaiserve.handlers.forward_config.ForwardConfig`); ``onnx_providers`` is
         comma-separated, by default ``CUDAExecutionProvider,CPUExecutionProvider`` (CUDA
         where onnxruntime-gpu finds a GPU, else the CPU).
@@ -95,6 +96,7 @@ class Settings:
     onnx_providers: str = ",".join(_FORWARD_DEFAULTS.onnx_providers)
     onnx_device_id: int = _FORWARD_DEFAULTS.onnx_device_id
     forward_memory_mb: int = _FORWARD_DEFAULTS.memory_mb
+    forward_call_batch: int = _FORWARD_DEFAULTS.call_batch
     incremental_occlusion: bool = _FORWARD_DEFAULTS.incremental_occlusion
     default_deadline_seconds: float = 60.0
     grace_seconds: float = 10.0
@@ -125,6 +127,7 @@ class Settings:
             onnx_providers=tuple(p.strip() for p in self.onnx_providers.split(",") if p.strip()),
             onnx_device_id=self.onnx_device_id,
             memory_mb=self.forward_memory_mb,
+            call_batch=self.forward_call_batch,
             incremental_occlusion=self.incremental_occlusion,
         )
 
@@ -245,6 +248,11 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "forward_memory_mb": (
         _positive_int,
         "memory budget of one forward-only batch in MiB (bytes per image x batch <= it)",
+    ),
+    "forward_call_batch": (
+        _non_negative_int,
+        "images per forward-only backend call, at most; 0: on ONNX Runtime the fastest "
+        "batch measured at load, on torch the memory budget's",
     ),
     "incremental_occlusion": (
         _boolean,
