@@ -11,6 +11,9 @@ checked against torch as the engine does at load):
 1. the machine's best batched forward throughput for that network: images/s over a few
    batch sizes, torch eager (no grad) and the ONNX Runtime session, measured before and
    after the methods (the better of the two is used: load from other processes varies);
+   the methods' own forward calls take at most the batch the server uses (printed: on
+   ONNX Runtime the fastest measured in the short probe at load, on torch the memory
+   budget's);
 2. Captum's Occlusion (torch forward, perturbations_per_eval = the batch size with the
    best torch throughput), our occlusion with a full forward pass per occluded image on
    torch and on ONNX Runtime, the same incrementally (the server's default: only the
@@ -438,7 +441,9 @@ def print_report(report: Report) -> None:
     forwards = net.forwards
     print(f"\n== {net.name} ({shape}, {net.note}); occlusion window {net.window}, "
           f"stride {net.stride}; forward batch {forwards.batch_size} "
-          f"({forwards.bytes_per_image / 2**20:.1f} MiB/image, budget 1024 MiB)")
+          f"({forwards.bytes_per_image / 2**20:.1f} MiB/image, budget 1024 MiB); calls of "
+          f"at most {forwards.call_batches.get('onnxruntime')} images on onnxruntime (the "
+          f"fastest measured at load), {forwards.call_batches['torch']} on torch")
     for backend, (rate, size) in report.best.items():
         first, last = report.probes[backend]
         print(f"   best throughput {backend:<11} {rate:8.1f} images/s (batch {size}; "
