@@ -34,7 +34,7 @@ class ForwardConfig:
     memory_mb: the memory budget of one forward-only batch: bytes per image x batch <= it.
     call_batch: images per backend call, at most; 0: on ONNX Runtime the batch size with
         the best throughput, measured when the model loads (``forward.fastest_batch``,
-        about half a second), on torch the memory budget's batch.
+        about a second), on torch the memory budget's batch.
     onnx_tolerance: the largest |torch - onnxruntime| logit difference the check accepts.
     export_on_load: export a model without ``model.onnx`` when it is loaded (in memory).
     incremental_occlusion: occlusion recomputes only the region of the early layers a

@@ -17,7 +17,6 @@ from xaiserve.handlers.errors import InvalidArgument
 from xaiserve.handlers import forward as forward_module
 from xaiserve.handlers.forward import (
     PROBE_CALLS,
-    PROBE_TOLERANCE,
     Budget,
     TorchForward,
     fastest_batch,
@@ -185,38 +184,33 @@ class FakeClock:
             self.now += self.cost(size)
 
 
-def smallest_near_best(sizes: list[int], cost) -> int:
-    rates = {s: s / cost(s) for s in sizes}
-    best = max(rates.values())
-    return min(s for s, r in rates.items() if r >= (1 - PROBE_TOLERANCE) * best)
-
-
 @pytest.mark.parametrize(
-    ("limit", "cost"),
+    ("limit", "cost", "fastest"),
     [
-        (100, lambda b: 1.0 + b),  # per-call overhead: larger is faster, up to the limit
-        (675, lambda b: 2.0 + b * (1.0 if b <= 64 else 1.3)),  # a cache cliff past 64
-        (675, lambda b: 0.5 + b * (1.0 if b <= 16 else 2.0)),  # past 16: half the speed
-        (1, lambda b: 1.0),
+        (100, lambda b: 1.0 + b, 100),  # per-call overhead: larger is faster, up to the limit
+        (675, lambda b: 2.0 + b * (1.0 if b <= 64 else 1.3), 64),  # a cache cliff past 64
+        (675, lambda b: 0.5 + b * (1.0 if b <= 16 else 2.0), 16),  # past 16: half the speed
+        (1, lambda b: 1.0, 1),
     ],
 )
-def test_fastest_batch_takes_the_smallest_size_near_the_best(monkeypatch, limit, cost) -> None:
+def test_fastest_batch_takes_the_size_with_the_best_rate(monkeypatch, limit, cost,
+                                                          fastest) -> None:
     clock = FakeClock(cost)
     monkeypatch.setattr(forward_module, "time", clock)
     size, rates = fastest_batch(clock.run, (3, 4, 4), limit, seconds=1e9)
-    expected_sizes = sorted({min(limit, 2**k) for k in range(12)})
-    assert clock.sizes == list(rates) == expected_sizes  # powers of two, then the limit
-    assert size == smallest_near_best(expected_sizes, cost)
+    expected_sizes = sorted({min(limit, 2**k) for k in range(12)}, reverse=True)
+    assert clock.sizes == list(rates) == expected_sizes  # the limit, then powers of two
+    assert size == fastest
     for s, rate in rates.items():  # the warm-up call never counts
         assert rate == pytest.approx(s / cost(s))
 
 
-def test_fastest_batch_stops_trying_larger_sizes_when_its_time_is_up(monkeypatch) -> None:
-    clock = FakeClock(lambda b: 1.0 + b, warm_up=0.0)
+def test_fastest_batch_stops_trying_smaller_sizes_when_its_time_is_up(monkeypatch) -> None:
+    clock = FakeClock(lambda b: 1.0 + b * (1.0 if b <= 64 else 2.0), warm_up=0.0)
     monkeypatch.setattr(forward_module, "time", clock)
-    seconds = PROBE_CALLS * (1 + 1) + PROBE_CALLS * (1 + 2) - 1  # passes during size 2
-    size, rates = fastest_batch(clock.run, (3, 4, 4), 512, seconds=seconds)
-    assert list(rates) == [1, 2] and size == 2
+    seconds = PROBE_CALLS * (1 + 2 * 100) + PROBE_CALLS * (1 + 64) - 1  # passes during 64
+    size, rates = fastest_batch(clock.run, (3, 4, 4), 100, seconds=seconds)
+    assert list(rates) == [100, 64] and size == 64
     with pytest.raises(ValueError, match="limit"):
         fastest_batch(clock.run, (3, 4, 4), 0)
 
