@@ -199,10 +199,10 @@ def fastest_batch(
     the powers of two below it, largest first, until ``seconds`` have passed; each size is
     the fastest of PROBE_CALLS calls after a warm-up call, on random images in [0, 1].
     Largest first, so that a slow model, whose first size alone takes the time, keeps the
-    memory budget's batch: a half-second probe from the smallest size reached only small
-    batches of ResNet-18 on ONNX Runtime and chose 4 images per call, with which its full
-    occlusion ran 1.58x faster than Captum's instead of 1.76x. (The demo model's 1 to 675
-    take about 0.8 s.)
+    memory budget's batch: a half-second probe from the smallest size reached only 1 to 4
+    images of ResNet-18 on ONNX Runtime and chose 4, which gained nothing (its full
+    occlusion at 92% of the best throughput in that benchmark run, 98% in calls of 32 in
+    the next). The demo model's sizes, 675 down to 1, take about 0.8 s.
     """
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
