@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from xaiserve.handlers.incremental import (
     stage_module,
     trace,
 )
+from xaiserve.handlers import incremental_run
 from xaiserve.handlers.incremental_run import build_occluder
 from xaiserve.handlers.methods.base import MethodContext
 from xaiserve.handlers.methods.occlusion import Occlusion, window_starts
@@ -310,6 +312,49 @@ def test_plans_with_cuts_inside_blocks_give_exact_logits(backend):
                      for s in range(0, len(corners), 32)])
     with torch.no_grad():
         assert (got - module(occluded)).abs().max() <= 1e-4
+
+
+def test_onnx_occluder_runs_the_whole_image_in_onnx_runtime(monkeypatch):
+    """``original`` on ONNX Runtime: no torch convolution runs, and every activation
+    matches the torch occluder's."""
+    module = small_resnet18()
+    axes, _ = all_corners((3, 64, 64), 9, 4)
+    on_torch, reason = build_occluder(module, (3, 64, 64), 9, axes, "torch")
+    on_onnx, _ = build_occluder(module, (3, 64, 64), 9, axes, "onnxruntime")
+    assert on_torch is not None and on_onnx is not None, reason
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    expected, expected_logits = on_torch.original(x)
+
+    def no_torch(*_args: object) -> None:
+        raise AssertionError("a torch convolution ran")
+
+    monkeypatch.setattr(nn.Conv2d, "forward", no_torch)
+    got, logits = on_onnx.original(x)
+    assert len(got) == len(expected) == len(on_onnx.plan.stages) + 1
+    for ours, theirs in zip(got, expected):  # padded ones hold -inf (max pools) alike
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+    assert (logits - expected_logits).abs().max() <= 1e-4
+
+
+def test_whole_image_stages_fall_back_to_torch_when_their_export_fails(monkeypatch, caplog):
+    def fails(*_args: object) -> None:
+        raise incremental_run.OnnxUnavailable("export failed: for the test")
+
+    monkeypatch.setattr(incremental_run, "_onnx_whole", fails)
+    module = small_resnet18()
+    axes, corners = all_corners((3, 64, 64), 9, 4)
+    with caplog.at_level("WARNING"):
+        occluder, reason = build_occluder(module, (3, 64, 64), 9, axes, "onnxruntime")
+    assert occluder is not None, reason
+    assert "whole-image stages run on torch" in caplog.text
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    occluded = x.expand(4, 3, 64, 64).clone()
+    for j, (a, b) in enumerate(corners[:4]):
+        occluded[j, :, a:a + 9, b:b + 9] = 0.25
+    activations, original = occluder.original(x)
+    with torch.no_grad():
+        assert (occluder.logits(activations, corners[:4], 0.25) - module(occluded)).abs().max() <= 1e-4
+        assert (original - module(x)).abs().max() <= 1e-4
 
 
 def test_a_grid_of_fewer_windows_than_the_check_samples():
