@@ -29,7 +29,8 @@ checked against torch as the engine does at load):
    the fast APEM filter on both; and the APEMs of a request's four maps (occlusion,
    adaptive occlusion, saliency, Grad-CAM) on ONNX Runtime, one by one (each map its own
    gradient and search rounds) and together as the engine runs them (``apem_many``: one
-   gradient, every map's searches in the same forward calls).
+   gradient, every map's searches in the same forward calls); on the demo model and the
+   ResNet-18, Score-CAM and RISE (default options) on ONNX Runtime.
 
 Printed per method: forward passes, seconds, speed-up over Captum's Occlusion, and the
 efficiency: (forward passes / the machine's best throughput for the network) / seconds
@@ -86,8 +87,12 @@ ROOT = Path(__file__).resolve().parents[1]
 NETS = ("demo", "resnet18", "resnet50")
 REQUEST_MAPS = 4
 """A request's maps for the APEM rows: occlusion, adaptive occlusion, saliency, Grad-CAM."""
+MASKING_NETS = ("demo", "resnet18")
+"""Networks with the Score-CAM and RISE rows (ResNet-50's Score-CAM alone would take one
+pass per channel of its 2048-channel CAM layer, 50 s per repeat on 2 cores)."""
 ONE_BY_ONE = f"APEM, {REQUEST_MAPS} maps one by one"
 TOGETHER = f"APEM, {REQUEST_MAPS} maps together"
+MASKING_ROWS = {"score_cam": "Score-CAM", "rise": "RISE"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -293,6 +298,7 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
     correlations: list[float] = []
     eps_agree, same_records = [], []
     forward_calls = {ONE_BY_ONE: 0, TOGETHER: 0}  # over every repeat
+    masks: dict[str, int | None] = {}
     plans, map_difference = {}, {}
     axes = [window_starts(side, net.window, net.stride) for side in shape[1:]]
     for backend in ("torch", "onnxruntime"):  # built once per model and window, then cached
@@ -382,6 +388,14 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
                         request=FilterRequest(mode="fast")))
                     add("APEM filter (fast)", backend, ctx.budget.spent, seconds, ctx,
                         gradient_seconds(x, y))
+            if net.name in MASKING_NETS:  # forward-only over masks, default options
+                for name in MASKING_ROWS:
+                    method = get_method(name)
+                    params = method.resolve_params({}, shape, name)
+                    masks[name] = params.get("masks")
+                    ctx = context(net, "onnxruntime")
+                    _, seconds = timed(lambda: method.attribute(ctx, x, target, params))
+                    add(MASKING_ROWS[name], "onnxruntime", ctx.budget.spent, seconds, ctx)
 
     if net.held_out:
         correlations = held_out_correlations(net, full_params, adaptive_params)
@@ -413,6 +427,10 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
             extra = (f"same eps as one by one in {sum(same_records)}/{len(same_records)} "
                      f"runs; {forward_calls[TOGETHER]} forward calls vs "
                      f"{forward_calls[ONE_BY_ONE]} one by one (all repeats)")
+        if method == MASKING_ROWS["score_cam"]:
+            extra = "one pass per image on torch (the CAM layer's activations)"
+        if method == MASKING_ROWS["rise"]:
+            extra = f"{masks['rise']} masks per image"
         if method in map_difference:
             extra = f"max |map - torch full map| {map_difference[method]:.1e}"
         if method == "occlusion incremental":
