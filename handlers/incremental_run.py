@@ -310,16 +310,14 @@ def _torch_whole(stages: Sequence[nn.Module]) -> WholeRunner:
 
 
 def _onnx_whole(
-    stages: Sequence[nn.Module], input_shape: Sequence[int], session_options: dict[str, Any]
+    stages: Sequence[nn.Module],
+    input_shape: Sequence[int],
+    shapes: Sequence[tuple[int, ...]],
+    session_options: dict[str, Any],
 ) -> WholeRunner:
-    """``_AllStages`` on ONNX Runtime, its output split back into the stages' outputs (for
-    one image, views of it: no copy). Raises OnnxUnavailable when the export fails."""
-    example = torch.zeros(1, *input_shape)
-    with torch.no_grad():
-        shapes = []
-        for stage in stages:
-            example = stage(example)
-            shapes.append(tuple(example.shape[1:]))
+    """``_AllStages`` on ONNX Runtime, its output split back into the stages' outputs
+    (``shapes``: each one image's, C x *grid; for one image, views of the output: no copy).
+    Raises OnnxUnavailable when the export fails."""
     ends = np.cumsum([math.prod(shape) for shape in shapes])
     run_all = _onnx_runner(_AllStages(stages).eval(), input_shape, session_options)
 
@@ -398,7 +396,8 @@ def build_occluder(
     whole_runner = _torch_whole(whole)
     if backend == "onnxruntime":
         try:
-            whole_runner = _onnx_whole(whole, input_shape, options)
+            outputs = [activation_shape(gm, stage.end) for stage in plan.stages]
+            whole_runner = _onnx_whole(whole, input_shape, outputs, options)
         except OnnxUnavailable as err:  # the stages on crops exported: keep them
             log.warning("whole-image stages run on torch: export to ONNX failed: %s", err)
     occluder = IncrementalOcclusion(plan, runners, window, starts, whole_runner, valid, fills)
