@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from method_models import resnet_served, served_from_net
@@ -144,6 +145,25 @@ def test_rise_normalization():
     assert masks.shape == (n, 1, 16, 16) and masks.min() >= 0 and masks.max() <= 1
     assert torch.allclose(attr[0], masks.mean(0) / (3 * p), atol=1e-6)
     assert ctx.budget.spent == n
+
+
+@pytest.mark.parametrize("spatial,cells", [((16, 16), 4), ((5, 7), 2), ((8, 12, 10), 3)])
+def test_rise_masks_are_the_shifted_crops(spatial, cells):
+    """Mask i is the upsampled grid i cut at shift i (a slice per mask, the definition)."""
+    g = torch.Generator().manual_seed(3)
+    n = 9
+    grids = (torch.rand(n, 1, *([cells] * len(spatial)), generator=g) < 0.5).float()
+    steps = [math.ceil(s / cells) for s in spatial]
+    shifts = torch.stack([torch.randint(0, c, (n,), generator=g) for c in steps], 1)
+    mode = "bilinear" if len(spatial) == 2 else "trilinear"
+    up = F.interpolate(grids, size=[(cells + 1) * c for c in steps], mode=mode,
+                       align_corners=False)
+    masks = rise_masks(grids, shifts, spatial, cells)
+    assert masks.shape == (n, 1, *spatial)
+    for i in range(n):
+        box = tuple(slice(int(o), int(o) + s) for o, s in zip(shifts[i], spatial))
+        assert torch.equal(masks[i], up[(i, slice(None), *box)])
+    assert not torch.equal(masks[0], masks[1])  # the shifts and grids differ per mask
 
 
 @pytest.mark.parametrize(
