@@ -145,7 +145,7 @@ class IncrementalOcclusion:
             _paste(crops, self.layout.pastes[k][rows], length, values)
             values = run(crops)
             if valid is None:
-                values = _boxes(values, self.layout.boxes[k][rows], stage.rect)
+                values = boxes_at(values, self.layout.boxes[k][rows], stage.rect)
             length = stage.rect
         inputs = np.repeat(activations[-1], len(rows), axis=0)
         _paste(inputs, self.layout.pastes[-1][rows], length, values)
@@ -216,8 +216,9 @@ def _crops(source: np.ndarray, starts: np.ndarray, lengths: Sequence[int]) -> np
     return windows[tuple(starts.T)]
 
 
-def _boxes(source: np.ndarray, starts: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
-    """source: B x C x *grid -> B x C x *lengths, image b's box at ``starts[b]``."""
+def boxes_at(source: np.ndarray, starts: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
+    """source: B x C x *grid -> B x C x *lengths, image b's box at ``starts[b]`` (B x d),
+    copied for all B at once (also RISE's masks: each upsampled grid cut at its shift)."""
     return _windows(source, lengths)[(np.arange(len(starts)), slice(None), *starts.T)]
 
 

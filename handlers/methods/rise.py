@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import InvalidArgument
 from ..forward import batches
+from ..incremental_run import boxes_at
 from .base import AttributionMethod, MethodContext, Param
 
 
@@ -33,14 +34,9 @@ def rise_masks(
     step = [math.ceil(s / cells) for s in spatial]
     mode = "bilinear" if len(spatial) == 2 else "trilinear"
     up = F.interpolate(grids, size=[(cells + 1) * c for c in step], mode=mode, align_corners=False)
-    # a view of every box of the mask's size in each upsampled grid (n x *positions x
-    # *spatial), indexed with each mask's shift: one copy of all n crops, no loop over masks
-    # (675 masks of 64 x 64: 3.3 ms against 8.1 ms with a slice per mask)
-    grid = up[:, 0]
-    positions = [g - s + 1 for g, s in zip(grid.shape[1:], spatial)]
-    boxes = grid.as_strided((grid.shape[0], *positions, *spatial),
-                            (grid.stride(0), *grid.stride()[1:], *grid.stride()[1:]))
-    return boxes[(torch.arange(grid.shape[0]), *shifts.T)].unsqueeze(1)
+    # every mask's crop in one copy (675 masks of 64 x 64: 3.1 ms against 8.1 ms with a
+    # slice per mask)
+    return torch.from_numpy(boxes_at(up.numpy(), shifts.numpy(), spatial))
 
 
 class Rise(AttributionMethod):
