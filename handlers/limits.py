@@ -11,7 +11,8 @@ class EngineLimits:
 
     max_image_bytes: size of the encoded image or raw tensor data.
     max_image_pixels: width x height of the decoded image (decompression bombs are refused
-        before their pixels are decoded).
+        before their pixels are decoded). The only pixel limit: Pillow's process-wide
+        ``Image.MAX_IMAGE_PIXELS`` is not consulted (see ``preprocess.open_image``).
     max_methods: methods in one call.
     max_forward_passes: images the model may evaluate for one call, all methods included.
     max_batch: images per forward call inside a method.

@@ -229,7 +229,11 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     ),
     "max_message_bytes": (_positive_int, "largest gRPC message received or sent, in bytes"),
     "max_image_bytes": (_positive_int, "largest encoded image or raw tensor, in bytes"),
-    "max_image_pixels": (_positive_int, "largest decoded image, width x height"),
+    "max_image_pixels": (
+        _positive_int,
+        "largest decoded image, width x height, checked before decoding (the only pixel "
+        "limit: Pillow's own default does not apply)",
+    ),
     "max_methods": (_positive_int, "methods in one call"),
     "max_forward_passes": (_positive_int, "images the model may evaluate for one call"),
     "forward_backend": (

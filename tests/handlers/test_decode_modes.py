@@ -25,6 +25,7 @@ from xaiserve.handlers.limits import EngineLimits
 from xaiserve.handlers.model import ModelConfig
 from xaiserve.handlers.preprocess import decode_image, open_image, to_unit_range
 from xaiserve.handlers.types import EncodedImage
+from xaiserve.service.settings import parse_settings
 
 H, W = 4, 6
 STEP = 1.0 / 255  # one 8-bit step
@@ -364,7 +365,8 @@ def test_refusal_quotes_the_configured_limit():
 
 
 def test_image_between_pillows_warning_and_refusal_decodes():
-    """Once refused with Pillow's number (its warning was made an error): now decoded."""
+    """Once refused with Pillow's number (its warning was made an error): now decoded when
+    ``--max-image-pixels`` allows it."""
     pillow = Image.MAX_IMAGE_PIXELS
     width = 10_000
     height = pillow // width + 8  # just past Pillow's warning threshold
@@ -372,8 +374,8 @@ def test_image_between_pillows_warning_and_refusal_decodes():
     row = b"\x00" + b"\xff" * half + b"\x00" * (width // 8 - half)
     data = png(width, height, row * height)
     assert len(data) < 200_000
-    x = decode_image(EncodedImage(data), config(1, 16, 16),
-                     EngineLimits(max_image_pixels=width * height))
+    limits = parse_settings(["--max-image-pixels", str(width * height)], {}).engine_limits()
+    x = decode_image(EncodedImage(data), config(1, 16, 16), limits)
     values = x[0, 0].numpy()
     np.testing.assert_allclose(values[:, :4], 1.0, atol=FLOAT)  # left quarter: white
     np.testing.assert_allclose(values[:, -4:], 0.0, atol=FLOAT)  # right quarter: black
