@@ -266,6 +266,25 @@ def max_calls_for(resolution: float, batch: int = DEFAULT_BATCH) -> int:
     return calls_needed(resolution, batch) + 1
 
 
+def search_cost_bound(resolution: float, batch: int = DEFAULT_BATCH) -> int:
+    """The most images one direction's ``search_first_flips`` evaluates under the default
+    cap: at most ``batch`` per round, at most ``max_calls_for`` rounds (a search that sees
+    no flip ends by its second round, and the cap is at least 2)."""
+    return batch * max_calls_for(resolution, batch)
+
+
+def map_cost_bound(options: ApemOptions, batch: int = DEFAULT_BATCH) -> int:
+    """The most images one map's APEM evaluates: its eps_minus and eps_plus searches."""
+    return 2 * search_cost_bound(options.resolution, batch)
+
+
+def record_cost_bound(options: ApemOptions, batch: int = DEFAULT_BATCH) -> int:
+    """The most images ``apem_many`` evaluates for one map's record, the gradient left out
+    (one per request, shared by its maps): the original's searches and, where no earlier
+    shuffle flipped both ways, every shuffle's."""
+    return (1 + options.shuffles) * map_cost_bound(options, batch)
+
+
 def _spread(start: int, stop: int, count: int) -> list[int]:
     """Up to ``count`` distinct integers evenly spread over [start, stop], both included."""
     if stop - start + 1 <= count:

@@ -49,7 +49,7 @@ from .apem import (
     MapScore,
     SharedGradient,
     check_relevance,
-    max_calls_for,
+    map_cost_bound,
     resolve_options,
     score_maps,
     undefined_at,
@@ -77,14 +77,29 @@ class FilterOptions:
     forward_budget: int | None
 
 
-def apem_cost_bound(options: ApemOptions, batch: int = DEFAULT_BATCH) -> int:
-    """The most images one map's APEM (two searches) can cost."""
-    return 2 * batch * max_calls_for(options.resolution, batch)
-
-
 def minimum_budget(options: ApemOptions, batch: int = DEFAULT_BATCH) -> int:
     """The gradient, the original's APEM and one candidate's, at their worst."""
-    return 1 + 2 * apem_cost_bound(options, batch)
+    return 1 + 2 * map_cost_bound(options, batch)
+
+
+def filter_cost_bound(
+    filter_options: FilterOptions, options: ApemOptions, entries: int,
+    batch: int = DEFAULT_BATCH,
+) -> int:
+    """The most images ``filter_map`` evaluates for a map of ``entries`` values, its
+    gradient and the original's APEM included (when they are shared with the map's APEM
+    record, the filter spends less).
+
+    Either mode scores each step of the path at most once: the original and the distinct
+    positive values but the last, at most ``entries`` APEMs in all. The gradient and the
+    original's APEM (``1 + map_cost_bound``) run before the filter looks at its
+    ``forward_budget``; after them neither mode passes the budget (fast stops, exact
+    refuses), so a budget caps the rest.
+    """
+    cost = map_cost_bound(options, batch)
+    path = 1 + max(1, entries) * cost
+    cap = filter_options.forward_budget
+    return path if cap is None else min(path, max(cap, 1 + cost))
 
 
 def resolve_filter_options(
@@ -349,7 +364,7 @@ def filter_exact(
     if setup.reason:
         return _record(relevance, relevance, None, None, budget.spent - spent)
     cap = setup.filter_options.forward_budget
-    cost = apem_cost_bound(setup.options, batch)
+    cost = map_cost_bound(setup.options, batch)
     best_map, best = relevance, setup.before
     best_low = best.apem_low
     values, _ = distinct_positive(relevance)
@@ -388,7 +403,7 @@ def filter_fast(
 
     x: C x *spatial; relevance: R in [0, 1] (C x *spatial or 1 x *spatial). Each round
     scores up to ``CANDIDATES_PER_ROUND`` steps, as many as the remaining budget covers at
-    their worst cost (``apem_cost_bound``), so the filter's images, its gradient and the
+    their worst cost (``map_cost_bound``), so the filter's images, its gradient and the
     original's APEM included, never exceed ``forward_budget``. Stops when every step below
     the first known drop is evaluated or the budget is spent. A map whose APEM is undefined
     comes back unchanged (APEMs NaN).
@@ -401,7 +416,7 @@ def filter_fast(
     if setup.reason:
         return _record(relevance, relevance, None, None, budget.spent - spent)
     cap = setup.filter_options.forward_budget
-    cost = apem_cost_bound(setup.options, batch)
+    cost = map_cost_bound(setup.options, batch)
     values, counts = distinct_positive(relevance)
     scores: dict[int, MapScore | None] = {0: setup.before}
     drop = len(values)  # the first known drop; M_D (all zero) drops by definition

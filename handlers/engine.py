@@ -26,7 +26,17 @@ from .apem import (
     resolve_options,
 )
 from .apem_filter import STAGE as FILTER_STAGE
-from .apem_filter import Shared, filter_map, resolve_filter_options
+from .apem_filter import FilterOptions, Shared, filter_map, resolve_filter_options
+from .cost import (
+    GRADIENT_PASSES,
+    Cost,
+    check_within,
+    filter_cost,
+    gad_cost,
+    map_entries,
+    method_cost,
+    reliability_cost,
+)
 from .errors import InvalidArgument, ModelLoadError, NotFound, ResourceExhausted
 from .forward import Budget, CountedForward
 from .forward_backends import ForwardConfig, ModelForwards, prepare_forwards
@@ -35,6 +45,7 @@ from .limits import EngineLimits
 from .methods.base import AttributionMethod, MethodContext
 from .methods.occlusion import Occlusion, window_starts
 from .methods.registry import METHODS, get_method
+from .methods.score_cam import layer_channels
 from .model import ServedModel, load_model_dir
 from .postprocess import apply_stage
 from .preprocess import decode_image, tensor_from_raw
@@ -61,13 +72,21 @@ DEFAULT_TOP_K = 5
 
 @dataclass(frozen=True)
 class _Planned:
-    """A validated method request, ready to run."""
+    """A validated method request, ready to run. ``params_field`` names its parameters in
+    errors (``methods[0].occlusion``, or an AUTO candidate's ``...candidates[1]``)."""
 
     request: MethodRequest
     method: AttributionMethod
     params: dict[str, Any]
     apem_options: ApemOptions | None
     ranked: bool = False  # one of AUTO's candidates
+    params_field: str = ""
+    filter_options: FilterOptions | None = None
+
+    @property
+    def attribution_key(self) -> tuple[str, str]:
+        """The same method and parameters at another stage share one attribution."""
+        return (self.method.name, repr(sorted(self.params.items())))
 
 
 @dataclass
@@ -134,6 +153,9 @@ class Engine:
             name: prepare_forwards(served, self.forward_config) for name, served in models.items()
         }
         self._locks = {name: threading.Lock() for name in models}
+        for served in models.values():  # Score-CAM's cost, before requests hook layers
+            if served.cam_layer is not None:
+                layer_channels(served)
 
     def warm_up(self) -> threading.Thread:
         """Builds each model's incremental-occlusion plan for the default occlusion window
@@ -246,6 +268,14 @@ class Engine:
             forward_passes=dict(budget.by_stage),
         )
 
+    def max_forward_passes(self, request: ExplainRequest) -> int:
+        """The most forward passes ``explain`` may spend on ``request``: its plan's worst
+        case (``cost``), the prediction included. Raises what ``explain`` raises before
+        any work: an unknown model, bad parameters, a worst case over the limit."""
+        served = self._model(request)
+        plan = self._plan(request, served)
+        return check_within(self._costs(plan, served), self.limits.max_forward_passes)
+
     def forward(self, model: str, budget: Budget, backend: str = "") -> CountedForward:
         """The counted forward-only forward of a served model for one request.
 
@@ -270,7 +300,9 @@ class Engine:
         return served
 
     def _plan(self, request: ExplainRequest, served: ServedModel) -> list[list[_Planned]]:
-        """Validates every method request before any work starts; one group per request."""
+        """Validates every method request before any work starts; one group per request.
+        A request whose worst case exceeds the forward-pass limit is refused here
+        (``cost``), naming the field that costs most."""
         if len(request.methods) > self.limits.max_methods:
             raise ResourceExhausted(
                 "methods",
@@ -284,7 +316,38 @@ class Engine:
             raise InvalidArgument(
                 "target", f"class index must be between 0 and {n_labels - 1}, got {request.target}"
             )
-        return [self._plan_one(item, served) for item in request.methods]
+        plan = [self._plan_one(item, served) for item in request.methods]
+        worst = check_within(self._costs(plan, served), self.limits.max_forward_passes)
+        log.debug("model %s: at most %d forward passes planned", served.config.name, worst)
+        return plan
+
+    @staticmethod
+    def _costs(plan: list[list[_Planned]], served: ServedModel) -> list[Cost]:
+        """The most forward passes each part of the plan may spend (``cost``): every
+        distinct attribution once (``_draft`` computes it once), GAD's, APEM's records
+        and filters, and the gradient they share (a filter's bound counts it already)."""
+        costs: dict[tuple[str, str], Cost] = {}
+        parts: list[Cost] = []
+        for item in (item for group in plan for item in group):
+            request = item.request
+            advice = (f"AUTO runs {item.method.name} with its default parameters; leave it "
+                      "out of the candidates") if item.ranked else ""
+            attribution = costs.setdefault(
+                item.attribution_key,
+                method_cost(item.method, item.params, served, item.params_field, advice),
+            )
+            if request.gad:
+                parts.append(gad_cost(attribution, served, request.field))
+            if item.apem_options is not None and request.reliability is not None:
+                parts.append(reliability_cost(item.apem_options, request.field))
+            if item.apem_options is not None and item.filter_options is not None:
+                entries = map_entries(served.config.input_shape, request.stage)
+                parts.append(
+                    filter_cost(item.filter_options, item.apem_options, entries, request.field)
+                )
+        if any(item.request.reliability is not None for group in plan for item in group):
+            parts.append(Cost(GRADIENT_PASSES, "methods", "ask for fewer methods"))
+        return list(costs.values()) + parts
 
     def _plan_one(self, item: MethodRequest, served: ServedModel) -> list[_Planned]:
         """One requested method as the methods to run: itself, or AUTO's candidates."""
@@ -297,21 +360,23 @@ class Engine:
         params = method.resolve_params(item.params, served.config.input_shape, params_field)
         if method.composite:  # AUTO: every candidate gets a reliability record
             item = replace(item, reliability=item.reliability or ReliabilityRequest())
-        apem_options = None
+        apem_options = filter_options = None
         if item.reliability is not None or item.filter is not None:
             numel = math.prod(served.config.input_shape)
             apem_options = resolve_options(item.reliability, numel, item.field)
         if item.filter is not None:
-            resolve_filter_options(item.filter, apem_options, field=item.field)
+            filter_options = resolve_filter_options(item.filter, apem_options, field=item.field)
         if not method.composite:
-            return [_Planned(item, method, params, apem_options)]
+            return [_Planned(item, method, params, apem_options, False, params_field,
+                             filter_options)]
         candidates = []
         for i, name in enumerate(params["candidates"]):
             field = f"{params_field}.candidates[{i}]"
             candidate = self._supported(name, field, served)
             defaults = candidate.resolve_params({}, served.config.input_shape, field)
             candidates.append(
-                _Planned(replace(item, name=name), candidate, defaults, apem_options, ranked=True)
+                _Planned(replace(item, name=name), candidate, defaults, apem_options, True,
+                         field, filter_options)
             )
         return candidates
 
@@ -354,7 +419,7 @@ class Engine:
         of their own)."""
         spent_before = ctx.budget.spent
         t0 = time.perf_counter()
-        key = (item.method.name, repr(sorted(item.params.items())))
+        key = item.attribution_key
         raw = attributions.get(key)
         if raw is None:  # the same method and parameters at another stage: computed once
             raw = attributions[key] = item.method.attribute(ctx, x, target, item.params)

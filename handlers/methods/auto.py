@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgument
+from ..model import ServedModel
 from .base import AttributionMethod, MethodContext
 
 DEFAULT_CANDIDATES = ("saliency", "smoothgrad", "integrated_gradients", "grad_cam")
@@ -43,6 +44,9 @@ class Auto(AttributionMethod):
             if name in candidates[:i]:
                 raise InvalidArgument(f"{field}.candidates[{i}]", f"{name} is listed twice")
         return {"candidates": candidates}
+
+    def max_forward_passes(self, params: dict[str, Any], served: ServedModel) -> int:
+        raise TypeError("auto is expanded by the engine into its candidates, which it counts")
 
     def attribute(
         self, ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, params: dict[str, Any]

@@ -98,6 +98,8 @@ class AttributionMethod:
     spatial_dims: ClassVar[tuple[int, ...]] = (2, 3)
     """Numbers of spatial axes the method handles: 2 (images), 3 (volumes N x C x D x H x W)."""
     params: ClassVar[tuple[Param, ...]] = ()
+    cost_advice: ClassVar[str] = ""
+    """What to lower when the method's forward passes take a request over the limit."""
 
     def unsupported_reason(self, served: ServedModel) -> str | None:
         """Why this method cannot run on ``served``, or None when it can."""
@@ -128,6 +130,14 @@ class AttributionMethod:
         self, params: dict[str, Any], input_shape: tuple[int, ...], field: str
     ) -> None:
         """Checks that depend on several parameters or the input shape (C x *spatial)."""
+
+    def max_forward_passes(self, params: dict[str, Any], served: ServedModel) -> int:
+        """The most forward passes ``attribute`` charges per image with the resolved
+        ``params`` on ``served``, counted as ``Budget.charge`` counts them (one per image
+        the model evaluates; a forward with its backward counts once). The engine adds
+        these up before any work and refuses a request that could exceed its limit.
+        Default: one gradient pass. Overridden where the count depends on parameters."""
+        return 1
 
     def attribute(
         self, ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, params: dict[str, Any]

@@ -117,6 +117,10 @@ class DeepLift(AttributionMethod):
                 )
         return None
 
+    def max_forward_passes(self, params: dict[str, Any], served: ServedModel) -> int:
+        """The image and its reference, in one gradient batch."""
+        return 2
+
     def attribute(
         self, ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, params: dict[str, Any]
     ) -> torch.Tensor:

@@ -26,6 +26,10 @@ class GuidedGradCam(GradCam):
     def unsupported_reason(self, served: ServedModel) -> str | None:
         return super().unsupported_reason(served) or relu_module_reason(served, self.name)
 
+    def max_forward_passes(self, params: dict[str, Any], served: ServedModel) -> int:
+        """Grad-CAM's gradient pass and guided backpropagation's."""
+        return 2
+
     def attribute(
         self, ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, params: dict[str, Any]
     ) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..model import ServedModel
 from .base import AttributionMethod, MethodContext, Param, input_gradients
 
 
@@ -30,6 +31,11 @@ class IntegratedGradients(AttributionMethod):
         Param("steps", int, 32, 1, 1024, "integration points"),
         Param("baseline", float, 0.0, 0.0, 1.0, "constant pixel value of the baseline"),
     )
+    cost_advice = "ask for fewer steps"
+
+    def max_forward_passes(self, params: dict[str, Any], served: ServedModel) -> int:
+        """One gradient pass per integration point."""
+        return int(params["steps"])
 
     def attribute(
         self, ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, params: dict[str, Any]

@@ -28,6 +28,7 @@ two agree exactly when (side - window) is a multiple of stride.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import numpy as np
@@ -36,8 +37,9 @@ import torch
 from ..errors import InvalidArgument
 from ..forward import batches
 from ..incremental_run import IncrementalOcclusion
+from ..model import ServedModel
 from .base import AttributionMethod, MethodContext, Param, target_logits
-from .occlusion_adaptive import adaptive_drops
+from .occlusion_adaptive import adaptive_drops, positions_evaluated
 
 ADAPTIVE = "adaptive"
 ADAPTIVE_PARAMS = (
@@ -95,6 +97,19 @@ class Occlusion(AttributionMethod):
         Param("stride", int, 4, 1, None, "step between windows in pixels"),
         Param("baseline", float, 0.5, 0.0, 1.0, "value replacing the occluded pixels"),
     )
+    cost_advice = "use a larger window or stride, or adaptive occlusion"
+
+    def max_forward_passes(self, params: dict[str, Any], served: ServedModel) -> int:
+        """The unoccluded image, then one occluded copy per window position evaluated:
+        every position, or in adaptive mode the coarse lattice and the refined ones."""
+        counts = [
+            len(window_starts(side, params["window"], params["stride"]))
+            for side in served.config.spatial
+        ]
+        if params.get(ADAPTIVE):
+            fraction = params[ADAPTIVE]["refine_fraction"]
+            return 1 + positions_evaluated(counts, coarse_step(params), fraction)
+        return 1 + math.prod(counts)
 
     def resolve_params(
         self, given: dict[str, Any], input_shape: tuple[int, ...], field: str

@@ -26,6 +26,7 @@ Forward passes: 1 (the unoccluded input) + coarse positions + refined positions.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -120,6 +121,22 @@ class Hierarchy:
         return estimate
 
 
+def refined_count(off_coarse: int, refine_fraction: float) -> int:
+    """Positions refined: ``refine_fraction`` of the ``off_coarse`` positions off the
+    coarse lattice."""
+    return round(refine_fraction * off_coarse)
+
+
+def positions_evaluated(counts: Sequence[int], coarse_step: int, refine_fraction: float) -> int:
+    """The positions ``adaptive_drops`` evaluates on a grid of ``counts`` positions per
+    axis: the coarse lattice (``lattice`` of every axis at ``coarse_step``) and
+    ``refined_count`` of the rest (the refinement levels end at spacing 1, which holds
+    every position, so the refinement spends all of its count)."""
+    total = math.prod(counts)
+    coarse = math.prod(len(lattice(n, coarse_step)) for n in counts)
+    return coarse + refined_count(total - coarse, refine_fraction)
+
+
 def adaptive_drops(
     evaluate: Callable[[list[Index]], torch.Tensor],
     counts: Sequence[int],
@@ -136,7 +153,7 @@ def adaptive_drops(
     coarse = hierarchy.positions(0)
     known = dict(zip(coarse, evaluate(coarse).tolist()))
     evaluated = hierarchy.grid == 0
-    left = round(refine_fraction * int((~evaluated).sum()))
+    left = refined_count(int((~evaluated).sum()), refine_fraction)
     for level in range(1, hierarchy.levels):
         if left <= 0:
             break

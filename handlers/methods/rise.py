@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..errors import InvalidArgument
 from ..forward import batches
 from ..incremental_run import boxes_at
+from ..model import ServedModel
 from .base import AttributionMethod, MethodContext, Param
 
 
@@ -49,6 +50,11 @@ class Rise(AttributionMethod):
         Param("keep_probability", float, 0.5, 0.0, 1.0, "probability a cell is kept"),
         Param("seed", int, 0, 0, 2**63 - 1, "seed of the masks"),
     )
+    cost_advice = "ask for fewer masks"
+
+    def max_forward_passes(self, params: dict[str, Any], served: ServedModel) -> int:
+        """One masked copy per mask."""
+        return int(params["masks"])
 
     def check_params(
         self, params: dict[str, Any], input_shape: tuple[int, ...], field: str

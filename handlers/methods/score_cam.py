@@ -17,13 +17,20 @@ CAM family.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..forward import batches
+from ..model import ServedModel
 from .base import MethodContext
 from .grad_cam import GradCam, upsample
+
+_CHANNELS: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+_CHANNELS_LOCK = threading.Lock()
 
 
 def layer_activations(ctx: MethodContext, x: torch.Tensor, stage: str = "attribute") -> torch.Tensor:
@@ -43,6 +50,28 @@ def layer_activations(ctx: MethodContext, x: torch.Tensor, stage: str = "attribu
             handle.remove()
         acts.append(captured[0])
     return torch.cat(acts)
+
+
+def layer_channels(served: ServedModel) -> int:
+    """K, the channels of the CAM layer's output (the masks Score-CAM may evaluate per
+    image): read from one hooked, uncounted forward of a zero image the first time a
+    model's layer is asked about, then remembered; 0 when the forward does not call the
+    layer. The engine asks for every model when it is built, before any request can hook
+    the layer."""
+    layer = served.cam_layer
+    if layer is None:
+        raise RuntimeError("no CAM layer")  # unsupported_reason() stops this earlier
+    with _CHANNELS_LOCK:
+        if layer not in _CHANNELS:
+            captured: list[torch.Tensor] = []
+            handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+            try:
+                with torch.no_grad():
+                    served.module(torch.zeros(1, *served.config.input_shape))
+            finally:
+                handle.remove()
+            _CHANNELS[layer] = int(captured[0].shape[1]) if captured else 0
+        return _CHANNELS[layer]
 
 
 CONSTANT = 1e-5
@@ -67,6 +96,15 @@ class ScoreCam(GradCam):
     name = "score_cam"
     needs_gradients = False
     forward_only = True
+    cost_advice = (
+        "Score-CAM evaluates one masked image per channel of the CAM layer; use grad_cam "
+        "or a model whose CAM layer has fewer channels"
+    )
+
+    def max_forward_passes(self, params: dict[str, Any], served: ServedModel) -> int:
+        """The hooked pass for the activations, then one masked copy per channel (constant
+        channels are skipped, so this is the most)."""
+        return 1 + layer_channels(served)
 
     def attribute(
         self, ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, params: dict[str, Any]

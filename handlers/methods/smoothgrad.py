@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..model import ServedModel
 from .base import AttributionMethod, MethodContext, Param, input_gradients
 
 
@@ -43,6 +44,11 @@ class SmoothGrad(AttributionMethod):
         Param("noise_level", float, 0.15, 0.0, 1.0, "noise std as a fraction of the range"),
         Param("seed", int, 0, 0, 2**63 - 1, "seed of the noise"),
     )
+    cost_advice = "ask for fewer samples"
+
+    def max_forward_passes(self, params: dict[str, Any], served: ServedModel) -> int:
+        """One gradient pass per noisy copy."""
+        return int(params["samples"])
 
     def attribute(
         self, ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, params: dict[str, Any]

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..model import ServedModel
 from .base import AttributionMethod, MethodContext, Param
 from .superpixels import grid_segments, masked_logits, weighted_linear_fit
 
@@ -31,6 +32,11 @@ class SurrogateMethod(AttributionMethod):
         Param("baseline", float, 0.5, 0.0, 1.0, "value of switched-off cells"),
         Param("seed", int, 0, 0, 2**63 - 1, "seed of the sampler"),
     )
+    cost_advice = "ask for fewer samples"
+
+    def max_forward_passes(self, params: dict[str, Any], served: ServedModel) -> int:
+        """One masked copy per sample."""
+        return int(params["samples"])
 
     def sample(self, cells: int, samples: int, generator: torch.Generator) -> torch.Tensor:
         """S x M binary masks (long)."""

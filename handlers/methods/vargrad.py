@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..model import ServedModel
 from .base import AttributionMethod, MethodContext
 from .smoothgrad import SmoothGrad, noisy_gradients
 
@@ -23,6 +24,11 @@ from .smoothgrad import SmoothGrad, noisy_gradients
 class VarGrad(AttributionMethod):
     name = "vargrad"
     params = SmoothGrad.params
+    cost_advice = SmoothGrad.cost_advice
+
+    def max_forward_passes(self, params: dict[str, Any], served: ServedModel) -> int:
+        """One gradient pass per noisy copy, as SmoothGrad."""
+        return SmoothGrad().max_forward_passes(params, served)
 
     def attribute(
         self, ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, params: dict[str, Any]
