@@ -37,7 +37,14 @@ from .cost import (
     method_cost,
     reliability_cost,
 )
-from .errors import InvalidArgument, ModelLoadError, NotFound, ResourceExhausted
+from .errors import (
+    InvalidArgument,
+    ModelLoadError,
+    NotFound,
+    ResourceExhausted,
+    listing,
+    quote,
+)
 from .forward import Budget, CountedForward
 from .forward_backends import ForwardConfig, ModelForwards, prepare_forwards
 from .gad import gad_map, gad_reason
@@ -289,13 +296,13 @@ class Engine:
         if served is None:
             raise NotFound(
                 "model_name",
-                f"model {request.model!r} is not served; served: {', '.join(sorted(self.models))}",
+                f"model {quote(request.model)} is not served; served: {listing(self.models)}",
             )
         if request.version and request.version != served.config.version:
             raise NotFound(
                 "model_version",
-                f"model {request.model!r} version {request.version!r} is not served "
-                f"(serving version {served.config.version!r})",
+                f"model {quote(request.model)} version {quote(request.version)} is not served "
+                f"(serving version {quote(served.config.version)})",
             )
         return served
 

@@ -37,6 +37,7 @@ from .errors import (
     ResourceExhausted,
     Unavailable,
     XaiError,
+    clip,
 )
 
 COMMAND = "command"
@@ -77,8 +78,10 @@ def list_models_inputs() -> dict[str, bytes]:
 
 
 def encode_error(code: str, message: str) -> bytes:
-    """The error answer: the zero byte, then ``{"code": ..., "message": ...}`` as JSON."""
-    return ERROR_MARKER + json.dumps({"code": code, "message": message}).encode("utf-8")
+    """The error answer: the zero byte, then ``{"code": ..., "message": ...}`` as JSON (the
+    message cut to ``MAX_MESSAGE_CHARS``)."""
+    body = {"code": clip(code, 40), "message": clip(message)}
+    return ERROR_MARKER + json.dumps(body).encode("utf-8")
 
 
 def decode_answer(answer: bytes) -> bytes:

@@ -1,15 +1,19 @@
-"""The gateway's in-flight limit: one bound on concurrent calls, in front of every backend.
+"""Admission of calls: the in-flight limit, and the count of calls gRPC refuses itself.
 
 A call of a limited service that arrives while ``limit`` calls are in flight is refused at
 once with RESOURCE_EXHAUSTED ("retry later"), instead of waiting in an unbounded queue; the
 calls already admitted are not affected. The count is kept on the server's event loop, so
 it needs no lock.
+
+A request message over the server's ``grpc.max_receive_message_length`` is refused by
+gRPC's core (RESOURCE_EXHAUSTED, "Received message larger than max") before any unary
+handler runs; :class:`ReceiveRefusals` makes those refusals visible, so they are counted.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
 import grpc
@@ -71,6 +75,55 @@ class InFlightLimit(grpc.aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             admitted,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class ReceiveRefusals(grpc.aio.ServerInterceptor):
+    """Reports the unary calls of ``services`` whose request message gRPC refused to read.
+
+    gRPC's core reads a unary call's message before the handler starts, and when it refuses
+    the message (over the size limit) no handler, and so no interceptor's wrapper, ever
+    runs. This interceptor serves those methods as request-streaming ones instead (the wire
+    format is the same): the handler starts first and reads the one message itself. A call
+    that yields no message and was not cancelled was refused by the core, and is reported
+    to ``on_reject`` as RESOURCE_EXHAUSTED, the code the client got from the core. Other
+    calls go on to the unary handler (and the interceptors inside this one) unchanged.
+
+    It must be the outermost interceptor: the ones inside it then refuse a call only after
+    its message was read, so a call is reported once, under the code the client sees.
+    """
+
+    def __init__(self, services: Collection[str], on_reject: RejectHook) -> None:
+        self._services = frozenset(services)
+        self._on_reject = on_reject
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        service, rpc = split_method(handler_call_details.method)
+        if handler is None or service not in self._services or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        async def read_then_call(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> Any:
+            async for request in requests:
+                return await inner(request, context)
+            if not context.cancelled():
+                self._on_reject(rpc, grpc.StatusCode.RESOURCE_EXHAUSTED.name)
+                logger.info("refused %s: gRPC did not accept its request message", rpc)
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "no request message within the size limit"
+            )
+
+        return grpc.stream_unary_rpc_method_handler(
+            read_then_call,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )

@@ -73,11 +73,20 @@ def read_tokens(path: str) -> list[bytes]:
 
 
 def _refusal(
-    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+    handler: grpc.RpcMethodHandler,
+    code: grpc.StatusCode,
+    message: str,
+    on_refuse: Callable[[], None] | None = None,
 ) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that aborts every call with ``code``."""
+    """A handler of the same kind as ``handler`` that aborts every call with ``code``.
+
+    on_refuse: called as a call is refused (not when gRPC refused it earlier, reading an
+        oversized message, and the handler never ran).
+    """
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if on_refuse is not None:
+            on_refuse()
         await context.abort(code, message)
 
     kinds = {
@@ -99,7 +108,8 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
 
     tokens: the accepted tokens.
     exempt: services callable without a token (health checks).
-    on_reject: told of each refused call of a ``metered`` service (for metrics).
+    on_reject: told of each refused call of a ``metered`` service (for metrics), as the
+        refusal is sent.
     """
 
     def __init__(
@@ -145,8 +155,13 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):
         if self.accepts(handler_call_details.invocation_metadata):
             return handler
         logger.info("refused %s: missing or invalid bearer token", handler_call_details.method)
-        if self._on_reject is not None and service in self._metered:
-            self._on_reject(rpc, grpc.StatusCode.UNAUTHENTICATED.name)
+        on_reject = self._on_reject
+        count = None
+        if on_reject is not None and service in self._metered:
+
+            def count() -> None:
+                on_reject(rpc, grpc.StatusCode.UNAUTHENTICATED.name)
+
         return _refusal(
-            handler, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token"
+            handler, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token", count
         )

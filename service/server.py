@@ -28,7 +28,7 @@ from xaiserve.handlers.errors import ModelLoadError
 from xaiserve.v1 import explain_pb2, explain_pb2_grpc
 
 from . import security
-from .admission import InFlightLimit
+from .admission import InFlightLimit, ReceiveRefusals
 from .backends import Backend, LocalBackend
 from .metrics import Metrics, MetricsHttpServer
 from .servicer import ExplanationServicer
@@ -134,8 +134,12 @@ async def start(
 
 
 def _interceptors(settings: Settings, metrics: Metrics) -> list[grpc.aio.ServerInterceptor]:
-    """Bearer-token authentication (when a token file is set), then the in-flight limit."""
-    interceptors: list[grpc.aio.ServerInterceptor] = []
+    """The count of messages gRPC refuses (over ``max_message_bytes``), bearer-token
+    authentication (when a token file is set), then the in-flight limit; each refusal is
+    counted in the error metrics."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        ReceiveRefusals((SERVICE_NAME,), on_reject=metrics.observe_rpc_error)
+    ]
     if settings.auth_token_file:
         interceptors.append(
             security.BearerTokenAuth(

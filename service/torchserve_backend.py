@@ -14,6 +14,8 @@ as Unix time), and the handler's ``ExplainResponse`` or error answer comes back.
 
 TorchServe's failures become domain errors (and so gRPC codes, in ``status``):
 
+- a model that is not one of the backend's models: NOT_FOUND at once, without a call (so
+  TorchServe never echoes a client's name back in a trailer too large to receive);
 - a model or version TorchServe does not have: NOT_FOUND;
 - TorchServe down or restarting, the model's job queue full or no worker for it:
   UNAVAILABLE (TorchServe answers the last two alike, with INTERNAL and "has no worker to
@@ -51,6 +53,7 @@ from xaiserve.handlers.errors import (
     ResourceExhausted,
     Unavailable,
     XaiError,
+    quote,
 )
 from xaiserve.handlers.types import ExplainRequest, ExplainResult, ModelInfo
 from xaiserve.torchserve import inference_pb2, inference_pb2_grpc
@@ -66,10 +69,16 @@ LIST_MODELS_SECONDS = 10.0
 
 #: A channel to TorchServe that lost its connection tries again after at most this long
 #: (gRPC's default backoff grows to two minutes, far too slow to notice a restart).
+#: TorchServe's error trailers quote what the gateway sent (a version, say) in full; the
+#: channel receives trailers up to :data:`TRAILER_BYTES` so that such an answer arrives as
+#: the error it is (then mapped and quoted short), not as a trailer overflow.
+TRAILER_BYTES = 1024 * 1024
 _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_metadata_size", TRAILER_BYTES),
+    ("grpc.absolute_max_metadata_size", TRAILER_BYTES),
 ]
 
 
@@ -131,24 +140,26 @@ def map_rpc_error(error: grpc.RpcError, model: str, version: str) -> XaiError:
     code = error.code()
     details = error.details() or ""
     if "ModelNotFoundException" in details or details.startswith("Model not found"):
-        return NotFound("model_name", f"model {model!r} is not served")
+        return NotFound("model_name", f"model {quote(model)} is not served")
     if "ModelVersionNotFoundException" in details:
-        return NotFound("model_version", f"model {model!r} version {version!r} is not served")
+        return NotFound(
+            "model_version", f"model {quote(model)} version {quote(version)} is not served"
+        )
     if "has no worker to serve inference request" in details:  # queue full, or no worker
         logger.warning("TorchServe has no capacity for model %r: %s", model, details)
         return Unavailable(
-            None, f"TorchServe has no free capacity for model {model!r}; retry later"
+            None, f"TorchServe has no free capacity for model {quote(model)}; retry later"
         )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(None, "deadline exceeded waiting for TorchServe")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ResourceExhausted(None, f"TorchServe is at capacity for model {model!r}")
+        return ResourceExhausted(None, f"TorchServe is at capacity for model {quote(model)}")
     if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
         logger.error("TorchServe refused the gateway's inference key: %s", details)
         return Unavailable(None, "TorchServe is unavailable (it refused the gateway's key)")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         logger.warning("TorchServe unavailable for model %r: %s", model, details)
-        return Unavailable(None, f"TorchServe is unavailable for model {model!r}")
+        return Unavailable(None, f"TorchServe is unavailable for model {quote(model)}")
     error_id = uuid.uuid4().hex[:12]
     logger.error("TorchServe error (id %s) %s: %s", error_id, code.name, details)
     return worker_protocol.WorkerError("INTERNAL", f"TorchServe error (id {error_id})")
@@ -230,7 +241,13 @@ class TorchServeBackend:
         return worker_protocol.decode_answer(reply.prediction)
 
     async def explain(self, request: ExplainRequest, deadline: float | None) -> ExplainResult:
-        """Sends ``request`` to the model's TorchServe workers and waits for the answer."""
+        """Sends ``request`` to the model's TorchServe workers and waits for the answer.
+
+        Raises:
+            NotFound: the model is not one of :attr:`models` (TorchServe is not asked).
+        """
+        if request.model not in self.models:
+            raise NotFound("model_name", f"model {quote(request.model)} is not served")
         if deadline is None:
             deadline = time.monotonic() + 3600.0
         deadline_unix = time.time() + (deadline - time.monotonic())

@@ -222,3 +222,25 @@ def test_torchserve_down_is_unavailable_at_once(aio_loop: LoopThread, tmp_path: 
         assert not aio_loop.run(backend.ready())
     finally:
         aio_loop.run(backend.close())
+
+
+def test_a_huge_model_name_is_not_found_without_asking_torchserve(setup: Setup) -> None:
+    name = "m" * 16_500
+    explain = setup.backend.explain(_plain(model=name), time.monotonic() + 5)
+    error = _raises(setup, explain, NotFound)
+    assert str(error).startswith("model_name: model 'mmm") and len(str(error)) <= 512
+    assert "16500 characters" in str(error)
+    assert setup.fake.seen == []  # TorchServe would echo the name back in its trailer
+
+
+def test_a_huge_version_torchserve_echoes_is_still_not_found(setup: Setup) -> None:
+    version = "9" * 16_500
+    setup.fake.failure = (
+        grpc.StatusCode.INTERNAL,
+        f"Model version: {version} does not exist for model: demo\n"
+        "org.pytorch.serve.archive.model.ModelVersionNotFoundException",
+    )
+    plain = _plain(version=version)
+    error = _raises(setup, setup.backend.explain(plain, time.monotonic() + 5), NotFound)
+    assert str(error).startswith("model_version: model 'demo' version '999")
+    assert len(str(error)) <= 512

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +68,11 @@ def _read_lines(stream, lines: list[str], found: threading.Event) -> None:
 
 
 @contextmanager
-def running_gateway(model_store: Path) -> Iterator[Gateway]:
-    """Starts ``python -m xaiserve.service.server`` over the tiny model; SIGTERM at the end."""
+def running_gateway(model_store: Path, extra_args: Sequence[str] = ()) -> Iterator[Gateway]:
+    """Starts ``python -m xaiserve.service.server`` over the tiny model; SIGTERM at the end.
+
+    extra_args: more ``xaiserve-server`` flags (``--max-message-bytes``, ...).
+    """
     write_tiny_model_dir(model_store / "tiny")
     metrics_port = free_port()
     command = [
@@ -78,6 +81,7 @@ def running_gateway(model_store: Path) -> Iterator[Gateway]:
         "--port", "0",
         "--metrics-port", str(metrics_port),
         "--workers", "1",
+        *extra_args,
     ]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
