@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 from support.gateway import running_gateway
 
-from xaiserve.service.metrics import TORCHSERVE_METRICS
+from xaiserve.service.metrics import PREFIX, TORCHSERVE_METRICS, Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "xaiserve.json"
@@ -128,3 +130,37 @@ def test_dashboard_shape() -> None:
         assert f"histogram_quantile({quantile}, sum by (le, method)" in exprs
     heatmaps = [p for p in panels if p["type"] == "heatmap"]
     assert any("xaiserve_apem_score_bucket" in t["expr"] for p in heatmaps for t in p["targets"])
+
+
+_SELECTOR = re.compile(r"\b(" + PREFIX + r"\w+?)(?:_bucket|_count|_sum|_total)?\{([^}]*)\}")
+_MATCHER = re.compile(r"(\w+)\s*(?:=~|!~|!=|=)")
+
+
+def _gateway_labels() -> dict[str, set[str]]:
+    """Label names of each gateway collector, by metric name (histograms also have ``le``)."""
+    metrics = Metrics(CollectorRegistry())
+    return {
+        c._name: set(c._labelnames) | {"le"}  # noqa: SLF001 - prometheus-client's own record
+        for c in vars(metrics).values()
+        if isinstance(c, MetricWrapperBase)
+    }
+
+
+def test_every_label_a_query_uses_is_one_the_gateway_sets() -> None:
+    """A query on a label the gateway dropped (``method_set``) would draw an empty panel."""
+    labels = _gateway_labels()
+    assert labels[PREFIX + "request_duration_seconds"] == {"model", "code", "le"}
+    dashboard = json.loads(DASHBOARD.read_text())
+    checked = 0
+    for expr in dashboard_queries(dashboard):
+        selected = {m.group(1) for m in _SELECTOR.finditer(expr)}
+        for match in _SELECTOR.finditer(expr):
+            used = set(_MATCHER.findall(match.group(2)))
+            assert used <= labels[match.group(1)], (expr, used - labels[match.group(1)])
+            checked += 1
+        if len(selected) == 1:  # grouping labels belong to the one metric selected
+            (name,) = selected
+            for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+                used = {g.strip() for g in group.split(",") if g.strip()}
+                assert used <= labels[name], (expr, used - labels[name])
+    assert checked > 10

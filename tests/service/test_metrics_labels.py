@@ -13,30 +13,48 @@ from xaiserve.handlers.types import (
     Prediction,
     ReliabilityRecord,
 )
-from xaiserve.service.metrics import METHOD_SET_MAX, METHODS, Metrics, method_set
+from xaiserve.service.metrics import CODES, METHODS, RPCS, Metrics
 from xaiserve.v1 import explain_pb2 as pb
 
 
+def test_vocabularies_are_the_api_catalog_and_grpc_codes() -> None:
+    assert METHODS == {n.lower() for n in pb.Method.keys()} - {"method_unspecified"}
+    assert len(CODES) == 17 and {"OK", "NOT_FOUND", "RESOURCE_EXHAUSTED"} <= CODES
+    assert RPCS == {"Explain", "ListModels"}
+
+
 @pytest.mark.parametrize(
-    ("names", "label"),
+    ("names", "counted"),
     [
-        ([], "none"),
-        (["saliency"], "saliency"),
-        (["saliency", "saliency"], "saliency"),
-        (["saliency", "grad_cam"], "grad_cam+saliency"),
-        (["grad_cam", "saliency"], "grad_cam+saliency"),
-        (["saliency", "grad_cam", "occlusion"], "multi"),
-        (["saliency", "quantum_cam"], "other"),
-        (["other"], "other"),
+        ([], {}),
+        (["saliency"], {"saliency": 1}),
+        (["saliency", "saliency"], {"saliency": 1}),  # once per call
+        (["saliency", "grad_cam", "occlusion"], {"saliency": 1, "grad_cam": 1, "occlusion": 1}),
+        (["saliency", "quantum_cam", "other"], {"saliency": 1, "other": 1}),
     ],
 )
-def test_method_set(names: list[str], label: str) -> None:
-    assert method_set(names) == label
+def test_each_method_of_a_call_is_counted_once(names: list[str], counted: dict[str, int]) -> None:
+    metrics = Metrics(CollectorRegistry())
+    metrics.add_models(["demo"])
+    metrics.observe_explain("demo", names, "OK", 0.1)
+    r = metrics.registry
+    seen = {
+        s.labels["method"]: s.value
+        for family in r.collect() if family.name == "xaiserve_method_requests"
+        for s in family.samples if s.name == "xaiserve_method_requests_total"
+    }
+    assert seen == counted
+    assert _value(r, "xaiserve_request_duration_seconds_count", model="demo", code="OK") == 1
 
 
-def test_method_vocabulary_is_the_api_catalog() -> None:
-    assert METHODS == {n.lower() for n in pb.Method.keys()} - {"method_unspecified"}
-    assert METHOD_SET_MAX == 2
+def test_codes_and_rpcs_outside_the_vocabulary_are_other() -> None:
+    metrics = Metrics(CollectorRegistry())
+    metrics.observe_rpc_error("NoSuchRpc", "NOT_A_CODE")
+    metrics.observe_explain("demo", ["saliency"], "NOT_A_CODE", 0.1)
+    r = metrics.registry
+    assert _value(r, "xaiserve_request_errors_total", rpc="other", code="other") == 1
+    assert _value(r, "xaiserve_request_errors_total", rpc="Explain", code="other") == 1
+    assert _value(r, "xaiserve_request_duration_seconds_count", model="other", code="other") == 1
 
 
 def _record(apem: float, norm: float | None = None, undefined: str = "") -> ReliabilityRecord:
@@ -85,8 +103,9 @@ def test_a_result_records_stages_passes_and_apem() -> None:
     metrics.observe_explain("demo", ["saliency", "grad_cam", "occlusion"], "OK", 0.6, result, 0.55)
     r = metrics.registry
 
-    assert _value(r, "xaiserve_request_duration_seconds_count",
-                  model="demo", method_set="multi", code="OK") == 1
+    assert _value(r, "xaiserve_request_duration_seconds_count", model="demo", code="OK") == 1
+    for method in ("saliency", "grad_cam", "occlusion"):
+        assert _value(r, "xaiserve_method_requests_total", model="demo", method=method) == 1
     assert _value(r, "xaiserve_request_errors_total", rpc="Explain", code="OK") == 0
     for stage, seconds in (("decode", 0.001), ("predict", 0.002), ("engine", 0.5),
                            ("backend", 0.55)):
@@ -124,14 +143,15 @@ def test_model_names_outside_the_vocabulary_are_other() -> None:
     metrics.observe_explain("demo", ["saliency"], "INVALID_ARGUMENT", 0.01)
     r = metrics.registry
     count = "xaiserve_request_duration_seconds_count"
-    assert _value(r, count, model="other", method_set="saliency", code="NOT_FOUND") == 2
-    assert _value(r, count, model="probe-1", method_set="saliency", code="NOT_FOUND") == 0
-    assert _value(r, count, model="demo", method_set="saliency", code="INVALID_ARGUMENT") == 1
+    assert _value(r, count, model="other", code="NOT_FOUND") == 2
+    assert _value(r, count, model="probe-1", code="NOT_FOUND") == 0
+    assert _value(r, count, model="demo", code="INVALID_ARGUMENT") == 1
+    assert _value(r, "xaiserve_method_requests_total", model="other", method="saliency") == 2
     assert _value(r, "xaiserve_request_errors_total", rpc="Explain", code="NOT_FOUND") == 2
     # an answered call teaches the model's name
     metrics.observe_explain("fresh", ["saliency"], "OK", 0.1, _result())
     assert metrics.model_label("fresh") == "other"  # the result's name ("demo") is used
-    assert _value(r, count, model="demo", method_set="saliency", code="OK") == 1
+    assert _value(r, count, model="demo", code="OK") == 1
 
 
 def test_rpc_errors_and_default_registry_has_process_metrics() -> None:
