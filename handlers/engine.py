@@ -10,6 +10,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from .cost import (
     reliability_cost,
 )
 from .errors import (
+    FailedPrecondition,
     InvalidArgument,
     ModelLoadError,
     NotFound,
@@ -53,11 +55,13 @@ from .methods.base import AttributionMethod, MethodContext
 from .methods.occlusion import Occlusion, window_starts
 from .methods.registry import METHODS, get_method
 from .methods.score_cam import layer_channels
-from .model import ServedModel, load_model_dir
+from .model import FailedModel, ServedModel, failed_model, load_model_dir
 from .postprocess import apply_stage
 from .preprocess import decode_image, tensor_from_raw
 from .render import overlay_png
 from .types import (
+    MODEL_AVAILABLE,
+    MODEL_FAILED,
     STAGES,
     ClassScore,
     EncodedImage,
@@ -141,26 +145,37 @@ def _ranked(group: list[_Draft]) -> list[Explanation]:
 
 class Engine:
     """Serves the models of a model store. Thread-safe: calls on one model are serialized
-    (CAM methods hook the model's layers), calls on different models run concurrently."""
+    (CAM methods hook the model's layers), calls on different models run concurrently.
+
+    Models that failed to load are listed with their reason and answered with
+    FAILED_PRECONDITION; they do not stop the others."""
 
     def __init__(
         self,
         models: dict[str, ServedModel],
         limits: EngineLimits,
         forward_config: ForwardConfig | None = None,
+        failed: Sequence[FailedModel] = (),
     ) -> None:
         """forward_config: how forward-only batches run (ONNX Runtime or torch, threads,
-        providers, memory budget); each model's ONNX forward is prepared here."""
-        if not models:
+        providers, memory budget); each model's ONNX forward is prepared here, and a model
+        whose preparation fails joins ``failed`` (the models that failed to load)."""
+        if not models and not failed:
             raise ModelLoadError("no models to serve")
-        self.models = models
         self.limits = limits
         self.forward_config = forward_config or ForwardConfig()
-        self.forwards: dict[str, ModelForwards] = {
-            name: prepare_forwards(served, self.forward_config) for name, served in models.items()
-        }
-        self._locks = {name: threading.Lock() for name in models}
-        for served in models.values():  # Score-CAM's cost, before requests hook layers
+        self.forwards: dict[str, ModelForwards] = {}
+        self.failed: list[FailedModel] = list(failed)
+        for name, served in models.items():
+            try:
+                self.forwards[name] = prepare_forwards(served, self.forward_config)
+            except Exception as err:  # noqa: BLE001 - the model's own code may raise anything
+                log.exception("model %s from %s not served", name, served.directory)
+                failure = failed_model(served.directory, err)
+                self.failed.append(replace(failure, name=name, version=served.config.version))
+        self.models = {name: models[name] for name in self.forwards}
+        self._locks = {name: threading.Lock() for name in self.models}
+        for served in self.models.values():  # Score-CAM's cost, before requests hook layers
             if served.cam_layer is not None:
                 layer_channels(served)
 
@@ -194,21 +209,43 @@ class Engine:
     def from_model_store(
         cls, root: Path, limits: EngineLimits, forward_config: ForwardConfig | None = None
     ) -> Engine:
-        """Loads every subdirectory of ``root`` that holds a ``config.yaml``."""
+        """Loads every subdirectory of ``root`` that holds a ``config.yaml``.
+
+        A directory that fails to load is logged and listed as failed (see the class);
+        the first of two directories with the same model name is served.
+
+        Raises:
+            ModelLoadError: no directory loaded; the message lists each one's reason.
+        """
         root = Path(root)
         dirs = sorted(p.parent for p in root.glob("*/config.yaml"))
         if not dirs:
             raise ModelLoadError(f"{root}: no model directories (*/config.yaml)")
         models: dict[str, ServedModel] = {}
+        failed: list[FailedModel] = []
         for directory in dirs:
-            served = load_model_dir(directory)
-            if served.config.name in models:
-                raise ModelLoadError(f"{directory}: model name {served.config.name!r} repeated")
+            try:
+                served = load_model_dir(directory)
+                if served.config.name in models:
+                    raise ModelLoadError(
+                        f"model name {served.config.name!r} repeated: "
+                        f"{models[served.config.name].directory.name} is served"
+                    )
+            except Exception as err:  # noqa: BLE001 - the model's own code may raise anything
+                log.error("model directory %s not served: %s", directory, err,
+                          exc_info=not isinstance(err, ModelLoadError))
+                failed.append(failed_model(directory, err))
+                continue
             models[served.config.name] = served
-        return cls(models, limits, forward_config)
+        engine = cls(models, limits, forward_config, failed)
+        if not engine.models:
+            reasons = "; ".join(f"{f.directory.name}: {f.reason}" for f in engine.failed)
+            raise ModelLoadError(f"{root}: no model could be loaded ({reasons})")
+        return engine
 
     def list_models(self) -> list[ModelInfo]:
-        """The served models, sorted by name, with the methods each supports."""
+        """The models, sorted by name: each served one with the methods it supports,
+        each failed one (status MODEL_FAILED) with its reason."""
         infos = []
         for _, m in sorted(self.models.items()):
             reasons = {name: cls().unsupported_reason(m) for name, cls in METHODS.items()}
@@ -228,7 +265,12 @@ class Engine:
                     unsupported_methods=tuple(f"{n}: {why}" for n, why in reasons.items() if why),
                 )
             )
-        return infos
+        infos += [
+            ModelInfo(name=f.name, version=f.version, input_shape=(), labels=(), methods=(),
+                      status=MODEL_FAILED, status_reason=f.reason)
+            for f in self.failed
+        ]
+        return sorted(infos, key=lambda info: (info.name, info.status != MODEL_AVAILABLE))
 
     def explain(self, request: ExplainRequest, deadline: float | None = None) -> ExplainResult:
         """Predicts and explains one image. Raises XaiError subclasses on bad input.
@@ -254,7 +296,10 @@ class Engine:
             prediction = self._prediction(logits, served, request)
             timings["predict"] = time.perf_counter() - t0
             target = torch.tensor([prediction.target.index])
-            ctx = MethodContext(served, forward, budget, self.limits.max_batch)
+            gradient_batch = self.forwards[served.config.name].gradient_batch(
+                self.limits.max_batch
+            )
+            ctx = MethodContext(served, forward, budget, gradient_batch)
             attributions: dict[tuple[str, str], torch.Tensor] = {}
             drafts = [
                 [self._draft(ctx, item, x, target, request, attributions) for item in group]
@@ -293,6 +338,11 @@ class Engine:
 
     def _model(self, request: ExplainRequest) -> ServedModel:
         served = self.models.get(request.model)
+        failed = next((f for f in self.failed if f.name == request.model), None)
+        if served is None and failed is not None:
+            raise FailedPrecondition(
+                "model_name", f"model {quote(request.model)} failed to load: {failed.reason}"
+            )
         if served is None:
             raise NotFound(
                 "model_name",

@@ -89,6 +89,13 @@ class DeadlineExceeded(XaiError):
     code = "DEADLINE_EXCEEDED"
 
 
+class FailedPrecondition(XaiError):
+    """The request is well formed but the server is not in a state to answer it (the
+    named model's directory failed to load; the message says why)."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class Unavailable(XaiError):
     """A backend the request needs is not reachable right now."""
 

@@ -31,7 +31,7 @@ from xaiserve.handlers.engine import Engine
 from xaiserve.handlers.errors import DeadlineExceeded, InvalidArgument, ModelLoadError, XaiError
 from xaiserve.handlers.forward_config import ForwardConfig
 from xaiserve.handlers.limits import EngineLimits
-from xaiserve.handlers.model import load_model_dir
+from xaiserve.handlers.model import failed_model, load_model_dir
 from xaiserve.service import convert
 from xaiserve.v1 import explain_pb2 as pb
 
@@ -125,13 +125,30 @@ class XaiHandler(BaseHandler):
         how forward-only batches run from ``xaiserve.forward``, the GPU of ONNX Runtime's
         GPU providers from TorchServe (``gpu_id``, on hosts with GPUs); the archive's
         ``model.onnx``, when there, is checked and used (see ``forward_backends``).
+
+        A model that fails to load (or a bad model-config.yaml) does not fail the worker,
+        which TorchServe would restart without end: the worker answers ListModels with the
+        model as failed and its reason, and Explain with FAILED_PRECONDITION, as the
+        embedded server does.
         """
         self.context = context
         self.manifest = context.manifest
         model_dir = Path(context.system_properties["model_dir"])
-        limits = engine_limits(getattr(context, "model_yaml_config", None))
-        served = load_model_dir(model_dir)
-        config = forward_config(getattr(context, "model_yaml_config", None))
+        yaml_config = getattr(context, "model_yaml_config", None)
+        try:
+            limits = engine_limits(yaml_config)
+            config = forward_config(yaml_config)
+            served = load_model_dir(model_dir)
+        except Exception as err:  # noqa: BLE001 - the model's own code may raise anything
+            logger.error("model directory %s not served: %s", model_dir, err,
+                         exc_info=not isinstance(err, ModelLoadError))
+            failure = failed_model(model_dir, err)
+            name = ((self.manifest or {}).get("model") or {}).get("modelName")
+            if name:  # the name the gateway asks for, whatever config.yaml holds
+                failure = replace(failure, name=str(name))
+            self.engine = Engine({}, EngineLimits(), failed=[failure])
+            self.initialized = True
+            return
         gpu = context.system_properties.get("gpu_id")
         if gpu is not None:  # TorchServe gives each worker of a GPU host one GPU
             config = replace(config, onnx_device_id=int(gpu))
@@ -139,7 +156,8 @@ class XaiHandler(BaseHandler):
         self.engine.warm_up()
         self.initialized = True
         logger.info(
-            "xaiserve handler ready: model %s version %s from %s (torch threads %d)",
+            "xaiserve handler %s: model %s version %s from %s (torch threads %d)",
+            "ready" if self.engine.models else "failed",
             served.config.name,
             served.config.version,
             model_dir,

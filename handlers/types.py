@@ -145,8 +145,17 @@ class ExplainResult:
     forward_passes: dict[str, int] = field(default_factory=dict)  # by stage
 
 
+#: ModelInfo.status of a model that answers requests.
+MODEL_AVAILABLE = "AVAILABLE"
+#: ModelInfo.status of a model whose directory failed to load (reason in status_reason).
+MODEL_FAILED = "FAILED"
+
+
 @dataclass(frozen=True)
 class ModelInfo:
+    """A model as ListModels describes it; a failed one has only its name, version (when
+    its config was read), status MODEL_FAILED and the reason."""
+
     name: str
     version: str
     input_shape: tuple[int, ...]
@@ -159,3 +168,5 @@ class ModelInfo:
     calibrated: bool = False
     gad_class_pairs: tuple[str, ...] = ()
     unsupported_methods: tuple[str, ...] = ()  # "method: reason"
+    status: str = MODEL_AVAILABLE
+    status_reason: str = ""

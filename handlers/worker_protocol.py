@@ -32,6 +32,7 @@ from collections.abc import Mapping
 
 from .errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -52,7 +53,14 @@ ERROR_MARKER = b"\x00"
 #: Domain error classes by the gRPC code name they carry; other codes decode to XaiError.
 _ERRORS: dict[str, type[XaiError]] = {
     cls.code: cls
-    for cls in (InvalidArgument, NotFound, ResourceExhausted, DeadlineExceeded, Unavailable)
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        ResourceExhausted,
+        DeadlineExceeded,
+        Unavailable,
+        FailedPrecondition,
+    )
 }
 
 

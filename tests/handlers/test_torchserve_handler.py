@@ -17,6 +17,7 @@ from xaiserve.handlers import worker_protocol
 from xaiserve.handlers.engine import Engine
 from xaiserve.handlers.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidArgument,
     ModelLoadError,
     NotFound,
@@ -253,3 +254,33 @@ def test_an_archives_forward_section_reads_back() -> None:
                             incremental_occlusion=False)
     settings = ArchiveSettings(forward=forward)
     assert handler_module.forward_config(settings.model_config()) == forward
+
+
+@pytest.mark.parametrize(
+    ("broken", "yaml_config", "reason"),
+    [
+        ("weights", None, "weights.pt: weights file not found"),
+        ("", {"xaiserve": {"limits": {"max_widgets": 3}}}, "unknown xaiserve.limits"),
+    ],
+)
+def test_a_model_that_fails_to_load_is_reported_not_restarted(
+    tmp_path: Path, broken: str, yaml_config: dict[str, Any] | None, reason: str
+) -> None:
+    directory = write_tiny_model_dir(tmp_path / "archive")
+    if broken == "weights":
+        (directory / "weights.pt").unlink()
+    handler = handler_module.XaiHandler()
+    context = _context(directory, yaml_config)
+    handler.initialize(context)  # does not raise: TorchServe would restart it forever
+    listed = pb.ListModelsResponse.FromString(
+        worker_protocol.decode_answer(
+            handler.handle([worker_protocol.list_models_inputs()], context)[0]
+        )
+    )
+    (model,) = listed.models
+    assert (model.name, model.status) == ("tiny", pb.MODEL_FAILED)
+    assert reason in model.status_reason and str(tmp_path) not in model.status_reason
+    request = pb.ExplainRequest(model_name="tiny", image=_tensor(1))
+    (answer,) = handler.handle([_inputs(request)], context)
+    with pytest.raises(FailedPrecondition, match=f"model 'tiny' failed to load: .*{reason}"):
+        worker_protocol.decode_answer(answer)
