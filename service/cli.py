@@ -313,6 +313,8 @@ def run_models(args: argparse.Namespace) -> int:
             "onnx_status": m.onnx_status,
             "calibrated": m.calibrated,
             "gad_class_pairs": list(m.gad_class_pairs),
+            "status": "failed" if m.status == pb.MODEL_FAILED else "available",
+            "status_reason": m.status_reason,
         }
         for m in response.models
     ]
@@ -324,6 +326,9 @@ def run_models(args: argparse.Namespace) -> int:
     for m in models:
         labels = ", ".join(m["labels"][:10]) + (", ..." if len(m["labels"]) > 10 else "")
         print(f"{m['name']} (version {m['version'] or '-'})")
+        if m["status"] == "failed":
+            print(f"  FAILED to load: {m['status_reason']}")
+            continue
         print(f"  input      {'x'.join(str(d) for d in m['input_shape'])}")
         print(f"  labels     {len(m['labels'])}: {labels}")
         print(f"  methods    {', '.join(m['methods'])}")

@@ -17,6 +17,8 @@ from google.protobuf.message import Message
 
 from xaiserve.handlers.errors import InvalidArgument
 from xaiserve.handlers.types import (
+    MODEL_AVAILABLE,
+    MODEL_FAILED,
     STAGES,
     EncodedImage,
     ExplainRequest,
@@ -317,6 +319,13 @@ def _filtered(record: FilteredRecord, want_array: bool, want_png: bool) -> pb.Fi
 # ------------------------------------------------------------------------------- models
 
 
+#: ``ModelStatus`` value of each ``ModelInfo.status``.
+MODEL_STATUS_VALUES: dict[str, int] = {
+    MODEL_AVAILABLE: pb.MODEL_AVAILABLE,
+    MODEL_FAILED: pb.MODEL_FAILED,
+}
+
+
 def models_to_proto(models: Iterable[ModelInfo]) -> pb.ListModelsResponse:
     """The served models as a ``ListModelsResponse``, sorted by name.
 
@@ -337,6 +346,8 @@ def models_to_proto(models: Iterable[ModelInfo]) -> pb.ListModelsResponse:
                 calibrated=m.calibrated,
                 gad_class_pairs=list(m.gad_class_pairs),
                 unsupported_methods=list(m.unsupported_methods),
+                status=MODEL_STATUS_VALUES[m.status],
+                status_reason=m.status_reason,
             )
             for m in sorted(models, key=lambda m: (m.name, m.version))
         ]

@@ -22,6 +22,8 @@ import numpy as np
 from google.protobuf.message import Message
 
 from xaiserve.handlers.types import (
+    MODEL_AVAILABLE,
+    MODEL_FAILED,
     ClassScore,
     EncodedImage,
     ExplainRequest,
@@ -234,6 +236,8 @@ def models_from_proto(message: pb.ListModelsResponse) -> list[ModelInfo]:
             calibrated=m.calibrated,
             gad_class_pairs=tuple(m.gad_class_pairs),
             unsupported_methods=tuple(m.unsupported_methods),
+            status=MODEL_FAILED if m.status == pb.MODEL_FAILED else MODEL_AVAILABLE,
+            status_reason=m.status_reason,
         )
         for m in message.models
     ]

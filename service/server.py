@@ -251,8 +251,13 @@ async def serve(settings: Settings, backend: Backend | None = None) -> None:
 def build_backend(settings: Settings) -> Backend:
     """The backend named by ``settings.backend``, with its models loaded.
 
+    The local backend serves the models that loaded; those that failed are listed by
+    ListModels with their reason (see ``Engine``), and health is SERVING while one model
+    is served.
+
     Raises:
-        ModelLoadError: the model store cannot be served.
+        ModelLoadError: the model store cannot be served (on the local backend: no model
+            loaded; the message gives each directory's reason).
     """
     if settings.backend == "local":
         from xaiserve.handlers.engine import Engine  # torch: imported only when serving
@@ -260,8 +265,10 @@ def build_backend(settings: Settings) -> Backend:
         engine = Engine.from_model_store(
             Path(settings.model_store), settings.engine_limits(), settings.forward_config()
         )
-        models = ", ".join(m.name for m in engine.list_models())
+        models = ", ".join(sorted(engine.models))
         logger.info("local backend: models %s from %s", models, settings.model_store)
+        for failed in engine.failed:  # listed by ListModels, answered FAILED_PRECONDITION
+            logger.warning("model %s failed to load: %s", failed.name, failed.reason)
         engine.warm_up()
         return LocalBackend(engine, workers=settings.workers)
     if settings.backend == "torchserve":

@@ -161,15 +161,24 @@ def test_models_survive_the_trip() -> None:
     message = pb.ListModelsResponse(
         models=[
             pb.ModelInfo(
+                name="broken", version="1", status=pb.MODEL_FAILED,
+                status_reason="broken/weights.pt: weights file not found",
+            ),
+            pb.ModelInfo(
                 name="demo", version="2", input_shape=[3, 64, 64], labels=["a", "b"],
                 methods=[pb.SALIENCY, pb.GRAD_CAM], cam_layer="features.3",
                 forward_backend="onnxruntime", onnx_status="", calibrated=True,
                 gad_class_pairs=["a,b"], unsupported_methods=["lime: no"],
                 onnx_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-            )
+                status=pb.MODEL_AVAILABLE,
+            ),
         ]
     )
-    assert convert.models_to_proto(reverse_convert.models_from_proto(message)) == message
+    plain = reverse_convert.models_from_proto(message)
+    assert [(m.status, m.status_reason) for m in plain] == [
+        ("FAILED", "broken/weights.pt: weights file not found"), ("AVAILABLE", "")
+    ]
+    assert convert.models_to_proto(plain) == message
 
 
 def test_request_without_any_map_representation_is_refused() -> None:

@@ -68,6 +68,12 @@ class FilterMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FILTER_MODE_UNSPECIFIED: _ClassVar[FilterMode]
     FAST: _ClassVar[FilterMode]
     EXACT: _ClassVar[FilterMode]
+
+class ModelStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_STATUS_UNSPECIFIED: _ClassVar[ModelStatus]
+    MODEL_AVAILABLE: _ClassVar[ModelStatus]
+    MODEL_FAILED: _ClassVar[ModelStatus]
 METHOD_UNSPECIFIED: Method
 SALIENCY: Method
 INPUT_X_GRADIENT: Method
@@ -112,6 +118,9 @@ FLOAT32_AND_PNG: MapEncoding
 FILTER_MODE_UNSPECIFIED: FilterMode
 FAST: FilterMode
 EXACT: FilterMode
+MODEL_STATUS_UNSPECIFIED: ModelStatus
+MODEL_AVAILABLE: ModelStatus
+MODEL_FAILED: ModelStatus
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "data")
@@ -439,7 +448,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "input_shape", "labels", "methods", "cam_layer", "forward_backend", "onnx_status", "calibrated", "gad_class_pairs", "unsupported_methods", "onnx_providers")
+    __slots__ = ("name", "version", "input_shape", "labels", "methods", "cam_layer", "forward_backend", "onnx_status", "calibrated", "gad_class_pairs", "unsupported_methods", "onnx_providers", "status", "status_reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -452,6 +461,8 @@ class ModelInfo(_message.Message):
     GAD_CLASS_PAIRS_FIELD_NUMBER: _ClassVar[int]
     UNSUPPORTED_METHODS_FIELD_NUMBER: _ClassVar[int]
     ONNX_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -464,7 +475,9 @@ class ModelInfo(_message.Message):
     gad_class_pairs: _containers.RepeatedScalarFieldContainer[str]
     unsupported_methods: _containers.RepeatedScalarFieldContainer[str]
     onnx_providers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., cam_layer: _Optional[str] = ..., forward_backend: _Optional[str] = ..., onnx_status: _Optional[str] = ..., calibrated: _Optional[bool] = ..., gad_class_pairs: _Optional[_Iterable[str]] = ..., unsupported_methods: _Optional[_Iterable[str]] = ..., onnx_providers: _Optional[_Iterable[str]] = ...) -> None: ...
+    status: ModelStatus
+    status_reason: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., cam_layer: _Optional[str] = ..., forward_backend: _Optional[str] = ..., onnx_status: _Optional[str] = ..., calibrated: _Optional[bool] = ..., gad_class_pairs: _Optional[_Iterable[str]] = ..., unsupported_methods: _Optional[_Iterable[str]] = ..., onnx_providers: _Optional[_Iterable[str]] = ..., status: _Optional[_Union[ModelStatus, str]] = ..., status_reason: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
