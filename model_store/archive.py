@@ -122,6 +122,7 @@ def _model_files(model_dir: Path) -> list[str]:
     config = read_config(model_dir / "config.yaml")
     files = ["config.yaml", config.model_file, config.weights]
     files += [name for name in OPTIONAL_FILES if (model_dir / name).is_file()]
+    files += _python_files(model_dir)  # what the model file may import from next to it
     gad_index = read_index(model_dir)
     files += index_files(gad_index) if gad_index is not None else []
     root = model_dir.resolve()
@@ -130,6 +131,16 @@ def _model_files(model_dir: Path) -> list[str]:
         if root not in path.parents or not path.is_file():
             raise ModelLoadError(f"{model_dir}: {name!r} is not a file inside the directory")
     return list(dict.fromkeys(files))
+
+
+def _python_files(model_dir: Path) -> list[str]:
+    """The ``.py`` files of ``model_dir`` and its subfolders (not hidden ones), relative to
+    it, sorted: the helper modules and packages its model file may import."""
+    return sorted(
+        path.relative_to(model_dir).as_posix()
+        for path in model_dir.rglob("*.py")
+        if not any(part.startswith(".") for part in path.relative_to(model_dir).parts)
+    )
 
 
 def build_archive(model_dir: Path, out: Path, settings: ArchiveSettings | None = None) -> Path:

@@ -95,3 +95,16 @@ def test_missing_weights_are_refused(tmp_path: Path) -> None:
 def test_bad_settings_are_refused(changes: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         archive.ArchiveSettings(**changes)
+
+
+def test_the_model_files_helper_modules_go_into_the_archive(tmp_path: Path) -> None:
+    model_dir = write_tiny_model_dir(tmp_path / "tiny")
+    (model_dir / "helpers.py").write_text("WIDTH = 8\n")
+    (model_dir / "blocks").mkdir()
+    (model_dir / "blocks" / "__init__.py").write_text("")
+    (model_dir / "blocks" / "conv.py").write_text("KERNEL = 3\n")
+    (model_dir / ".venv").mkdir()
+    (model_dir / ".venv" / "site.py").write_text("")
+    files = archive._model_files(model_dir)
+    assert {"helpers.py", "blocks/__init__.py", "blocks/conv.py", "model.py"} <= set(files)
+    assert ".venv/site.py" not in files and len(files) == len(set(files))
