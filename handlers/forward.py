@@ -9,8 +9,9 @@ calls one interface, :class:`CountedForward`: ``forward(x, stage) -> logits``, b
 counted the same way whatever runs the batches. Two implementations: :class:`TorchForward`
 (torch eager, no grad) and ``OnnxForward`` (an ONNX Runtime session, in
 :mod:`.forward_backends`, which also chooses between them per model and request). The
-batch size comes from a memory budget (:func:`memory_batch_size`): bytes per image x
-batch <= budget; methods build at most that many images at once. Each backend call takes
+batch size comes from a memory budget and a count cap (:func:`memory_batch_size`): bytes
+per image x batch <= budget and batch <= ``ForwardConfig.max_batch``; methods build at most
+that many images at once, and gradient batches take no more than it either. Each backend call takes
 at most ``call_batch`` of them: the batch size with the best measured throughput
 (:func:`fastest_batch`, at load), often smaller than what memory allows (the demo model on
 ONNX Runtime: 9,000-9,600 images/s in calls of 64, 7,900-8,100 in calls of 512, whose
@@ -27,6 +28,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from .errors import DeadlineExceeded, ResourceExhausted
 
@@ -158,27 +161,43 @@ class TorchForward(CountedForward):
 # ----------------------------------------------------------------------- memory budget
 
 
+class _NewStorageBytes(TorchDispatchMode):
+    """Adds up the bytes of every tensor storage an operator creates (views and in-place
+    results, whose storage is one of the operator's inputs, add nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+        for tensor in _tensors(out):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                self.total += storage.nbytes()
+        return out
+
+
+def _tensors(tree: object) -> list[torch.Tensor]:
+    return [leaf for leaf in tree_flatten(tree)[0] if isinstance(leaf, torch.Tensor)]
+
+
 def image_bytes(module: nn.Module, input_shape: Sequence[int]) -> int:
-    """Bytes one image occupies in a forward pass: the float32 input plus the output of
-    every leaf module (each activation counted once, as if all were alive at the same time,
-    an upper bound for both torch eager and ONNX Runtime). Measured with one forward of a
-    1 x ``input_shape`` zero image through forward hooks (no gradients).
+    """Bytes one image occupies in a forward pass: the float32 input plus every tensor an
+    operator creates during the pass (module outputs, and the functional operations between
+    them: normalization, residual additions, poolings' indices), each counted once, as if
+    all were alive at the same time: an upper bound for torch eager and ONNX Runtime
+    forward passes, which free or reuse activations as they go, and about what a gradient
+    pass keeps for its backward pass. Measured with one forward of a 1 x ``input_shape``
+    zero image (no gradients) under a dispatch mode that sees every ATen operator.
     """
-    total = [4 * int(torch.Size(input_shape).numel())]
-
-    def hook(_module: nn.Module, _inputs: object, output: object) -> None:
-        if isinstance(output, torch.Tensor):
-            total[0] += output.numel() * output.element_size()
-
-    leaves = [m for m in module.modules() if next(m.children(), None) is None]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    try:
-        with torch.no_grad():
-            module(torch.zeros(1, *input_shape))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return total[0]
+    x = torch.zeros(1, *input_shape)
+    counter = _NewStorageBytes()
+    with torch.no_grad(), counter:
+        module(x)
+    return x.numel() * x.element_size() + counter.total
 
 
 def memory_batch_size(bytes_per_image: int, memory_budget: int, cap: int | None = None) -> int:
@@ -202,7 +221,8 @@ def fastest_batch(
     memory budget's batch: a half-second probe from the smallest size reached only 1 to 4
     images of ResNet-18 on ONNX Runtime and chose 4, which gained nothing (its full
     occlusion at 92% of the best throughput in that benchmark run, 98% in calls of 32 in
-    the next). The demo model's sizes, 675 down to 1, take about 0.8 s.
+    the next). ``limit`` is the model's batch (memory budget and count cap), so the largest call the
+    probe makes, which is the most it holds at once, stays within the budget.
     """
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")

@@ -15,12 +15,15 @@ unavailable runs torch instead, and says so: the forward's ``label`` is
 otherwise), and a log line gives the reason.
 
 Both implementations batch the same way and charge the same forward passes: methods build
-``batch_size`` images at once, from the memory budget (``forward.memory_batch_size``: bytes
-per image x batch <= budget, bytes per image measured once per model by
+``batch_size`` images at once, from the memory budget and the count cap
+(``forward.memory_batch_size``: bytes per image x batch <= budget, batch <=
+``ForwardConfig.max_batch``, bytes per image measured once per model by
 ``forward.image_bytes``), and each backend call takes at most ``call_batches[backend]`` of
 them: ``ForwardConfig.call_batch``, or where that is 0 the memory budget's batch on torch
 and, on ONNX Runtime, the batch size with the best throughput, measured at load
-(``forward.fastest_batch``). Gradients always run in torch (``ServedModel.module``).
+(``forward.fastest_batch``, whose largest call is ``batch_size``, so it stays within the
+budget too). Gradients always run in torch (``ServedModel.module``), in batches of at most
+``gradient_batch`` images.
 
 Occlusion also asks the forward for an incremental occluder (``ModelForwards.occluder``,
 :mod:`.incremental_run`): built on first use per backend, window side and window
@@ -66,6 +69,7 @@ from .onnx_export import (
     export_onnx,
     new_session,
     onnxruntime_module,
+    release_arena,
 )
 
 log = logging.getLogger(__name__)
@@ -122,6 +126,12 @@ class ModelForwards:
     def default_backend(self) -> str:
         """The backend of requests that leave ``forward_backend`` empty."""
         return ONNXRUNTIME if self.session is not None and self.preferred == ONNXRUNTIME else TORCH
+
+    def gradient_batch(self, limit: int) -> int:
+        """Images per gradient batch: at most ``limit`` (``EngineLimits.max_batch``) and at
+        most ``batch_size``, since a gradient pass keeps about ``bytes_per_image`` per image
+        (every activation) for its backward pass."""
+        return max(1, min(limit, self.batch_size))
 
     def forward(self, budget: Budget, requested: str = "") -> CountedForward:
         """A counted forward for one request; ``requested``: "", "torch" or "onnxruntime"."""
@@ -255,7 +265,7 @@ def prepare_forwards(served: ServedModel, config: ForwardConfig | None = None) -
     problems: the model then serves on torch, ``onnx_status`` saying why."""
     config = config or ForwardConfig()
     per_image = image_bytes(served.module, served.config.input_shape)
-    batch = memory_batch_size(per_image, config.memory_budget)
+    batch = memory_batch_size(per_image, config.memory_budget, config.max_batch)
     try:
         session, status = _session(served, config), ""
     except OnnxUnavailable as err:
@@ -278,6 +288,7 @@ def _fastest_onnx_batch(served: ServedModel, session: Any, limit: int) -> int:
     """Images per ONNX Runtime call of at most ``limit``: the fastest measured, logged."""
     run = OnnxForward(session, Budget(0), limit)._logits
     size, rates = fastest_batch(run, served.config.input_shape, limit)
+    release_arena(session, served.config.input_shape)  # what the largest size left there
     log.info("model %s: ONNX Runtime calls of %d images (%.0f images/s; measured %s; the "
              "memory budget allows %d)", served.config.name, size, rates[size],
              ", ".join(f"{b}: {r:.0f}" for b, r in rates.items()), limit)

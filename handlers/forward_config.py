@@ -20,7 +20,8 @@ _MIB = 1024 * 1024
 @dataclass(frozen=True)
 class ForwardConfig:
     """How forward-only batches run (server flags ``--forward-backend``, ``--onnx-threads``,
-    ``--onnx-providers``, ``--forward-memory-mb``, ``--forward-call-batch``; env ``XAISERVE_*``).
+    ``--onnx-providers``, ``--forward-memory-mb``, ``--forward-max-batch``,
+    ``--forward-call-batch``; env ``XAISERVE_*``).
 
     backend: the default of models whose ONNX forward passed its check: "onnxruntime", or
         "torch" (ONNX Runtime then only for requests that ask for it).
@@ -31,7 +32,14 @@ class ForwardConfig:
         GPU are there (the GPU image on GPU nodes) and the CPU everywhere else.
     onnx_device_id: the GPU of GPU providers (CUDA, TensorRT, ROCm); a TorchServe worker
         uses the GPU TorchServe gave it.
-    memory_mb: the memory budget of one forward-only batch: bytes per image x batch <= it.
+    memory_mb: the memory budget of one forward-only batch: bytes per image x batch <= it
+        (bytes per image: the input and every activation, ``forward.image_bytes``). Gradient
+        batches keep about that much per image for their backward pass, so they follow it
+        too (at most ``EngineLimits.max_batch`` images).
+    max_batch: images per forward-only batch, at most, however many the memory budget
+        allows: a small model would otherwise get batches of tens of thousands of images,
+        which buy no throughput (calls past a few hundred images of a small model leave
+        the CPU's caches) and hold the whole budget for every request.
     call_batch: images per backend call, at most; 0: on ONNX Runtime the batch size with
         the best throughput, measured when the model loads (``forward.fastest_batch``,
         about a second), on torch the memory budget's batch.
@@ -47,6 +55,7 @@ class ForwardConfig:
     onnx_providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
     onnx_device_id: int = 0
     memory_mb: int = 1024
+    max_batch: int = 256
     call_batch: int = 0
     onnx_tolerance: float = DEFAULT_TOLERANCE
     export_on_load: bool = True
@@ -63,6 +72,8 @@ class ForwardConfig:
             raise ValueError("onnx_providers must name at least one provider")
         if self.memory_mb < 1:
             raise ValueError(f"memory_mb must be >= 1, got {self.memory_mb}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.call_batch < 0:
             raise ValueError(f"call_batch must be >= 0, got {self.call_batch}")
         if not isinstance(self.incremental_occlusion, bool):

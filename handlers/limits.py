@@ -15,7 +15,8 @@ class EngineLimits:
         ``Image.MAX_IMAGE_PIXELS`` is not consulted (see ``preprocess.open_image``).
     max_methods: methods in one call.
     max_forward_passes: images the model may evaluate for one call, all methods included.
-    max_batch: images per forward call inside a method.
+    max_batch: images per gradient batch inside a method, at most (fewer where the model's
+        memory budget allows fewer: ``ModelForwards.gradient_batch``).
     """
 
     max_image_bytes: int = 8 * 1024 * 1024

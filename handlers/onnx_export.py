@@ -307,3 +307,22 @@ def new_session(
         log.warning("onnxruntime could not start %s; the session runs on %s", first,
                     ", ".join(session.get_providers()))
     return session
+
+
+def release_arena(session: Any, input_shape: Sequence[int]) -> None:
+    """Gives the memory ONNX Runtime's CPU arena holds back to the system: one run of a
+    1 x ``input_shape`` zero image with the run option that shrinks the arena at its end.
+
+    The arena only grows: after the batch probe (``forward.fastest_batch``, largest batch
+    first) it would keep what the largest batch needed, however small the batch chosen.
+    A session that cannot shrink (its CPU arena disabled) keeps what it has; that is
+    logged, not raised.
+    """
+    ort = onnxruntime_module()
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    x = torch.zeros(1, *input_shape).numpy()
+    try:
+        session.run([OUTPUT_NAME], {INPUT_NAME: x}, options)
+    except Exception as err:  # onnxruntime's own exception types
+        log.warning("onnxruntime could not release its arena: %s", _short(err))

@@ -23,8 +23,9 @@ from xaiserve.handlers.forward import (
     image_bytes,
     memory_batch_size,
 )
+from xaiserve.handlers import forward_backends
 from xaiserve.handlers.forward_backends import OnnxForward, prepare_forwards
-from xaiserve.handlers.forward_config import ForwardConfig
+from xaiserve.handlers.forward_config import ONNXRUNTIME, TORCH, ForwardConfig
 from xaiserve.handlers.limits import EngineLimits
 from xaiserve.handlers.model import load_model_dir
 from xaiserve.handlers.types import (
@@ -102,7 +103,25 @@ def test_forward_only_stages_agree_on_the_demo_model(demo_model_dir: Path) -> No
 def test_image_bytes_counts_the_input_and_every_layer_output() -> None:
     module = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
     floats = 3 * 8 * 8 + 4 * 8 * 8 + 4 * 8 * 8 + 4 * 4 * 4  # input, conv, relu, pool
-    assert image_bytes(module, (3, 8, 8)) == 4 * floats
+    indices = 4 * 4 * 4  # max pooling's int64 indices, which torch allocates too
+    assert image_bytes(module, (3, 8, 8)) == 4 * floats + 8 * indices
+
+
+class Residual(nn.Module):
+    """conv(x) + x, then an in-place ReLU and a flattening view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x) + x
+        return y.relu_().flatten(1)
+
+
+def test_image_bytes_counts_functional_operations_but_not_views_or_in_place_results() -> None:
+    # input, conv output, the sum; the in-place ReLU and the view allocate nothing
+    assert image_bytes(Residual(), (3, 8, 8)) == 4 * 3 * (3 * 8 * 8)
 
 
 @pytest.mark.parametrize(
@@ -144,6 +163,51 @@ def test_batches_follow_the_memory_budget() -> None:
     assert logits.shape == (30, 3)
     assert session.batches == [7, 7, 7, 7, 2]
     assert budget.by_stage == {"attribute": 30}
+
+
+def test_the_batch_has_a_count_cap_and_the_probe_stays_within_it(monkeypatch) -> None:
+    served = tiny_served()
+    per_image = image_bytes(served.module, (3, 16, 16))
+    probed: list[int] = []
+
+    def spy(run, input_shape, limit, seconds=forward_module.PROBE_SECONDS):
+        probed.append(limit)
+        return fastest_batch(run, input_shape, limit, seconds)
+
+    monkeypatch.setattr(forward_backends, "fastest_batch", spy)
+    config = ForwardConfig(max_batch=40)
+    assert config.memory_budget // per_image > 1000  # the budget alone would allow far more
+    forwards = prepare_forwards(served, config)
+    assert forwards.batch_size == 40
+    assert forwards.call_batches[TORCH] == 40
+    assert probed == [40]  # the probe's largest call is the capped batch
+    assert forwards.call_batches[ONNXRUNTIME] <= 40
+    assert forwards.gradient_batch(64) == 40
+    assert forwards.gradient_batch(16) == 16
+    assert prepare_forwards(served, ForwardConfig()).batch_size == ForwardConfig().max_batch
+    with pytest.raises(ValueError, match="max_batch"):
+        ForwardConfig(max_batch=0)
+
+
+def test_gradient_batches_follow_the_memory_budget() -> None:
+    served = tiny_served()
+    per_image = image_bytes(served.module, (3, 16, 16))
+    config = ForwardConfig(memory_mb=1, backend=TORCH)
+    forwards = prepare_forwards(served, config)
+    assert forwards.gradient_batch(10**6) == (1024 * 1024) // per_image
+    engine = Engine({"tiny": served}, EngineLimits(max_batch=10**6), config)
+    seen: list[int] = []
+    hook = served.module.register_forward_pre_hook(
+        lambda _module, args: seen.append(args[0].shape[0]) if args[0].requires_grad else None
+    )
+    try:
+        image = torch.rand(3, 16, 16)
+        request = ExplainRequest("tiny", RawTensor((3, 16, 16), image.numpy().tobytes()),
+                                 (MethodRequest("integrated_gradients", {"steps": 100}),))
+        engine.explain(request)
+    finally:
+        hook.remove()
+    assert seen and max(seen) == min(100, (1024 * 1024) // per_image)
 
 
 def test_calls_take_at_most_the_call_batch_of_what_the_memory_budget_builds() -> None:
