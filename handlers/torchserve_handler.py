@@ -64,15 +64,15 @@ def engine_limits(model_yaml_config: Mapping[str, Any] | None) -> EngineLimits:
 def forward_config(model_yaml_config: Mapping[str, Any] | None) -> ForwardConfig:
     """How forward-only batches run, from ``xaiserve.forward`` in model-config.yaml
     (``backend``, ``onnx_threads``, ``onnx_providers`` (a list), ``memory_mb``,
-    ``call_batch``, ``incremental_occlusion``; defaults otherwise).
+    ``max_batch``, ``call_batch``, ``incremental_occlusion``; defaults otherwise).
 
     Raises:
         ModelLoadError: an unknown key or a bad value.
     """
     section = (model_yaml_config or {}).get(CONFIG_SECTION) or {}
     given = dict(section.get("forward") or {})
-    known = {"backend", "onnx_threads", "onnx_providers", "memory_mb", "call_batch",
-             "incremental_occlusion"}
+    known = {"backend", "onnx_threads", "onnx_providers", "memory_mb", "max_batch",
+             "call_batch", "incremental_occlusion"}
     unknown = sorted(set(given) - known)
     if unknown:
         raise ModelLoadError(f"model-config.yaml: unknown xaiserve.forward {unknown}")

@@ -104,6 +104,7 @@ class ArchiveSettings:
             "onnx_threads": forward.onnx_threads,
             "onnx_providers": list(forward.onnx_providers),
             "memory_mb": forward.memory_mb,
+            "max_batch": forward.max_batch,
             "call_batch": forward.call_batch,
             "incremental_occlusion": forward.incremental_occlusion,
         }
@@ -232,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ONNX Runtime execution providers, comma-separated")
     parser.add_argument("--forward-memory-mb", type=int, default=forward.memory_mb,
                         help="memory budget of one forward-only batch in MiB")
+    parser.add_argument("--forward-max-batch", type=int, default=forward.max_batch,
+                        help="images per forward-only batch, at most, however many the "
+                             "memory budget allows")
     parser.add_argument("--forward-call-batch", type=int, default=forward.call_batch,
                         help="images per forward-only backend call, at most; 0: measured "
                              "at load on ONNX Runtime (the fastest batch)")
@@ -264,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     p.strip() for p in args.onnx_providers.split(",") if p.strip()
                 ),
                 memory_mb=args.forward_memory_mb,
+                max_batch=args.forward_max_batch,
                 call_batch=args.forward_call_batch,
                 incremental_occlusion=args.incremental_occlusion,
             ),

@@ -61,7 +61,7 @@ class Settings:
     max_image_bytes, max_image_pixels, max_methods, max_forward_passes: per-request limits
         of the engine (see :class:`~xaiserve.handlers.limits.EngineLimits`).
     forward_backend, onnx_threads, onnx_providers, onnx_device_id, forward_memory_mb,
-    forward_call_batch, incremental_occlusion:
+    forward_max_batch, forward_call_batch, incremental_occlusion:
         how forward-only batches run on the local backend (see
         :class:`~xaiserve.handlers.forward_config.ForwardConfig`); ``onnx_providers`` is
         comma-separated, by default ``CUDAExecutionProvider,CPUExecutionProvider`` (CUDA
@@ -96,6 +96,7 @@ class Settings:
     onnx_providers: str = ",".join(_FORWARD_DEFAULTS.onnx_providers)
     onnx_device_id: int = _FORWARD_DEFAULTS.onnx_device_id
     forward_memory_mb: int = _FORWARD_DEFAULTS.memory_mb
+    forward_max_batch: int = _FORWARD_DEFAULTS.max_batch
     forward_call_batch: int = _FORWARD_DEFAULTS.call_batch
     incremental_occlusion: bool = _FORWARD_DEFAULTS.incremental_occlusion
     default_deadline_seconds: float = 60.0
@@ -127,6 +128,7 @@ class Settings:
             onnx_providers=tuple(p.strip() for p in self.onnx_providers.split(",") if p.strip()),
             onnx_device_id=self.onnx_device_id,
             memory_mb=self.forward_memory_mb,
+            max_batch=self.forward_max_batch,
             call_batch=self.forward_call_batch,
             incremental_occlusion=self.incremental_occlusion,
         )
@@ -252,6 +254,10 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "forward_memory_mb": (
         _positive_int,
         "memory budget of one forward-only batch in MiB (bytes per image x batch <= it)",
+    ),
+    "forward_max_batch": (
+        _positive_int,
+        "images per forward-only batch, at most, however many the memory budget allows",
     ),
     "forward_call_batch": (
         _non_negative_int,

@@ -250,8 +250,8 @@ def test_an_archives_forward_section_reads_back() -> None:
     from xaiserve.handlers.forward_config import ForwardConfig
     from xaiserve.model_store.archive import ArchiveSettings
 
-    forward = ForwardConfig(backend="torch", onnx_threads=2, memory_mb=64, call_batch=8,
-                            incremental_occlusion=False)
+    forward = ForwardConfig(backend="torch", onnx_threads=2, memory_mb=64, max_batch=48,
+                            call_batch=8, incremental_occlusion=False)
     settings = ArchiveSettings(forward=forward)
     assert handler_module.forward_config(settings.model_config()) == forward
 

@@ -49,12 +49,13 @@ def test_engine_limits_come_from_settings() -> None:
 def test_forward_settings_reach_the_forward_config() -> None:
     settings = parse_settings(
         ["--forward-backend", "torch", "--onnx-threads", "3", "--no-incremental-occlusion",
-         "--forward-call-batch", "16"],
+         "--forward-call-batch", "16", "--forward-max-batch", "32"],
         {"XAISERVE_FORWARD_MEMORY_MB": "64"},
     )
     config = settings.forward_config()
     assert (config.backend, config.onnx_threads, config.memory_mb) == ("torch", 3, 64)
-    assert config.call_batch == 16
+    assert (config.call_batch, config.max_batch) == (16, 32)
+    assert parse_settings([], {}).forward_config().max_batch == 256
     assert parse_settings([], {}).forward_config().call_batch == 0
     assert not config.incremental_occlusion
     assert parse_settings([], {}).forward_config().incremental_occlusion
