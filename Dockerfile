@@ -34,9 +34,7 @@ RUN python -m venv /opt/venv \
 WORKDIR /src
 COPY pyproject.toml README.md Makefile ./
 COPY proto proto
-COPY service service
-COPY handlers handlers
-COPY model_store model_store
+COPY src src
 # The protobuf code comes from the Makefile's own `proto` target (developers, CI and this
 # build run the same protoc command); BIN points it at this environment, STAMP= skips the
 # developer virtual environment.

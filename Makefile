@@ -22,8 +22,8 @@ install: $(STAMP)
 # Regenerates the committed Python stubs (the public API and the subset of TorchServe's
 # inference API the gateway calls); tests/proto/test_proto_stubs.py fails when they are stale.
 proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto \
-		--grpc_python_out=proto $(PROTO)
+	$(BIN)/python -m grpc_tools.protoc -Ixaiserve/api=proto/xaiserve --python_out=src \
+		--pyi_out=src --grpc_python_out=src $(PROTO)
 
 # The gRPC explanation service on the embedded (local) backend with the demo model,
 # trained on first run.
@@ -42,10 +42,10 @@ archives: demo-model
 # API on 127.0.0.1) with the archives, then the gateway on 127.0.0.1:50051 in front of it.
 # PIDs and logs in var/stack/.
 stack-up: $(STAMP)
-	$(BIN)/python -m xaiserve.service.stack up --model-store $(MODEL_STORE) --archives $(ARCHIVES)
+	$(BIN)/python -m xaiserve.gateway.stack up --model-store $(MODEL_STORE) --archives $(ARCHIVES)
 
 stack-down: $(STAMP)
-	$(BIN)/python -m xaiserve.service.stack down
+	$(BIN)/python -m xaiserve.gateway.stack down
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

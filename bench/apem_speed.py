@@ -25,15 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from support.tiny_models import make_context, tiny_served  # noqa: E402
-
-from xaiserve.handlers import apem as A  # noqa: E402
-from xaiserve.handlers import apem_filter as AF  # noqa: E402
-from xaiserve.handlers.methods.registry import get_method  # noqa: E402
-from xaiserve.handlers.model import load_model_dir  # noqa: E402
-from xaiserve.handlers.postprocess import apply_stage  # noqa: E402
-from xaiserve.model_store.build_demo import ensure_demo_model  # noqa: E402
-from xaiserve.model_store.synthetic import TEST_SEED, make_sample  # noqa: E402
+from support.tiny_models import make_context, tiny_served
+from xaiserve.engine.postprocess import apply_stage
+from xaiserve.methods.registry import get_method
+from xaiserve.model_store.build_demo import ensure_demo_model
+from xaiserve.model_store.synthetic import TEST_SEED, make_sample
+from xaiserve.reliability import apem as A
+from xaiserve.reliability import filter as AF
+from xaiserve.runtime.model import load_model_dir
 
 RES = 0.01
 
@@ -75,9 +74,14 @@ def apem_rows(served, images: list[torch.Tensor], batch: int) -> dict[str, float
         calls_fast, calls_scan = calls_fast + fast.calls, calls_scan + scan.calls
         images_fast, images_scan = images_fast + fast.images, images_scan + scan.images
     n = len(images)
-    return {"ms_fast": 1e3 * t_fast / n, "ms_scan": 1e3 * t_scan / n,
-            "calls_fast": calls_fast / n, "calls_scan": calls_scan / n,
-            "images_fast": images_fast / n, "images_scan": images_scan / n}
+    return {
+        "ms_fast": 1e3 * t_fast / n,
+        "ms_scan": 1e3 * t_scan / n,
+        "calls_fast": calls_fast / n,
+        "calls_scan": calls_scan / n,
+        "images_fast": images_fast / n,
+        "images_scan": images_scan / n,
+    }
 
 
 def filter_rows(maps: int) -> dict[str, float]:
@@ -98,12 +102,20 @@ def filter_rows(maps: int) -> dict[str, float]:
         t0 = time.perf_counter()
         fast = AF.filter_fast(ctx.forward, served.module, x, y, relevance, budget=ctx.budget)
         t_fast += time.perf_counter() - t0
-        passes_fast, passes_exact = passes_fast + fast.forward_passes, passes_exact + exact.forward_passes
+        passes_fast, passes_exact = (
+            passes_fast + fast.forward_passes,
+            passes_exact + exact.forward_passes,
+        )
         a, b = fast.map > 0, exact.map > 0
         ious.append(float((a & b).sum() / max((a | b).sum(), 1)))
-    return {"ms_fast": 1e3 * t_fast / maps, "ms_exact": 1e3 * t_exact / maps,
-            "passes_fast": passes_fast / maps, "passes_exact": passes_exact / maps,
-            "iou_median": statistics.median(ious), "iou_min": min(ious)}
+    return {
+        "ms_fast": 1e3 * t_fast / maps,
+        "ms_exact": 1e3 * t_exact / maps,
+        "passes_fast": passes_fast / maps,
+        "passes_exact": passes_exact / maps,
+        "iou_median": statistics.median(ious),
+        "iou_min": min(ious),
+    }
 
 
 def main() -> None:
@@ -116,24 +128,36 @@ def main() -> None:
     demo_images = [torch.from_numpy(make_sample(TEST_SEED, i).image) for i in range(args.maps)]
     g = torch.Generator().manual_seed(1)
     tiny_images = [torch.rand(3, 16, 16, generator=g) for _ in range(args.maps)]
-    print(f"APEM per map vs the seed's step-by-step search at {RES:.0%} resolution, "
-          f"{args.maps} saliency maps each, torch, 1 thread")
-    print(f"{'model':14s} {'eps/call':>8s} {'batched ms':>10s} {'scan ms':>9s} {'ratio':>6s} "
-          f"{'calls':>6s} {'scan calls':>10s} {'images':>7s} {'scan images':>11s}")
-    cases = [(name, served, images, batch)
-             for name, served, images in (("demo 64x64", demo, demo_images),
-                                          ("tiny 16x16", tiny_served(), tiny_images))
-             for batch in (A.DEFAULT_BATCH, 6)]
+    print(
+        f"APEM per map vs the seed's step-by-step search at {RES:.0%} resolution, "
+        f"{args.maps} saliency maps each, torch, 1 thread"
+    )
+    print(
+        f"{'model':14s} {'eps/call':>8s} {'batched ms':>10s} {'scan ms':>9s} {'ratio':>6s} "
+        f"{'calls':>6s} {'scan calls':>10s} {'images':>7s} {'scan images':>11s}"
+    )
+    cases = [
+        (name, served, images, batch)
+        for name, served, images in (
+            ("demo 64x64", demo, demo_images),
+            ("tiny 16x16", tiny_served(), tiny_images),
+        )
+        for batch in (A.DEFAULT_BATCH, 6)
+    ]
     for name, served, images, batch in cases:
         r = apem_rows(served, images, batch)
-        print(f"{name:14s} {batch:8d} {r['ms_fast']:10.1f} {r['ms_scan']:9.1f} "
-              f"{r['ms_scan'] / r['ms_fast']:5.1f}x {r['calls_fast']:6.1f} {r['calls_scan']:10.1f} "
-              f"{r['images_fast']:7.1f} {r['images_scan']:11.1f}")
+        print(
+            f"{name:14s} {batch:8d} {r['ms_fast']:10.1f} {r['ms_scan']:9.1f} "
+            f"{r['ms_scan'] / r['ms_fast']:5.1f}x {r['calls_fast']:6.1f} {r['calls_scan']:10.1f} "
+            f"{r['images_fast']:7.1f} {r['images_scan']:11.1f}"
+        )
     f = filter_rows(args.maps)
-    print(f"\nfilter, tiny model 12x12, {args.maps} saliency maps: fast {f['ms_fast']:.0f} ms "
-          f"vs exact {f['ms_exact']:.0f} ms ({f['ms_exact'] / f['ms_fast']:.1f}x); forward passes "
-          f"{f['passes_fast']:.0f} vs {f['passes_exact']:.0f}; IoU(fast, exact) median "
-          f"{f['iou_median']:.3f}, min {f['iou_min']:.3f}")
+    print(
+        f"\nfilter, tiny model 12x12, {args.maps} saliency maps: fast {f['ms_fast']:.0f} ms "
+        f"vs exact {f['ms_exact']:.0f} ms ({f['ms_exact'] / f['ms_fast']:.1f}x); forward passes "
+        f"{f['passes_fast']:.0f} vs {f['passes_exact']:.0f}; IoU(fast, exact) median "
+        f"{f['iou_median']:.3f}, min {f['iou_min']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP; inherited
 
-import argparse  # noqa: E402 - after the OpenMP setting on purpose
+import argparse
 import asyncio
 import logging
 import statistics
@@ -41,20 +41,20 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from xaiserve.handlers.engine import Engine
-from xaiserve.handlers.limits import EngineLimits
-from xaiserve.handlers.model import load_model_dir
+from xaiserve.api import convert
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.api.v1 import explain_pb2_grpc
+from xaiserve.engine.engine import Engine
+from xaiserve.engine.limits import EngineLimits
+from xaiserve.gateway.backends import LocalBackend
+from xaiserve.gateway.server import start_server
+from xaiserve.gateway.settings import Settings
+from xaiserve.gateway.torchserve_backend import TorchServeBackend
+from xaiserve.gateway.torchserve_process import TorchServeConfig, TorchServeProcess
 from xaiserve.model_store import synthetic
 from xaiserve.model_store.archive import ArchiveSettings, build_archive
 from xaiserve.model_store.build_demo import ensure_demo_model
-from xaiserve.service import convert
-from xaiserve.service.backends import LocalBackend
-from xaiserve.service.server import start_server
-from xaiserve.service.settings import Settings
-from xaiserve.service.torchserve_backend import TorchServeBackend
-from xaiserve.service.torchserve_process import TorchServeConfig, TorchServeProcess
-from xaiserve.v1 import explain_pb2 as pb
-from xaiserve.v1 import explain_pb2_grpc
+from xaiserve.runtime.model import load_model_dir
 
 METHODS = (pb.SALIENCY, pb.GRAD_CAM, pb.OCCLUSION)
 
@@ -96,7 +96,7 @@ def main() -> None:
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
 
-    def run(coroutine):  # noqa: ANN001, ANN202
+    def run(coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, loop).result(300)
 
     with tempfile.TemporaryDirectory(prefix="xaiserve-bench-") as tmp:

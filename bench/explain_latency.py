@@ -22,15 +22,25 @@ from pathlib import Path
 
 import numpy as np
 
+from xaiserve.gateway.client import XaiClient
 from xaiserve.model_store.synthetic import TEST_SEED, make_sample
-from xaiserve.service.client import XaiClient
 
 METHODS = ("saliency", "grad_cam", "integrated_gradients", "occlusion")
 
 
 def start_server(model_store: Path) -> tuple[subprocess.Popen, int]:
-    command = [sys.executable, "-m", "xaiserve.service.server", "--model-store", str(model_store),
-               "--build-demo", "--port", "0", "--metrics-port", "0"]
+    command = [
+        sys.executable,
+        "-m",
+        "xaiserve.gateway.server",
+        "--model-store",
+        str(model_store),
+        "--build-demo",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+    ]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     found: list[int] = []
     ready = threading.Event()
@@ -76,14 +86,20 @@ def main() -> None:
     finally:
         process.terminate()
         process.wait(30)
-    ms = lambda values, q: 1000 * float(np.percentile(values, q))  # noqa: E731
-    print(f"Explain (saliency, grad_cam, integrated_gradients 32 steps, occlusion) on the demo "
-          f"model, {args.calls} calls through gRPC, one at a time")
-    print(f"  whole call: p50 {ms(totals, 50):.1f} ms, p95 {ms(totals, 95):.1f} ms, "
-          f"mean {1000 * statistics.mean(totals):.1f} ms")
+    ms = lambda values, q: 1000 * float(np.percentile(values, q))
+    print(
+        f"Explain (saliency, grad_cam, integrated_gradients 32 steps, occlusion) on the demo "
+        f"model, {args.calls} calls through gRPC, one at a time"
+    )
+    print(
+        f"  whole call: p50 {ms(totals, 50):.1f} ms, p95 {ms(totals, 95):.1f} ms, "
+        f"mean {1000 * statistics.mean(totals):.1f} ms"
+    )
     for name in METHODS:
-        print(f"  {name:22s} attribute p50 {ms(per_method[name], 50):7.1f} ms, "
-              f"forward passes {passes[name]}")
+        print(
+            f"  {name:22s} attribute p50 {ms(per_method[name], 50):7.1f} ms, "
+            f"forward passes {passes[name]}"
+        )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python bench/forward_only.py --nets demo,resnet18 --demo-images 4
 
 For each network (the trained demo model at 3 x 64 x 64; ResNet-18- and ResNet-50-shaped
-networks of ``xaiserve.model_store.resnets`` at 3 x 224 x 224 with random weights, which
+networks of ``support.resnets`` at 3 x 224 x 224 with random weights, which
 is fine for speed; every one wrapped in its pixel-space normalization, exported to ONNX and
 checked against torch as the engine does at load):
 
@@ -67,23 +67,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xaiserve.handlers.apem import apem, apem_many, gradient_sign_and_logits, relevance_from_map
-from xaiserve.handlers.apem_filter import filter_map
-from xaiserve.handlers.forward import Budget
-from xaiserve.handlers.forward_backends import ModelForwards, prepare_forwards
-from xaiserve.handlers.forward_config import ForwardConfig
-from xaiserve.handlers.incremental_run import IncrementalOcclusion
-from xaiserve.handlers.methods.base import MethodContext
-from xaiserve.handlers.methods.occlusion import Occlusion, window_starts
-from xaiserve.handlers.methods.occlusion_adaptive import rank_correlation
-from xaiserve.handlers.methods.registry import get_method
-from xaiserve.handlers.model import ModelConfig, PixelSpaceModel, ServedModel, load_model_dir
-from xaiserve.handlers.postprocess import apply_stage
-from xaiserve.handlers.types import FilterRequest
-from xaiserve.model_store import resnets, synthetic
+from xaiserve.api.types import FilterRequest
+from xaiserve.engine.postprocess import apply_stage
+from xaiserve.methods.base import MethodContext
+from xaiserve.methods.perturbation.occlusion import Occlusion, window_starts
+from xaiserve.methods.perturbation.occlusion_adaptive import rank_correlation
+from xaiserve.methods.registry import get_method
+from xaiserve.model_store import synthetic
 from xaiserve.model_store.build_demo import ensure_demo_model
+from xaiserve.reliability.apem import apem, apem_many, gradient_sign_and_logits, relevance_from_map
+from xaiserve.reliability.filter import filter_map
+from xaiserve.runtime.forward.backends import ModelForwards, prepare_forwards
+from xaiserve.runtime.forward.config import ForwardConfig
+from xaiserve.runtime.forward.counted import Budget
+from xaiserve.runtime.forward.incremental.run import IncrementalOcclusion
+from xaiserve.runtime.model import ModelConfig, PixelSpaceModel, ServedModel, load_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from support import resnets  # noqa: E402  (the test networks)
+
 NETS = ("demo", "resnet18", "resnet50")
 REQUEST_MAPS = 4
 """A request's maps for the APEM rows: occlusion, adaptive occlusion, saliency, Grad-CAM."""
@@ -156,34 +159,57 @@ def demo_net(directory: Path, images: int, config: ForwardConfig, held_out: int 
         torch.from_numpy(synthetic.make_sample(synthetic.TEST_SEED, i).image)[None]
         for i in range(images)
     ]
-    return Net("demo", prepare_forwards(served, config), xs, 8, 4, (16, 64, 128, 256),
-               f"trained, {images} held-out images", held_out)
+    return Net(
+        "demo",
+        prepare_forwards(served, config),
+        xs,
+        8,
+        4,
+        (16, 64, 128, 256),
+        f"trained, {images} held-out images",
+        held_out,
+    )
 
 
 def resnet_net(name: str, window: int, stride: int, config: ForwardConfig) -> Net:
     torch.manual_seed(0)
     net = getattr(resnets, name)(num_classes=1000).eval()
     model_config = ModelConfig(
-        name=name, version="1", model_file="", model_class=name, model_kwargs={},
-        weights="", input_shape=(3, 224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        labels=tuple(str(i) for i in range(1000)), cam_layer=resnets.RESNET_CAM_LAYER,
+        name=name,
+        version="1",
+        model_file="",
+        model_class=name,
+        model_kwargs={},
+        weights="",
+        input_shape=(3, 224, 224),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        labels=tuple(str(i) for i in range(1000)),
+        cam_layer=resnets.RESNET_CAM_LAYER,
     )
     module = PixelSpaceModel(net, model_config.mean, model_config.std).eval()
     for p in module.parameters():
         p.requires_grad_(False)
-    served = ServedModel(model_config, module, net.get_submodule(model_config.cam_layer),
-                         Path("."))
+    served = ServedModel(model_config, module, net.get_submodule(model_config.cam_layer), Path("."))
     image = torch.from_numpy(synthetic.make_sample(synthetic.TEST_SEED, 0, 224).image)[None]
     sizes = (1, 4, 8, 16, 32) if name == "resnet18" else (1, 4, 8, 16)
-    return Net(name, prepare_forwards(served, config), [image], window, stride, sizes,
-               "random weights, 1 image")
+    return Net(
+        name,
+        prepare_forwards(served, config),
+        [image],
+        window,
+        stride,
+        sizes,
+        "random weights, 1 image",
+    )
 
 
 # ---------------------------------------------------------------------------- measuring
 
 
-def images_per_second(run: Callable[[torch.Tensor], object], x: torch.Tensor,
-                      min_seconds: float) -> float:
+def images_per_second(
+    run: Callable[[torch.Tensor], object], x: torch.Tensor, min_seconds: float
+) -> float:
     run(x)  # warm-up
     calls, start = 0, time.perf_counter()
     while True:
@@ -247,10 +273,16 @@ def captum_occlusion(net: Net, x: torch.Tensor, y: int, per_eval: int) -> tuple[
 
     c, w, s = x.shape[1], net.window, net.stride
     with torch.no_grad():
-        _, seconds = timed(lambda: CaptumOcclusion(forward).attribute(
-            x, sliding_window_shapes=(c, w, w), strides=(c, s, s), baselines=0.5, target=y,
-            perturbations_per_eval=per_eval,
-        ))
+        _, seconds = timed(
+            lambda: CaptumOcclusion(forward).attribute(
+                x,
+                sliding_window_shapes=(c, w, w),
+                strides=(c, s, s),
+                baselines=0.5,
+                target=y,
+                perturbations_per_eval=per_eval,
+            )
+        )
     return passes[0], seconds
 
 
@@ -263,14 +295,19 @@ def held_out_correlations(net: Net, full: dict, adaptive: dict) -> list[float]:
     for i in range(net.held_out):
         x = torch.from_numpy(synthetic.make_sample(synthetic.TEST_SEED, i).image)[None]
         target = net.forwards.forward(Budget(10), "onnxruntime")(x, "predict").argmax(1)
-        maps = [occlusion.attribute(context(net, "onnxruntime", incremental=True), x, target,
-                                    params)[0, 0] for params in (full, adaptive)]
+        maps = [
+            occlusion.attribute(context(net, "onnxruntime", incremental=True), x, target, params)[
+                0, 0
+            ]
+            for params in (full, adaptive)
+        ]
         correlations.append(rank_correlation(*maps))
     return correlations
 
 
-def head_seconds(occluder: IncrementalOcclusion, x: torch.Tensor, windows: int,
-                 batch: int) -> float:
+def head_seconds(
+    occluder: IncrementalOcclusion, x: torch.Tensor, windows: int, batch: int
+) -> float:
     """The time of the incremental plan's head (the layers after its last cut, which run on
     whole activations) for ``windows`` occluded copies of x in batches of ``batch``: the
     part of incremental occlusion no crop makes smaller (the original's activations stand
@@ -288,11 +325,13 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
     per_eval = before["torch"][1]
     occlusion = Occlusion()
     shape = net.served.config.input_shape
-    full_params = occlusion.resolve_params({"window": net.window, "stride": net.stride},
-                                           shape, "occlusion")
+    full_params = occlusion.resolve_params(
+        {"window": net.window, "stride": net.stride}, shape, "occlusion"
+    )
     adaptive_params = occlusion.resolve_params(
         {"window": net.window, "stride": net.stride, "adaptive": {"enabled": True}},
-        shape, "occlusion",
+        shape,
+        "occlusion",
     )
     totals: dict[tuple[str, str], list[float]] = {}
     correlations: list[float] = []
@@ -305,9 +344,15 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
         occluder, seconds = timed(lambda: net.forwards.occluder(backend, net.window, axes))
         plans[backend] = (occluder, seconds)
 
-    def add(method: str, backend: str, passes: int, seconds: float,
-            ctx: MethodContext | None = None, gradient: float = 0.0,
-            forward_seconds: float | None = None) -> None:
+    def add(
+        method: str,
+        backend: str,
+        passes: int,
+        seconds: float,
+        ctx: MethodContext | None = None,
+        gradient: float = 0.0,
+        forward_seconds: float | None = None,
+    ) -> None:
         entry = totals.setdefault((method, backend, repeat), [0, 0.0, 0.0, 0.0])
         entry[0] += passes
         entry[1] += seconds
@@ -319,8 +364,12 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
     def gradient_seconds(x: torch.Tensor, y: int) -> float:
         """The time of APEM's one torch gradient for x (best of 2, right after the
         method: the same machine state)."""
-        return min(timed(lambda: gradient_sign_and_logits(
-            net.served.module, x[0], y, Budget(10), "apem"))[1] for _ in range(2))
+        return min(
+            timed(lambda: gradient_sign_and_logits(net.served.module, x[0], y, Budget(10), "apem"))[
+                1
+            ]
+            for _ in range(2)
+        )
 
     for repeat in range(repeats):  # round robin: each method's best repeat counts
         for x in net.images:
@@ -333,7 +382,8 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
                 for backend in ("torch", "onnxruntime"):
                     ctx = context(net, backend, incremental)
                     maps[backend, incremental], seconds = timed(
-                        lambda: occlusion.attribute(ctx, x, target, full_params))
+                        lambda: occlusion.attribute(ctx, x, target, full_params)
+                    )
                     name = "occlusion incremental" if incremental else "occlusion"
                     add(name, backend, ctx.budget.spent, seconds, ctx)
                     difference = (maps[backend, incremental] - maps["torch", False]).abs().max()
@@ -344,14 +394,15 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
             correlations.append(rank_correlation(maps["onnxruntime", False][0, 0], adaptive[0, 0]))
 
             relevance = relevance_from_map(
-                apply_stage(maps["onnxruntime", False], x, "one_channel")[0])
+                apply_stage(maps["onnxruntime", False], x, "one_channel")[0]
+            )
             records = {}
             for backend in ("torch", "onnxruntime"):
                 ctx = context(net, backend)
-                records[backend], seconds = timed(lambda: apem(
-                    ctx.forward, ctx.model, x[0], y, relevance, budget=ctx.budget))
-                add("APEM per map", backend, ctx.budget.spent, seconds, ctx,
-                    gradient_seconds(x, y))
+                records[backend], seconds = timed(
+                    lambda: apem(ctx.forward, ctx.model, x[0], y, relevance, budget=ctx.budget)
+                )
+                add("APEM per map", backend, ctx.budget.spent, seconds, ctx, gradient_seconds(x, y))
             a, b = records["torch"], records["onnxruntime"]
             eps_agree.append((a.eps_minus, a.eps_plus) == (b.eps_minus, b.eps_plus))
 
@@ -365,29 +416,62 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
                 maps.append(relevance_from_map(apply_stage(raw, x, "one_channel")[0]))
             ctx = context(net, "onnxruntime")
             counted = Calls(ctx.forward)
-            alone, seconds = timed(lambda: [apem(counted, ctx.model, x[0], y, r,
-                                                 budget=ctx.budget) for r in maps])
-            add(ONE_BY_ONE, "onnxruntime", ctx.budget.spent, seconds, ctx,
-                len(maps) * gradient_seconds(x, y))
+            alone, seconds = timed(
+                lambda: [apem(counted, ctx.model, x[0], y, r, budget=ctx.budget) for r in maps]
+            )
+            add(
+                ONE_BY_ONE,
+                "onnxruntime",
+                ctx.budget.spent,
+                seconds,
+                ctx,
+                len(maps) * gradient_seconds(x, y),
+            )
             forward_calls[ONE_BY_ONE] += counted.calls
             ctx = context(net, "onnxruntime")
             counted = Calls(ctx.forward)
-            together, seconds = timed(lambda: apem_many(
-                counted, ctx.model, x[0], y, maps, [None] * len(maps), budget=ctx.budget,
-                fields=[f"methods[{i}]" for i in range(len(maps))]))
+            together, seconds = timed(
+                lambda: apem_many(
+                    counted,
+                    ctx.model,
+                    x[0],
+                    y,
+                    maps,
+                    [None] * len(maps),
+                    budget=ctx.budget,
+                    fields=[f"methods[{i}]" for i in range(len(maps))],
+                )
+            )
             add(TOGETHER, "onnxruntime", ctx.budget.spent, seconds, ctx, gradient_seconds(x, y))
             forward_calls[TOGETHER] += counted.calls
-            same_records.append(all(
-                (t.record.eps_minus, t.record.eps_plus) == (a.eps_minus, a.eps_plus)
-                for t, a in zip(together, alone)))
+            same_records.append(
+                all(
+                    (t.record.eps_minus, t.record.eps_plus) == (a.eps_minus, a.eps_plus)
+                    for t, a in zip(together, alone)
+                )
+            )
             if net.name == "demo":
                 for backend in ("torch", "onnxruntime"):
                     ctx = context(net, backend)
-                    _, seconds = timed(lambda: filter_map(
-                        ctx.forward, ctx.model, x[0], y, relevance, budget=ctx.budget,
-                        request=FilterRequest(mode="fast")))
-                    add("APEM filter (fast)", backend, ctx.budget.spent, seconds, ctx,
-                        gradient_seconds(x, y))
+                    _, seconds = timed(
+                        lambda: filter_map(
+                            ctx.forward,
+                            ctx.model,
+                            x[0],
+                            y,
+                            relevance,
+                            budget=ctx.budget,
+                            request=FilterRequest(mode="fast"),
+                        )
+                    )
+                    add(
+                        "APEM filter (fast)",
+                        backend,
+                        ctx.budget.spent,
+                        seconds,
+                        ctx,
+                        gradient_seconds(x, y),
+                    )
             if net.name in MASKING_NETS:  # forward-only over masks, default options
                 for name in MASKING_ROWS:
                     method = get_method(name)
@@ -401,9 +485,10 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
         correlations = held_out_correlations(net, full_params, adaptive_params)
     windows = math.prod(len(a) for a in axes)
     heads = {  # the layers after the last cut, for every window of every timed image
-        backend: len(net.images) * head_seconds(occluder, net.images[0], windows,
-                                                net.forwards.batch_size)
-        for backend, (occluder, _) in plans.items() if occluder is not None
+        backend: len(net.images)
+        * head_seconds(occluder, net.images[0], windows, net.forwards.batch_size)
+        for backend, (occluder, _) in plans.items()
+        if occluder is not None
     }
     captum = next(m for m, _, _ in totals if m.startswith("Captum"))
     after = best_throughput(net, min_seconds)
@@ -417,16 +502,23 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
     for (method, backend), (passes, seconds, forward_seconds, gradient) in best_repeat.items():
         extra = ""
         if method == "occlusion adaptive":
-            images = (f"{net.held_out} held-out images (not timed)" if net.held_out
-                      else f"the {len(net.images)} timed image(s)")
-            extra = (f"Spearman vs full {statistics.mean(correlations):.3f} (mean), "
-                     f"{min(correlations):.3f} (min) over {images}")
+            images = (
+                f"{net.held_out} held-out images (not timed)"
+                if net.held_out
+                else f"the {len(net.images)} timed image(s)"
+            )
+            extra = (
+                f"Spearman vs full {statistics.mean(correlations):.3f} (mean), "
+                f"{min(correlations):.3f} (min) over {images}"
+            )
         if method == "APEM per map" and backend == "onnxruntime":
             extra = f"same eps as torch on {sum(eps_agree)}/{len(eps_agree)} maps"
         if method == TOGETHER:
-            extra = (f"same eps as one by one in {sum(same_records)}/{len(same_records)} "
-                     f"runs; {forward_calls[TOGETHER]} forward calls vs "
-                     f"{forward_calls[ONE_BY_ONE]} one by one (all repeats)")
+            extra = (
+                f"same eps as one by one in {sum(same_records)}/{len(same_records)} "
+                f"runs; {forward_calls[TOGETHER]} forward calls vs "
+                f"{forward_calls[ONE_BY_ONE]} one by one (all repeats)"
+            )
         if method == MASKING_ROWS["score_cam"]:
             extra = "one pass per image on torch (the CAM layer's activations)"
         if method == MASKING_ROWS["rise"]:
@@ -435,17 +527,23 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
             extra = f"max |map - torch full map| {map_difference[method]:.1e}"
         if method == "occlusion incremental":
             occluder, build = plans[backend]
-            extra += (f"; ~{occluder.cost_fraction:.0%} of a full pass per image (a window "
-                      f"changes {occluder.plan.changed_fraction:.0%}), plan built in {build:.1f} s"
-                      f"; its head alone {heads[backend]:.2f} s"
-                      if occluder else "; no plan: full passes")
+            extra += (
+                f"; ~{occluder.cost_fraction:.0%} of a full pass per image (a window "
+                f"changes {occluder.plan.changed_fraction:.0%}), plan built in {build:.1f} s"
+                f"; its head alone {heads[backend]:.2f} s"
+                if occluder
+                else "; no plan: full passes"
+            )
             if repeats > 1:
-                ratios = (totals[captum, "torch", r][1] / totals[method, backend, r][1]
-                          for r in range(repeats))
+                ratios = (
+                    totals[captum, "torch", r][1] / totals[method, backend, r][1]
+                    for r in range(repeats)
+                )
                 extra += "; vs Captum per repeat " + ", ".join(f"{q:.2f}x" for q in ratios)
         gradients = REQUEST_MAPS if method == ONE_BY_ONE else 1
-        report.rows.append(Row(method, backend, int(passes), seconds, forward_seconds, extra,
-                               gradient, gradients))
+        report.rows.append(
+            Row(method, backend, int(passes), seconds, forward_seconds, extra, gradient, gradients)
+        )
     return report
 
 
@@ -457,18 +555,24 @@ def print_report(report: Report) -> None:
     best_rate = max(rate for rate, _ in report.best.values())
     shape = "x".join(map(str, net.served.config.input_shape))
     forwards = net.forwards
-    print(f"\n== {net.name} ({shape}, {net.note}); occlusion window {net.window}, "
-          f"stride {net.stride}; forward batch {forwards.batch_size} "
-          f"({forwards.bytes_per_image / 2**20:.1f} MiB/image, budget 1024 MiB); calls of "
-          f"at most {forwards.call_batches.get('onnxruntime')} images on onnxruntime (the "
-          f"fastest measured at load), {forwards.call_batches['torch']} on torch")
+    print(
+        f"\n== {net.name} ({shape}, {net.note}); occlusion window {net.window}, "
+        f"stride {net.stride}; forward batch {forwards.batch_size} "
+        f"({forwards.bytes_per_image / 2**20:.1f} MiB/image, budget 1024 MiB); calls of "
+        f"at most {forwards.call_batches.get('onnxruntime')} images on onnxruntime (the "
+        f"fastest measured at load), {forwards.call_batches['torch']} on torch"
+    )
     for backend, (rate, size) in report.best.items():
         first, last = report.probes[backend]
-        print(f"   best throughput {backend:<11} {rate:8.1f} images/s (batch {size}; "
-              f"{first:.1f} before, {last:.1f} after the methods)")
+        print(
+            f"   best throughput {backend:<11} {rate:8.1f} images/s (batch {size}; "
+            f"{first:.1f} before, {last:.1f} after the methods)"
+        )
     captum = next(r for r in report.rows if r.method.startswith("Captum"))
-    header = (f"   {'method':<28} {'backend':<11} {'passes':>7} {'seconds':>9} "
-              f"{'vs Captum':>9} {'eff':>5} {'own':>5} {'in fwd':>6}")
+    header = (
+        f"   {'method':<28} {'backend':<11} {'passes':>7} {'seconds':>9} "
+        f"{'vs Captum':>9} {'eff':>5} {'own':>5} {'in fwd':>6}"
+    )
     print(header)
     for row in report.rows:
         own_rate = report.best[row.backend][0]
@@ -480,22 +584,30 @@ def print_report(report: Report) -> None:
         extra = row.extra
         if row.gradient_seconds:  # the forward-only part: the searches without the gradient
             searches = (row.passes - row.gradients * len(net.images)) / best_rate
-            extra = (f"without the torch gradient ({row.gradient_seconds:.2f} s): eff "
-                     f"{searches / (row.seconds - row.gradient_seconds):.0%}; {extra}")
-        print(f"   {row.method:<28} {row.backend:<11} {row.passes:>7} {row.seconds:>9.2f} "
-              f"{speed:>8.2f}x {eff:>5.0%} {own:>5.0%} {share:>6}  {extra}".rstrip("; "))
+            extra = (
+                f"without the torch gradient ({row.gradient_seconds:.2f} s): eff "
+                f"{searches / (row.seconds - row.gradient_seconds):.0%}; {extra}"
+            )
+        print(
+            f"   {row.method:<28} {row.backend:<11} {row.passes:>7} {row.seconds:>9.2f} "
+            f"{speed:>8.2f}x {eff:>5.0%} {own:>5.0%} {share:>6}  {extra}".rstrip("; ")
+        )
     occ = {r.backend: r for r in report.rows if r.method == "occlusion"}
     incremental = {r.backend: r for r in report.rows if r.method == "occlusion incremental"}
     adaptive = next(r for r in report.rows if r.method == "occlusion adaptive")
-    print(f"   adaptive: {occ['onnxruntime'].passes / adaptive.passes:.2f}x fewer forward "
-          f"passes than full occlusion; occlusion onnxruntime vs torch: "
-          f"{occ['torch'].seconds / occ['onnxruntime'].seconds:.2f}x; incremental vs full "
-          f"passes: torch {occ['torch'].seconds / incremental['torch'].seconds:.2f}x, "
-          f"onnxruntime {occ['onnxruntime'].seconds / incremental['onnxruntime'].seconds:.2f}x")
+    print(
+        f"   adaptive: {occ['onnxruntime'].passes / adaptive.passes:.2f}x fewer forward "
+        f"passes than full occlusion; occlusion onnxruntime vs torch: "
+        f"{occ['torch'].seconds / occ['onnxruntime'].seconds:.2f}x; incremental vs full "
+        f"passes: torch {occ['torch'].seconds / incremental['torch'].seconds:.2f}x, "
+        f"onnxruntime {occ['onnxruntime'].seconds / incremental['onnxruntime'].seconds:.2f}x"
+    )
     rows = {r.method: r for r in report.rows}
-    print(f"   APEM of {REQUEST_MAPS} maps together vs one by one: "
-          f"{rows[ONE_BY_ONE].seconds / rows[TOGETHER].seconds:.2f}x faster, "
-          f"{rows[ONE_BY_ONE].passes - rows[TOGETHER].passes} fewer forward passes")
+    print(
+        f"   APEM of {REQUEST_MAPS} maps together vs one by one: "
+        f"{rows[ONE_BY_ONE].seconds / rows[TOGETHER].seconds:.2f}x faster, "
+        f"{rows[ONE_BY_ONE].passes - rows[TOGETHER].passes} fewer forward passes"
+    )
 
 
 def cpu_times() -> tuple[int, int] | None:
@@ -518,20 +630,40 @@ def steal_share(start: tuple[int, int] | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nets", default=",".join(NETS),
-                        help=f"comma-separated subset of {', '.join(NETS)}")
-    parser.add_argument("--demo-dir", type=Path, default=ROOT / "var" / "models" / "demo",
-                        help="the demo model directory (trained there first if missing)")
+    parser.add_argument(
+        "--nets", default=",".join(NETS), help=f"comma-separated subset of {', '.join(NETS)}"
+    )
+    parser.add_argument(
+        "--demo-dir",
+        type=Path,
+        default=ROOT / "var" / "models" / "demo",
+        help="the demo model directory (trained there first if missing)",
+    )
     parser.add_argument("--demo-images", type=int, default=8)
-    parser.add_argument("--held-out", type=int, default=100,
-                        help="held-out demo images of the adaptive Spearman figure (0: the "
-                             "timed images)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads and ONNX Runtime intra-op threads (0: defaults)")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="runs of every method, in turn; each method's fastest counts")
-    parser.add_argument("--min-seconds", type=float, default=1.5,
-                        help="time per throughput measurement (per batch size)")
+    parser.add_argument(
+        "--held-out",
+        type=int,
+        default=100,
+        help="held-out demo images of the adaptive Spearman figure (0: the timed images)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads and ONNX Runtime intra-op threads (0: defaults)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of every method, in turn; each method's fastest counts",
+    )
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=1.5,
+        help="time per throughput measurement (per batch size)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     names = [n.strip() for n in args.nets.split(",") if n.strip()]
@@ -542,9 +674,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = ForwardConfig(onnx_threads=args.threads)
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime "
-          f"intra-op threads {args.threads or 'default'}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f} at start")
+    print(
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime "
+        f"intra-op threads {args.threads or 'default'}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f} at start"
+    )
     builders = {
         "demo": lambda: demo_net(args.demo_dir, args.demo_images, config, args.held_out),
         "resnet18": lambda: resnet_net("resnet18", 15, 8, config),
@@ -559,8 +693,10 @@ def main(argv: list[str] | None = None) -> int:
         print_report(run_net(net, args.min_seconds, args.repeats))
         print(f"   CPU time stolen by the hypervisor during {name}: {steal_share(ticks)}")
         sys.stdout.flush()
-    print(f"\nload average {os.getloadavg()[0]:.2f} at the end; total "
-          f"{time.perf_counter() - start:.0f} s")
+    print(
+        f"\nload average {os.getloadavg()[0]:.2f} at the end; total "
+        f"{time.perf_counter() - start:.0f} s"
+    )
     return 0
 
 

@@ -33,28 +33,41 @@ import numpy as np
 import torch
 from captum._utils.models.model import Model
 from captum.attr import (
-    LRP, DeepLift, Deconvolution, GuidedBackprop, GuidedGradCam, InputXGradient,
-    IntegratedGradients, KernelShap, LayerAttribution, LayerGradCam, Lime, NoiseTunnel,
-    Occlusion, Saliency,
+    LRP,
+    Deconvolution,
+    DeepLift,
+    GuidedBackprop,
+    GuidedGradCam,
+    InputXGradient,
+    IntegratedGradients,
+    KernelShap,
+    LayerAttribution,
+    LayerGradCam,
+    Lime,
+    NoiseTunnel,
+    Occlusion,
+    Saliency,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from support.resnets import RESNET_CAM_LAYER, resnet18  # noqa: E402
 from support.tiny_models import make_context, tiny_served  # noqa: E402
-
-from xaiserve.handlers.methods.registry import METHODS, get_method  # noqa: E402
-from xaiserve.handlers.methods.superpixels import grid_segments  # noqa: E402
-from xaiserve.handlers.model import ModelConfig, PixelSpaceModel, ServedModel, load_model_dir  # noqa: E402
-from xaiserve.handlers.postprocess import apply_stage  # noqa: E402
-from xaiserve.model_store.resnets import RESNET_CAM_LAYER, resnet18  # noqa: E402
+from xaiserve.engine.postprocess import apply_stage  # noqa: E402
+from xaiserve.methods.perturbation.superpixels import grid_segments  # noqa: E402
+from xaiserve.methods.registry import METHODS, get_method  # noqa: E402
+from xaiserve.runtime.model import ModelConfig, PixelSpaceModel, ServedModel, load_model_dir  # noqa: E402
 
 DEMO_DIR = REPO / "var" / "test-cache" / "demo"
 SURROGATE = {"samples": 48, "segments": 16, "baseline": 0.5, "seed": 3}
 TIMING_PARAMS: dict[str, dict[str, float]] = {
-    "smoothgrad": {"samples": 8}, "vargrad": {"samples": 8},
-    "integrated_gradients": {"steps": 16}, "occlusion": {"window": 16, "stride": 16},
-    "lime": {"samples": 64, "segments": 16}, "kernel_shap": {"samples": 64, "segments": 16},
+    "smoothgrad": {"samples": 8},
+    "vargrad": {"samples": 8},
+    "integrated_gradients": {"steps": 16},
+    "occlusion": {"window": 16, "stride": 16},
+    "lime": {"samples": 64, "segments": 16},
+    "kernel_shap": {"samples": 64, "segments": 16},
     "rise": {"masks": 64, "cells": 7},
 }
 """Modest parameters for the timing table (defaults for the other methods)."""
@@ -66,7 +79,9 @@ class ExactWeightedLeastSquares(Model):
     def fit(self, train_data, **kwargs):
         z, y, w = (torch.cat(t).double().numpy() for t in zip(*train_data))
         design = np.hstack([np.ones((len(z), 1)), z])
-        self.coef = np.linalg.solve(design.T @ (design * w[:, None]), design.T @ (w * y.ravel()))[1:]
+        self.coef = np.linalg.solve(design.T @ (design * w[:, None]), design.T @ (w * y.ravel()))[
+            1:
+        ]
 
     def representation(self) -> torch.Tensor:
         return torch.tensor(self.coef, dtype=torch.float32).view(1, -1)
@@ -85,16 +100,25 @@ def _surrogate(served: ServedModel, name: str) -> tuple[Callable[..., torch.Tens
         yield from (row.view(1, -1) for row in z)
 
     if name == "lime":
-        captum = Lime(served.module, ExactWeightedLeastSquares(), perturb_func=masks,
-                      similarity_func=lambda _x, _p, s, **_k: method.weights(s.long()))
+        captum = Lime(
+            served.module,
+            ExactWeightedLeastSquares(),
+            perturb_func=masks,
+            similarity_func=lambda _x, _p, s, **_k: method.weights(s.long()),
+        )
     else:
         captum = KernelShap(served.module)
         captum.interpretable_model, captum.perturb_func = ExactWeightedLeastSquares(), masks
 
     def run(x, t):
-        return captum.attribute(x, target=t, baselines=SURROGATE["baseline"],
-                                n_samples=SURROGATE["samples"], perturbations_per_eval=16,
-                                feature_mask=labels.view(1, 1, *spatial))
+        return captum.attribute(
+            x,
+            target=t,
+            baselines=SURROGATE["baseline"],
+            n_samples=SURROGATE["samples"],
+            perturbations_per_eval=16,
+            feature_mask=labels.view(1, 1, *spatial),
+        )
 
     return run, dict(SURROGATE)
 
@@ -108,21 +132,53 @@ def captum_references(served: ServedModel, side: int) -> dict[str, tuple[str, Ca
 
     refs = {
         "saliency": ("Saliency", lambda x, t: Saliency(m).attribute(x, target=t, abs=False), {}),
-        "input_x_gradient": ("InputXGradient", lambda x, t: InputXGradient(m).attribute(x, target=t), {}),
-        "integrated_gradients": ("IntegratedGradients", lambda x, t: IntegratedGradients(m).attribute(
-            x, baselines=0.25, target=t, n_steps=16, method="gausslegendre"), {"steps": 16, "baseline": 0.25}),
-        "grad_cam": ("LayerGradCam", lambda x, t: up(LayerGradCam(m, layer).attribute(
-            x, target=t, relu_attributions=True)), {}),
-        "occlusion": ("Occlusion", lambda x, t: Occlusion(m).attribute(
-            x, sliding_window_shapes=(3, 8, 8), strides=(3, 8, 8), baselines=0.5, target=t),
-            {"window": 8, "stride": 8, "baseline": 0.5}),
-        "guided_backprop": ("GuidedBackprop", lambda x, t: GuidedBackprop(m).attribute(x, target=t), {}),
-        "deconvolution": ("Deconvolution", lambda x, t: Deconvolution(m).attribute(x, target=t), {}),
-        "deeplift": ("DeepLift", lambda x, t: DeepLift(m).attribute(x, baselines=0.2, target=t),
-                     {"baseline": 0.2}),
+        "input_x_gradient": (
+            "InputXGradient",
+            lambda x, t: InputXGradient(m).attribute(x, target=t),
+            {},
+        ),
+        "integrated_gradients": (
+            "IntegratedGradients",
+            lambda x, t: IntegratedGradients(m).attribute(
+                x, baselines=0.25, target=t, n_steps=16, method="gausslegendre"
+            ),
+            {"steps": 16, "baseline": 0.25},
+        ),
+        "grad_cam": (
+            "LayerGradCam",
+            lambda x, t: up(LayerGradCam(m, layer).attribute(x, target=t, relu_attributions=True)),
+            {},
+        ),
+        "occlusion": (
+            "Occlusion",
+            lambda x, t: Occlusion(m).attribute(
+                x, sliding_window_shapes=(3, 8, 8), strides=(3, 8, 8), baselines=0.5, target=t
+            ),
+            {"window": 8, "stride": 8, "baseline": 0.5},
+        ),
+        "guided_backprop": (
+            "GuidedBackprop",
+            lambda x, t: GuidedBackprop(m).attribute(x, target=t),
+            {},
+        ),
+        "deconvolution": (
+            "Deconvolution",
+            lambda x, t: Deconvolution(m).attribute(x, target=t),
+            {},
+        ),
+        "deeplift": (
+            "DeepLift",
+            lambda x, t: DeepLift(m).attribute(x, baselines=0.2, target=t),
+            {"baseline": 0.2},
+        ),
         "lrp": ("LRP", lambda x, t: LRP(m).attribute(x, target=t), {"epsilon": 1e-9}),
-        "guided_grad_cam": ("GuidedGradCam", lambda x, t: GuidedGradCam(m, layer).attribute(
-            x, target=t, interpolate_mode="bilinear"), {}),
+        "guided_grad_cam": (
+            "GuidedGradCam",
+            lambda x, t: GuidedGradCam(m, layer).attribute(
+                x, target=t, interpolate_mode="bilinear"
+            ),
+            {},
+        ),
     }
     for name in ("lime", "kernel_shap"):
         run, params = _surrogate(served, name)
@@ -134,11 +190,18 @@ def _one_image_noise_refs(served: ServedModel) -> dict[str, tuple[str, Callable,
     """SmoothGrad and VarGrad: one image, Captum's noise after torch.manual_seed(seed)."""
     refs = {}
     for name, kind in (("smoothgrad", "smoothgrad"), ("vargrad", "vargrad")):
+
         def run(x, t, kind=kind):
             torch.manual_seed(11)
             return NoiseTunnel(Saliency(served.module)).attribute(
-                x, nt_type=kind, nt_samples=6, stdevs=float((x.max() - x.min()) * 0.1),
-                target=t, abs=False)
+                x,
+                nt_type=kind,
+                nt_samples=6,
+                stdevs=float((x.max() - x.min()) * 0.1),
+                target=t,
+                abs=False,
+            )
+
         refs[name] = (f"NoiseTunnel({kind})", run, {"samples": 6, "noise_level": 0.1, "seed": 11})
     return refs
 
@@ -166,7 +229,9 @@ def separated(served: ServedModel) -> ServedModel:
     for parent in list(net.modules()):
         if isinstance(parent, torch.nn.Sequential):
             for i in range(len(parent) - 1):
-                if isinstance(parent[i], torch.nn.ReLU) and isinstance(parent[i + 1], torch.nn.MaxPool2d):
+                if isinstance(parent[i], torch.nn.ReLU) and isinstance(
+                    parent[i + 1], torch.nn.MaxPool2d
+                ):
                     parent[i] = torch.nn.Sequential(parent[i], Unhooked())
     return _serve(net, served.config)
 
@@ -178,8 +243,12 @@ class PlainNet(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(6, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Conv2d(3, 6, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(6, 8, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
         )
         self.head = torch.nn.Linear(8, 3)
 
@@ -197,8 +266,19 @@ def _serve(net: torch.nn.Module, cfg: ModelConfig) -> ServedModel:
 
 def plain_served() -> ServedModel:
     torch.manual_seed(0)
-    cfg = ModelConfig("plain", "1", "model.py", "PlainNet", {}, "weights.pt", (3, 16, 16),
-                      (0.0,) * 3, (1.0,) * 3, ("a", "b", "c"), "")
+    cfg = ModelConfig(
+        "plain",
+        "1",
+        "model.py",
+        "PlainNet",
+        {},
+        "weights.pt",
+        (3, 16, 16),
+        (0.0,) * 3,
+        (1.0,) * 3,
+        ("a", "b", "c"),
+        "",
+    )
     return _serve(PlainNet(), cfg)
 
 
@@ -215,22 +295,41 @@ def compare(label: str, served: ServedModel, x: torch.Tensor, target: torch.Tens
 
 def _row(label, served, name, cls, run, params, x, target) -> tuple:
     method = get_method(name)
-    ours = method.attribute(make_context(served), x, target,
-                            method.resolve_params(params, served.config.input_shape, name))
+    ours = method.attribute(
+        make_context(served),
+        x,
+        target,
+        method.resolve_params(params, served.config.input_shape, name),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = run(x, target).detach()
     raw = (ours - ref).abs().max().item()
-    one = (apply_stage(ours, x, "one_channel") - apply_stage(ref, x, "one_channel")).abs().max().item()
+    one = (
+        (apply_stage(ours, x, "one_channel") - apply_stage(ref, x, "one_channel"))
+        .abs()
+        .max()
+        .item()
+    )
     return (label, name, cls, raw, one, NOTES.get((label, name), ""))
 
 
 def resnet224() -> ServedModel:
     torch.manual_seed(0)
     net = resnet18(num_classes=10, width=64)
-    cfg = ModelConfig("resnet18", "1", "model.py", "ResNet", {}, "weights.pt", (3, 224, 224),
-                      (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-                      tuple(str(i) for i in range(10)), RESNET_CAM_LAYER)
+    cfg = ModelConfig(
+        "resnet18",
+        "1",
+        "model.py",
+        "ResNet",
+        {},
+        "weights.pt",
+        (3, 224, 224),
+        (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225),
+        tuple(str(i) for i in range(10)),
+        RESNET_CAM_LAYER,
+    )
     module = PixelSpaceModel(net, cfg.mean, cfg.std).eval()
     for p in module.parameters():
         p.requires_grad_(False)
@@ -285,8 +384,11 @@ def main() -> None:
     if "demo" in served:
         demo = separated(served["demo"])
         deeplift = captum_references(demo, 64)["deeplift"]
-        rows.append(_row("demo, separated", demo, "deeplift", *deeplift, inputs["demo"],
-                         torch.tensor([2, 0])))
+        rows.append(
+            _row(
+                "demo, separated", demo, "deeplift", *deeplift, inputs["demo"], torch.tensor([2, 0])
+            )
+        )
     for row in rows:
         print("| {} | {} | {} | {:.2e} | {:.2e} | {} |".format(*row))
 

@@ -21,11 +21,12 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 MODELS = ("tiny", "resnet18")
 METHODS = ("occlusion", "rise", "grad_cam", "integrated_gradients")
 
-TINY_SOURCE = '''import torch
+TINY_SOURCE = """import torch
 from torch import nn
 
 
@@ -40,15 +41,18 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).mean(dim=(2, 3)))
-'''
+"""
 
-RESNET_SOURCE = '''from xaiserve.model_store.resnets import BasicBlock, ResNet
-
+# The ResNet test network's own source (tests/support/resnets.py), then the class served.
+RESNET_SOURCE = (
+    (Path(__file__).resolve().parents[1] / "tests/support/resnets.py").read_text()
+    + """
 
 class ResNet18(ResNet):
     def __init__(self, num_classes: int = 10, width: int = 64) -> None:
         super().__init__(BasicBlock, (2, 2, 2, 2), num_classes, width)
-'''
+"""
+)
 
 
 def child(
@@ -64,10 +68,10 @@ def child(
     import torch
     import yaml
 
-    from xaiserve.handlers.engine import Engine
-    from xaiserve.handlers.forward_config import ForwardConfig
-    from xaiserve.handlers.limits import EngineLimits
-    from xaiserve.handlers.types import ExplainRequest, MethodRequest, RawTensor
+    from xaiserve.api.types import ExplainRequest, MethodRequest, RawTensor
+    from xaiserve.engine.engine import Engine
+    from xaiserve.engine.limits import EngineLimits
+    from xaiserve.runtime.forward.config import ForwardConfig
 
     def peak_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -79,10 +83,21 @@ def child(
     after_imports = peak_mib()
     torch.manual_seed(0)
     if name == "tiny":
-        shape, labels, cls, source, kwargs = (3, 16, 16), ["a", "b", "c"], "TinyNet", TINY_SOURCE, {}
+        shape, labels, cls, source, kwargs = (
+            (3, 16, 16),
+            ["a", "b", "c"],
+            "TinyNet",
+            TINY_SOURCE,
+            {},
+        )
         cam = "features.4"
     else:
-        shape, labels, cls, source = (3, 224, 224), [str(i) for i in range(10)], "ResNet18", RESNET_SOURCE
+        shape, labels, cls, source = (
+            (3, 224, 224),
+            [str(i) for i in range(10)],
+            "ResNet18",
+            RESNET_SOURCE,
+        )
         kwargs, cam = {"num_classes": 10, "width": width}, "layer4"
     root = Path(tempfile.mkdtemp(prefix="peak-rss-"))
     directory = root / name
@@ -92,9 +107,14 @@ def child(
     exec(compile(source, "model.py", "exec"), namespace)
     torch.save(namespace[cls](**kwargs).state_dict(), directory / "weights.pt")
     config = {
-        "name": name, "version": "1", "model": {"file": "model.py", "class": cls, "kwargs": kwargs},
-        "weights": "weights.pt", "input": {"channels": shape[0], "height": shape[1], "width": shape[2]},
-        "normalize": {"mean": [0.5] * 3, "std": [0.25] * 3}, "labels": labels, "cam_layer": cam,
+        "name": name,
+        "version": "1",
+        "model": {"file": "model.py", "class": cls, "kwargs": kwargs},
+        "weights": "weights.pt",
+        "input": {"channels": shape[0], "height": shape[1], "width": shape[2]},
+        "normalize": {"mean": [0.5] * 3, "std": [0.25] * 3},
+        "labels": labels,
+        "cam_layer": cam,
     }
     (directory / "config.yaml").write_text(yaml.safe_dump(config))
 
@@ -137,8 +157,16 @@ def measure(
     max_batch: int | None = None,
 ) -> dict:
     """Runs :func:`child` for ``name`` in a fresh interpreter; returns its figures."""
-    command = [sys.executable, __file__, "--child", name, "--methods", ",".join(methods),
-               "--width", str(width)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        name,
+        "--methods",
+        ",".join(methods),
+        "--width",
+        str(width),
+    ]
     if memory_mb is not None:
         command += ["--forward-memory-mb", str(memory_mb)]
     if max_batch is not None:
@@ -160,12 +188,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.child:
         methods = args.methods.split(",")
-        print(json.dumps(child(args.child, methods, args.width, args.forward_memory_mb,
-                               args.forward_max_batch)))
+        print(
+            json.dumps(
+                child(
+                    args.child, methods, args.width, args.forward_memory_mb, args.forward_max_batch
+                )
+            )
+        )
         return
     for name in args.models.split(","):
-        figures = measure(name, tuple(args.methods.split(",")), args.width,
-                          args.forward_memory_mb, args.forward_max_batch)
+        figures = measure(
+            name,
+            tuple(args.methods.split(",")),
+            args.width,
+            args.forward_memory_mb,
+            args.forward_max_batch,
+        )
         print(json.dumps(figures))
 
 

@@ -42,16 +42,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from xaiserve.model_store import synthetic
-from xaiserve.model_store.archive import ArchiveSettings, build_archive
-from xaiserve.model_store.build_demo import ensure_demo_model
-from xaiserve.service.torchserve_process import (
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.api.v1 import explain_pb2_grpc
+from xaiserve.gateway.torchserve_process import (
     TorchServeConfig,
     TorchServeProcess,
     stop_process_group,
 )
-from xaiserve.v1 import explain_pb2 as pb
-from xaiserve.v1 import explain_pb2_grpc
+from xaiserve.model_store import synthetic
+from xaiserve.model_store.archive import ArchiveSettings, build_archive
+from xaiserve.model_store.build_demo import ensure_demo_model
 
 HOST = "127.0.0.1"
 STARTUP_SECONDS = 240.0
@@ -234,8 +234,10 @@ def gateway_process(command: list[str], log: Path) -> Iterator[tuple[int, str]]:
     once it logs that it listens, and stops its process group at the end."""
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "xaiserve.service.server", *command],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "xaiserve.gateway.server", *command],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     try:
@@ -277,24 +279,40 @@ def torchserve_stack(model_dir: Path, tmp: Path, args: argparse.Namespace) -> It
     """TorchServe with the demo model's archive, and the gateway in front of it."""
     store = tmp / "archives"
     settings = ArchiveSettings(
-        batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay_ms,
-        min_workers=args.torchserve_workers, max_workers=args.torchserve_workers,
+        batch_size=args.batch_size,
+        max_batch_delay_ms=args.max_batch_delay_ms,
+        min_workers=args.torchserve_workers,
+        max_workers=args.torchserve_workers,
     )
     build_archive(model_dir, store, settings)
     config = TorchServeConfig(
-        model_store=store, workdir=tmp / "torchserve", host=HOST,
-        grpc_inference_port=_free_port(), grpc_management_port=_free_port(),
-        http_inference_port=_free_port(), management_port=_free_port(),
+        model_store=store,
+        workdir=tmp / "torchserve",
+        host=HOST,
+        grpc_inference_port=_free_port(),
+        grpc_management_port=_free_port(),
+        http_inference_port=_free_port(),
+        management_port=_free_port(),
         metrics_port=_free_port(),
     )
     torchserve = TorchServeProcess.start(config)
     try:
         torchserve.wait_ready(STARTUP_SECONDS)
         flags = [
-            "--backend", "torchserve", "--model-store", str(store),
-            "--torchserve-target", config.grpc_target,
-            "--torchserve-key-file", str(config.key_file),
-            "--host", HOST, "--port", "0", "--metrics-port", "0",
+            "--backend",
+            "torchserve",
+            "--model-store",
+            str(store),
+            "--torchserve-target",
+            config.grpc_target,
+            "--torchserve-key-file",
+            str(config.key_file),
+            "--host",
+            HOST,
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
         ]
         with gateway_process(flags, tmp / "gateway-torchserve.log") as (pid, address):
             pids = {f"gateway (pid {pid})": pid, **torchserve_processes(torchserve.pid)}
@@ -314,7 +332,10 @@ async def reference(address: str, mix: list[Call], timeout: float) -> list[pb.Ex
 
 
 async def run_load(
-    address: str, mix: list[Call], refs: list[pb.ExplainResponse], args: argparse.Namespace,
+    address: str,
+    mix: list[Call],
+    refs: list[pb.ExplainResponse],
+    args: argparse.Namespace,
     seconds: float,
 ) -> Load:
     """``args.clients`` concurrent clients, each on its own channel, calling until
@@ -361,8 +382,12 @@ def _ms(values: list[float], q: float) -> str:
 
 
 def report(
-    service: Service, load: Load, before: dict[str, int | None], after: dict[str, int | None],
-    loads: tuple[str, str], args: argparse.Namespace,
+    service: Service,
+    load: Load,
+    before: dict[str, int | None],
+    after: dict[str, int | None],
+    loads: tuple[str, str],
+    args: argparse.Namespace,
 ) -> list[str]:
     """Prints one backend's results; returns the checks that failed."""
     every = [s for values in load.latencies.values() for s in values]
@@ -425,12 +450,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=64, help="concurrent clients")
     parser.add_argument("--seconds", type=float, default=60.0, help="measured load per backend")
-    parser.add_argument("--warmup-seconds", type=float, default=10.0,
-                        help="uncounted concurrent load before the RSS is first read")
-    parser.add_argument("--backends", default="local,torchserve",
-                        help="comma-separated: local (embedded server), torchserve (full stack)")
-    parser.add_argument("--model-dir", type=Path, default=Path("var/models/demo"),
-                        help="the demo model (trained here if missing)")
+    parser.add_argument(
+        "--warmup-seconds",
+        type=float,
+        default=10.0,
+        help="uncounted concurrent load before the RSS is first read",
+    )
+    parser.add_argument(
+        "--backends",
+        default="local,torchserve",
+        help="comma-separated: local (embedded server), torchserve (full stack)",
+    )
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=Path("var/models/demo"),
+        help="the demo model (trained here if missing)",
+    )
     parser.add_argument("--images", type=int, default=4, help="demo images in the mix")
     parser.add_argument("--tolerance", type=float, default=1e-5)
     parser.add_argument("--max-rss-growth", type=float, default=5.0, help="percent")
@@ -459,8 +495,10 @@ def main() -> int:
         for name in backends:
             workdir = Path(tmp) / name
             workdir.mkdir()
-            start = embedded(model_dir, workdir) if name == "local" else torchserve_stack(
-                model_dir, workdir, args
+            start = (
+                embedded(model_dir, workdir)
+                if name == "local"
+                else torchserve_stack(model_dir, workdir, args)
             )
             with start as service:
                 failed.extend(soak(service, mix, args))

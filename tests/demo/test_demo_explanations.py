@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xaiserve.handlers.apem import apem, relevance_from_map, shuffled
-from xaiserve.handlers.apem_filter import filter_map
-from xaiserve.handlers.forward import Budget, TorchForward
-from xaiserve.handlers.methods.registry import get_method
-from xaiserve.handlers.model import ServedModel, load_model_dir
-from xaiserve.handlers.postprocess import apply_stage
-from xaiserve.handlers.types import FilterRequest, ReliabilityRequest
+from xaiserve.api.types import FilterRequest, ReliabilityRequest
+from xaiserve.engine.postprocess import apply_stage
+from xaiserve.methods.registry import get_method
 from xaiserve.model_store import synthetic
+from xaiserve.reliability.apem import apem, relevance_from_map, shuffled
+from xaiserve.reliability.filter import filter_map
+from xaiserve.runtime.forward.counted import Budget, TorchForward
+from xaiserve.runtime.model import ServedModel, load_model_dir
 
 SEED = 777  # neither the training nor the held-out seed
 N_IMAGES = 24
@@ -42,7 +42,7 @@ def samples(demo: ServedModel) -> list[synthetic.Sample]:
 
 
 def _context(demo: ServedModel):
-    from xaiserve.handlers.methods.base import MethodContext
+    from xaiserve.methods.base import MethodContext
 
     budget = Budget(10**9)
     return MethodContext(demo, TorchForward(demo.module, budget, 64), budget, 64), budget
@@ -75,9 +75,11 @@ def test_relevance_mass_inside_object_beats_uniform(demo, samples, name):
         inside.append(heat[sample.mask].sum() / heat.sum())
         area.append(sample.mask.mean())
     ratios = np.asarray(inside) / np.asarray(area)
-    print(f"\n{name}: mass in mask {np.mean(inside):.3f} vs uniform {np.mean(area):.3f} "
-          f"(x{np.mean(inside) / np.mean(area):.2f}); per image median x{np.median(ratios):.2f}, "
-          f"above uniform in {np.mean(ratios > 1):.0%} of {len(ratios)} images")
+    print(
+        f"\n{name}: mass in mask {np.mean(inside):.3f} vs uniform {np.mean(area):.3f} "
+        f"(x{np.mean(inside) / np.mean(area):.2f}); per image median x{np.median(ratios):.2f}, "
+        f"above uniform in {np.mean(ratios > 1):.0%} of {len(ratios)} images"
+    )
     assert np.mean(inside) > 1.5 * np.mean(area)
     assert np.median(ratios) > 1.5
     assert np.mean(ratios > 1.0) >= 0.7
@@ -109,12 +111,16 @@ def _object_maps(mask: np.ndarray) -> dict[str, torch.Tensor]:
     whole = F.max_pool2d(m, 3, 1, 1)[0, 0].numpy() > 0
     xs = np.nonzero(whole)[1]
     half = whole.copy()
-    half[:, int(np.median(xs)):] = False
+    half[:, int(np.median(xs)) :] = False
     far = ~(F.max_pool2d(m, 25, 1, 12)[0, 0].numpy() > 0)
     rng = np.random.default_rng(0)
     extra = far & (rng.random(far.shape) < whole.sum() / max(far.sum(), 1))
-    as_map = lambda a: torch.from_numpy(a.astype(np.float32))[None]  # noqa: E731
-    return {"object": as_map(whole), "half": as_map(half), "object+background": as_map(whole | extra)}
+    as_map = lambda a: torch.from_numpy(a.astype(np.float32))[None]
+    return {
+        "object": as_map(whole),
+        "half": as_map(half),
+        "object+background": as_map(whole | extra),
+    }
 
 
 def test_irrelevance_matters(demo, samples):
@@ -127,10 +133,12 @@ def test_irrelevance_matters(demo, samples):
         half_diff.append(scores["half"] - scores["object"])
         background_diff.append(scores["object+background"] - scores["object"])
     half_diff, background_diff = np.asarray(half_diff), np.asarray(background_diff)
-    print(f"\nhalf < object in {np.mean(half_diff < 0):.0%} (median diff "
-          f"{np.median(half_diff):.1f}); object+background < object in "
-          f"{np.mean(background_diff < 0):.0%} (median diff {np.median(background_diff):.1f}); "
-          f"{len(half_diff)} images")
+    print(
+        f"\nhalf < object in {np.mean(half_diff < 0):.0%} (median diff "
+        f"{np.median(half_diff):.1f}); object+background < object in "
+        f"{np.mean(background_diff < 0):.0%} (median diff {np.median(background_diff):.1f}); "
+        f"{len(half_diff)} images"
+    )
     assert np.mean(half_diff < 0) >= 0.7 and np.median(half_diff) < 0
     assert np.mean(background_diff < 0) >= 0.7 and np.median(background_diff) < 0
 
@@ -140,9 +148,16 @@ def test_filter_never_lowers_apem_beyond_resolution(demo, samples):
         relevance = relevance_from_map(_map(demo, "saliency", sample))
         budget = Budget(10**9)
         forward = TorchForward(demo.module, budget, 64)
-        record = filter_map(forward, demo.module, torch.from_numpy(sample.image), sample.label,
-                            relevance, ReliabilityRequest(), request=FilterRequest(),
-                            budget=budget)
+        record = filter_map(
+            forward,
+            demo.module,
+            torch.from_numpy(sample.image),
+            sample.label,
+            relevance,
+            ReliabilityRequest(),
+            request=FilterRequest(),
+            budget=budget,
+        )
         slack = 0.01 * 2 * max(abs(record.apem_before), abs(record.apem_after)) + 1e-9
         assert record.apem_after >= record.apem_before - slack
         assert 0 < record.kept_fraction <= 1

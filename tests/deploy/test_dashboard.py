@@ -13,17 +13,29 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
-from support.gateway import running_gateway
 
-from xaiserve.service.metrics import PREFIX, TORCHSERVE_METRICS, Metrics
+from support.gateway import running_gateway
+from xaiserve.gateway.metrics import PREFIX, TORCHSERVE_METRICS, Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "xaiserve.json"
 
 # PromQL words that are not metric names (aggregation modifiers, set and binary operators).
 _KEYWORDS = {
-    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset",
-    "and", "or", "unless", "atan2", "inf", "nan",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "offset",
+    "and",
+    "or",
+    "unless",
+    "atan2",
+    "inf",
+    "nan",
 }
 _LABEL_LIST = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
 _IDENTIFIER = re.compile(r"(?<![\w.$])[A-Za-z_:][\w:]*")
@@ -38,7 +50,7 @@ def metric_names(expr: str) -> set[str]:
     text = _LABEL_LIST.sub(" ", text)
     names = set()
     for match in _IDENTIFIER.finditer(text):
-        if text[match.end():].lstrip().startswith("("):
+        if text[match.end() :].lstrip().startswith("("):
             continue  # a function or an aggregation
         if match.group(0).lower() not in _KEYWORDS:
             names.add(match.group(0))
@@ -50,7 +62,7 @@ def metric_names(expr: str) -> set[str]:
     [
         ('sum by (code) (rate(a_total{model=~"$model"}[$__rate_interval]))', {"a_total"}),
         ("histogram_quantile(0.95, sum by (le, m) (rate(h_bucket[5m])))", {"h_bucket"}),
-        ("sum(rate(x[1m])) / clamp_min(sum(rate(y{c=\"OK\"}[1m])), 1e-9) / 1e6", {"x", "y"}),
+        ('sum(rate(x[1m])) / clamp_min(sum(rate(y{c="OK"}[1m])), 1e-9) / 1e6', {"x", "y"}),
         ("avg by (DeviceId) (GPUUtilization)", {"GPUUtilization"}),
         ("a and on (k) b unless c offset 5m", {"a", "b", "c"}),
     ],
@@ -71,7 +83,9 @@ def dashboard_queries(dashboard: dict[str, Any]) -> list[str]:
     for variable in dashboard["templating"]["list"]:
         if variable["type"] != "query":
             continue
-        query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
+        query = (
+            variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
+        )
         match = re.fullmatch(r"label_values\((.+),\s*\w+\)", query.strip())
         assert match, query
         exprs.append(match.group(1))
@@ -140,7 +154,7 @@ def _gateway_labels() -> dict[str, set[str]]:
     """Label names of each gateway collector, by metric name (histograms also have ``le``)."""
     metrics = Metrics(CollectorRegistry())
     return {
-        c._name: set(c._labelnames) | {"le"}  # noqa: SLF001 - prometheus-client's own record
+        c._name: set(c._labelnames) | {"le"}
         for c in vars(metrics).values()
         if isinstance(c, MetricWrapperBase)
     }

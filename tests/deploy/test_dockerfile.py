@@ -64,7 +64,9 @@ def test_hadolint_finds_nothing(tmp_path: Path) -> None:
     config.write_text("{}\n")  # no user or repository configuration changes the rules
     result = subprocess.run(
         [_hadolint(), "--config", str(config), "--format", "json", "--no-color", str(DOCKERFILE)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     findings = json.loads(result.stdout or "[]")
     assert findings == [], "\n".join(f"{f['line']} {f['code']} {f['message']}" for f in findings)
@@ -74,8 +76,9 @@ def test_hadolint_finds_nothing(tmp_path: Path) -> None:
 def test_hadolint_really_lints(tmp_path: Path) -> None:
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM debian\nRUN apt-get install curl\n")
-    result = subprocess.run([_hadolint(), "--format", "json", str(bad)], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [_hadolint(), "--format", "json", str(bad)], capture_output=True, text=True, timeout=60
+    )
     assert {f["code"] for f in json.loads(result.stdout)} >= {"DL3006", "DL3008"}
 
 
@@ -119,7 +122,8 @@ def test_stages_targets_and_user() -> None:
 
 def test_copied_sources_exist_and_are_not_dockerignored() -> None:
     ignored = [
-        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     for stage in _stages().values():
@@ -145,17 +149,29 @@ def fake_bin(tmp_path: Path) -> Path:
 
 
 def _entry(fake_bin: Path, tmp_path: Path, *args: str) -> str:
-    env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "TS_WORKDIR": str(tmp_path / "ts"),
-           "TS_CONFIG_FILE": "/etc/ts.properties", "HOME": str(tmp_path)}
-    result = subprocess.run(["sh", str(ENTRYPOINT), *args], capture_output=True, text=True,
-                            env=env, timeout=30, check=True)
+    env = {
+        "PATH": f"{fake_bin}:/usr/bin:/bin",
+        "TS_WORKDIR": str(tmp_path / "ts"),
+        "TS_CONFIG_FILE": "/etc/ts.properties",
+        "HOME": str(tmp_path),
+    }
+    result = subprocess.run(
+        ["sh", str(ENTRYPOINT), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=True,
+    )
     return result.stdout.strip()
 
 
 def test_entrypoint_dispatches(fake_bin: Path, tmp_path: Path) -> None:
     assert os.access(ENTRYPOINT, os.X_OK)
     assert _entry(fake_bin, tmp_path).startswith("xaiserve-server  cwd=")
-    assert _entry(fake_bin, tmp_path, "gateway", "--port", "1").startswith("xaiserve-server --port 1")
+    assert _entry(fake_bin, tmp_path, "gateway", "--port", "1").startswith(
+        "xaiserve-server --port 1"
+    )
     ts = tmp_path / "ts"
     assert _entry(fake_bin, tmp_path, "torchserve") == (
         "torchserve --start --foreground --ncs --ts-config /etc/ts.properties "

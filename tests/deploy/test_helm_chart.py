@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from xaiserve.service.settings import Settings, env_var
+from xaiserve.gateway.settings import Settings, env_var
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "xaiserve"
@@ -51,7 +51,8 @@ def rendered(name: str) -> tuple[dict[str, Any], ...]:
 
 def _one(objects: tuple[dict[str, Any], ...], kind: str, component: str) -> dict[str, Any]:
     found = [
-        o for o in objects
+        o
+        for o in objects
         if o["kind"] == kind
         and o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component
     ]
@@ -84,8 +85,13 @@ def test_the_sdk_renders_without_a_helm_binary(tmp_path: Path) -> None:
 
     empty = tmp_path / "bin"
     empty.mkdir()
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env={"PATH": str(empty), "HOME": str(tmp_path)}, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={"PATH": str(empty), "HOME": str(tmp_path)},
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) > 5
     assert helm.helm_sdk_version().startswith("v4.")
@@ -93,8 +99,13 @@ def test_the_sdk_renders_without_a_helm_binary(tmp_path: Path) -> None:
 
 @VALUE_SETS
 def test_lint_and_schema(values: str) -> None:
-    report = helm.lint(CHART, _values(values), strict=True, namespace=NAMESPACE,
-                       kube_version="v" + KUBE_VERSIONS[-1])
+    report = helm.lint(
+        CHART,
+        _values(values),
+        strict=True,
+        namespace=NAMESPACE,
+        kube_version="v" + KUBE_VERSIONS[-1],
+    )
     problems = [m for m in report["messages"] if m["severity"] >= 2]  # warnings and errors
     assert not problems and not report["errors"], report
     with helm.Chart.load(CHART) as chart:
@@ -215,7 +226,8 @@ def test_probes() -> None:
     port = gateway["ports"][0]["containerPort"]
     assert gateway["livenessProbe"]["grpc"] == {"port": port}
     assert gateway["readinessProbe"]["grpc"] == {
-        "port": port, "service": "xaiserve.v1.ExplanationService"
+        "port": port,
+        "service": "xaiserve.v1.ExplanationService",
     }
     (torchserve,) = _pod(objects, "torchserve")["spec"]["containers"]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
@@ -226,8 +238,10 @@ def test_probes() -> None:
 
 def test_services_select_their_pods_and_expose_only_what_they_should() -> None:
     objects = rendered("default")
-    for component, ports in (("gateway", {"grpc", "metrics"}),
-                             ("torchserve", {"grpc-inference", "metrics"})):
+    for component, ports in (
+        ("gateway", {"grpc", "metrics"}),
+        ("torchserve", {"grpc-inference", "metrics"}),
+    ):
         service = _one(objects, "Service", component)
         pod = _pod(objects, component)
         assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
@@ -235,7 +249,10 @@ def test_services_select_their_pods_and_expose_only_what_they_should() -> None:
         assert {p["name"] for p in service["spec"]["ports"]} == ports
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= named
     hpa = _one(objects, "HorizontalPodAutoscaler", "gateway")
-    assert hpa["spec"]["scaleTargetRef"]["name"] == _one(objects, "Deployment", "gateway")["metadata"]["name"]
+    assert (
+        hpa["spec"]["scaleTargetRef"]["name"]
+        == _one(objects, "Deployment", "gateway")["metadata"]["name"]
+    )
     assert "replicas" not in _one(objects, "Deployment", "gateway")["spec"]  # the HPA owns it
     for component in ("gateway", "torchserve"):
         pdb = _one(objects, "PodDisruptionBudget", component)
@@ -331,7 +348,10 @@ def test_model_store_from_a_pvc_is_read_only() -> None:
     spec = _pod(rendered("gpu"), "torchserve")["spec"]
     assert "initContainers" not in spec
     volume = next(v for v in spec["volumes"] if v["name"] == "model-store")
-    assert volume["persistentVolumeClaim"] == {"claimName": "xaiserve-model-archives", "readOnly": True}
+    assert volume["persistentVolumeClaim"] == {
+        "claimName": "xaiserve-model-archives",
+        "readOnly": True,
+    }
     mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "model-store")
     assert mount["readOnly"] is True
     default = _pod(rendered("default"), "torchserve")["spec"]

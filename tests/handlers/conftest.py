@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from support.tiny_models import tiny_served
-from xaiserve.handlers.model import ServedModel
+from xaiserve.runtime.model import ServedModel
 
 
 @pytest.fixture

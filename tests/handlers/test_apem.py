@@ -14,12 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from xaiserve.handlers import apem as A
-from xaiserve.handlers.errors import InvalidArgument
-from xaiserve.handlers.forward import Budget, TorchForward
-from xaiserve.handlers.types import ReliabilityRequest
-
 from support.tiny_models import make_context, tiny_served
+from xaiserve.api.errors import InvalidArgument
+from xaiserve.api.types import ReliabilityRequest
+from xaiserve.reliability import apem as A
+from xaiserve.runtime.forward.counted import Budget, TorchForward
 
 RES = A.DEFAULT_RESOLUTION
 
@@ -141,9 +140,7 @@ def test_search_matches_closed_form_on_linear_model():
         assert got.lower <= star * (1 + 1e-5) and star <= got.eps * (1 + 1e-5)
         assert got.resolution_reached <= RES and got.forward_calls <= 4
         step = star / 37.37  # the seed's scan: the first multiple of step past eps*
-        ref, censored = A.reference_search(
-            forward, case.x, d, 0, eps_max=case.x.numel(), step=step
-        )
+        ref, censored = A.reference_search(forward, case.x, d, 0, eps_max=case.x.numel(), step=step)
         assert not censored and ref == pytest.approx(38 * step, rel=1e-9)
 
 
@@ -288,7 +285,12 @@ def test_censored_when_eps_max_is_tiny(served, images):
     y = predicted(ctx.forward, x)
     relevance = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(0))
     record = A.apem(
-        ctx.forward, served.module, x, y, relevance, ReliabilityRequest(eps_max=1e-3),
+        ctx.forward,
+        served.module,
+        x,
+        y,
+        relevance,
+        ReliabilityRequest(eps_max=1e-3),
         budget=ctx.budget,
     )
     assert record.eps_minus_censored and record.eps_plus_censored
@@ -319,7 +321,11 @@ def test_saturated_model_is_undefined():
         flat[1].bias.copy_(torch.tensor([1.0, 0.0]))
     budget = Budget(100)
     record = A.apem(
-        TorchForward(flat, budget, 8), flat, torch.rand(1, 2, 2), 0, torch.rand(1, 2, 2),
+        TorchForward(flat, budget, 8),
+        flat,
+        torch.rand(1, 2, 2),
+        0,
+        torch.rand(1, 2, 2),
         budget=budget,
     )
     assert "gradient is zero" in record.undefined_reason
@@ -342,8 +348,14 @@ def test_invalid_options_name_the_field(served, images, options, name, message):
     ctx = make_context(served)
     with pytest.raises(InvalidArgument) as err:
         A.apem(
-            ctx.forward, served.module, images[0], 0, torch.rand(1, 16, 16), options,
-            budget=ctx.budget, field="methods[2]",
+            ctx.forward,
+            served.module,
+            images[0],
+            0,
+            torch.rand(1, 16, 16),
+            options,
+            budget=ctx.budget,
+            field="methods[2]",
         )
     assert err.value.field == f"methods[2].reliability.{name}"
     assert message in err.value.message
@@ -361,8 +373,13 @@ def test_forward_passes_match_the_budget(served, images):
     y = predicted(ctx.forward, x)
     before, by_stage = ctx.budget.spent, ctx.budget.by_stage.get("apem", 0)
     record = A.apem(
-        ctx.forward, served.module, x, y, saliency_map(served.module, x, y),
-        ReliabilityRequest(shuffles=2, clamp=True), budget=ctx.budget,
+        ctx.forward,
+        served.module,
+        x,
+        y,
+        saliency_map(served.module, x, y),
+        ReliabilityRequest(shuffles=2, clamp=True),
+        budget=ctx.budget,
     )
     assert record.forward_passes == ctx.budget.spent - before
     assert record.forward_passes == ctx.budget.by_stage["apem"] - by_stage
@@ -376,10 +393,18 @@ def test_maps_scored_together_equal_maps_scored_alone(served, images):
     x = images[1]
     y = predicted(make_context(served).forward, x)
     g = torch.Generator().manual_seed(3)
-    maps = [saliency_map(served.module, x, y), torch.rand(1, 16, 16, generator=g),
-            torch.rand(3, 16, 16, generator=g), torch.zeros(1, 16, 16)]
-    options = [ReliabilityRequest(shuffles=2), None,
-               ReliabilityRequest(resolution=0.05, shuffles=1), None]
+    maps = [
+        saliency_map(served.module, x, y),
+        torch.rand(1, 16, 16, generator=g),
+        torch.rand(3, 16, 16, generator=g),
+        torch.zeros(1, 16, 16),
+    ]
+    options = [
+        ReliabilityRequest(shuffles=2),
+        None,
+        ReliabilityRequest(resolution=0.05, shuffles=1),
+        None,
+    ]
     alone, calls_alone = [], 0
     for relevance, o in zip(maps, options):
         ctx = make_context(served, max_batch=64)
@@ -388,11 +413,21 @@ def test_maps_scored_together_equal_maps_scored_alone(served, images):
         calls_alone += counting.calls
     ctx = make_context(served, max_batch=64)
     counting = CountingForward(ctx.forward)
-    together = A.apem_many(counting, served.module, x, y, maps, options, budget=ctx.budget,
-                           fields=[f"methods[{i}]" for i in range(4)])
+    together = A.apem_many(
+        counting,
+        served.module,
+        x,
+        y,
+        maps,
+        options,
+        budget=ctx.budget,
+        fields=[f"methods[{i}]" for i in range(4)],
+    )
     print(f"\n4 maps: {calls_alone} forward calls alone, {counting.calls} together")
     assert [t.record.forward_passes for t in together] == [
-        alone[0].forward_passes, *(a.forward_passes - 1 for a in alone[1:3]), 0
+        alone[0].forward_passes,
+        *(a.forward_passes - 1 for a in alone[1:3]),
+        0,
     ]  # the gradient's pass is counted once, on the first map
     assert sum(t.record.forward_passes for t in together) == ctx.budget.spent
     assert ctx.budget.by_stage["apem"] == ctx.budget.spent
@@ -400,8 +435,10 @@ def test_maps_scored_together_equal_maps_scored_alone(served, images):
         assert replace(t.record, forward_passes=0) == replace(a, forward_passes=0)
         assert t.score.apem == t.record.apem
     assert together[2].record.resolution <= 0.05 and together[0].record.resolution <= RES
-    assert together[3].score is None and together[3].record.undefined_reason == (
-        alone[3].undefined_reason) != ""
+    assert (
+        together[3].score is None
+        and together[3].record.undefined_reason == (alone[3].undefined_reason) != ""
+    )
     assert alone[0].apem_norm is not None and alone[2].apem_norm is not None
     assert counting.calls < calls_alone
 
@@ -413,8 +450,16 @@ def test_maps_scored_together_share_one_undefined_prediction(served, images):
     other = (predicted(ctx.forward, x) + 1) % 3
     maps = [torch.rand(1, 16, 16), torch.rand(1, 16, 16)]
     spent = ctx.budget.spent
-    together = A.apem_many(ctx.forward, served.module, x, other, maps, [None, None],
-                           budget=ctx.budget, fields=["methods[0]", "methods[1]"])
+    together = A.apem_many(
+        ctx.forward,
+        served.module,
+        x,
+        other,
+        maps,
+        [None, None],
+        budget=ctx.budget,
+        fields=["methods[0]", "methods[1]"],
+    )
     assert ctx.budget.spent - spent == 1  # the one gradient, no search
     assert [t.record.forward_passes for t in together] == [1, 0]
     assert all("not the explained class" in t.record.undefined_reason for t in together)

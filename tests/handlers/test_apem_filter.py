@@ -14,13 +14,12 @@ import pytest
 import torch
 from torch import nn
 
-from xaiserve.handlers import apem as A
-from xaiserve.handlers import apem_filter as AF
-from xaiserve.handlers.errors import InvalidArgument, ResourceExhausted
-from xaiserve.handlers.forward import Budget, TorchForward
-from xaiserve.handlers.types import FilterRequest, ReliabilityRequest
-
 from support.tiny_models import make_context, tiny_served
+from xaiserve.api.errors import InvalidArgument, ResourceExhausted
+from xaiserve.api.types import FilterRequest, ReliabilityRequest
+from xaiserve.reliability import apem as A
+from xaiserve.reliability import filter as AF
+from xaiserve.runtime.forward.counted import Budget, TorchForward
 
 RES = A.DEFAULT_RESOLUTION
 
@@ -83,7 +82,7 @@ def test_exact_filter_follows_algorithm_2_on_a_closed_form_case():
     # Algorithm 2 by hand, on the closed-form APEMs
     best_map, best = R_LINEAR, closed_form_apem(R_LINEAR)
     for value in torch.unique(R_LINEAR):
-        candidate = torch.where(R_LINEAR > value, R_LINEAR, torch.zeros(()))
+        candidate = torch.where(value < R_LINEAR, R_LINEAR, torch.zeros(()))
         if not candidate.any():
             break
         apem = closed_form_apem(candidate)
@@ -180,8 +179,13 @@ def test_fast_filter_with_an_ample_budget_is_exact():
     for served, ctx, x, y, relevance in tiny_cases(4, size=8):
         exact = AF.filter_exact(ctx.forward, served.module, x, y, relevance, budget=ctx.budget)
         fast = AF.filter_fast(
-            ctx.forward, served.module, x, y, relevance,
-            request=FilterRequest(forward_budget=10**6), budget=ctx.budget,
+            ctx.forward,
+            served.module,
+            x,
+            y,
+            relevance,
+            request=FilterRequest(forward_budget=10**6),
+            budget=ctx.budget,
         )
         assert np.array_equal(fast.map, exact.map)
 
@@ -194,8 +198,13 @@ def test_budget_too_small_names_the_field(served, images):
     least = AF.minimum_budget(A.resolve_options(None, 768))
     with pytest.raises(InvalidArgument) as err:
         AF.filter_fast(
-            ctx.forward, served.module, images[0], 0, torch.rand(1, 16, 16),
-            request=FilterRequest(forward_budget=least - 1), budget=ctx.budget,
+            ctx.forward,
+            served.module,
+            images[0],
+            0,
+            torch.rand(1, 16, 16),
+            request=FilterRequest(forward_budget=least - 1),
+            budget=ctx.budget,
             field="methods[1]",
         )
     assert err.value.field == "methods[1].filter.forward_budget"
@@ -209,8 +218,13 @@ def test_smallest_budget_runs_and_is_respected(served, images):
     y = int(ctx.forward(x.unsqueeze(0), "predict").argmax())
     least = AF.minimum_budget(A.resolve_options(None, x.numel()))
     result = AF.filter_fast(
-        ctx.forward, served.module, x, y, saliency_map(served.module, x, y),
-        request=FilterRequest(forward_budget=least), budget=ctx.budget,
+        ctx.forward,
+        served.module,
+        x,
+        y,
+        saliency_map(served.module, x, y),
+        request=FilterRequest(forward_budget=least),
+        budget=ctx.budget,
     )
     assert result.forward_passes <= least
     assert ctx.budget.by_stage["apem_filter"] == result.forward_passes
@@ -223,8 +237,13 @@ def test_exact_mode_out_of_budget_is_resource_exhausted(served, images):
     least = AF.minimum_budget(A.resolve_options(None, x.numel()))
     with pytest.raises(ResourceExhausted) as err:
         AF.filter_map(
-            ctx.forward, served.module, x, y, torch.rand(1, 16, 16),
-            request=FilterRequest(mode="exact", forward_budget=least), budget=ctx.budget,
+            ctx.forward,
+            served.module,
+            x,
+            y,
+            torch.rand(1, 16, 16),
+            request=FilterRequest(mode="exact", forward_budget=least),
+            budget=ctx.budget,
             field="methods[3]",
         )
     assert err.value.field == "methods[3].filter.forward_budget"
@@ -241,8 +260,14 @@ def test_invalid_filter_options_name_the_field(served, images, request_, field, 
     ctx = make_context(served)
     with pytest.raises(InvalidArgument) as err:
         AF.filter_map(
-            ctx.forward, served.module, images[0], 0, torch.rand(1, 16, 16),
-            request=request_, budget=ctx.budget, field="methods[0]",
+            ctx.forward,
+            served.module,
+            images[0],
+            0,
+            torch.rand(1, 16, 16),
+            request=request_,
+            budget=ctx.budget,
+            field="methods[0]",
         )
     assert err.value.field == f"methods[0].{field}" and message in err.value.message
 
@@ -251,8 +276,14 @@ def test_reliability_options_are_checked_too(served, images):
     ctx = make_context(served)
     with pytest.raises(InvalidArgument) as err:
         AF.filter_fast(
-            ctx.forward, served.module, images[0], 0, torch.rand(1, 16, 16),
-            ReliabilityRequest(resolution=0.9), budget=ctx.budget, field="methods[4]",
+            ctx.forward,
+            served.module,
+            images[0],
+            0,
+            torch.rand(1, 16, 16),
+            ReliabilityRequest(resolution=0.9),
+            budget=ctx.budget,
+            field="methods[4]",
         )
     assert err.value.field == "methods[4].reliability.resolution"
 
@@ -282,11 +313,27 @@ def test_filter_takes_the_gradient_and_the_original_score_from_apem(served, imag
     alone = AF.filter_map(ctx.forward, served.module, x, y, relevance, budget=ctx.budget)
     ctx = make_context(served, max_batch=64)
     gradient = A.SharedGradient(served.module, x, y, ctx.budget)
-    (scored,) = A.apem_many(ctx.forward, served.module, x, y, [relevance], [None],
-                            budget=ctx.budget, fields=["methods[0]"], gradient=gradient)
+    (scored,) = A.apem_many(
+        ctx.forward,
+        served.module,
+        x,
+        y,
+        [relevance],
+        [None],
+        budget=ctx.budget,
+        fields=["methods[0]"],
+        gradient=gradient,
+    )
     spent = ctx.budget.spent
-    shared = AF.filter_map(ctx.forward, served.module, x, y, relevance, budget=ctx.budget,
-                           shared=AF.Shared(gradient, scored.score))
+    shared = AF.filter_map(
+        ctx.forward,
+        served.module,
+        x,
+        y,
+        relevance,
+        budget=ctx.budget,
+        shared=AF.Shared(gradient, scored.score),
+    )
     assert np.array_equal(shared.map, alone.map)
     assert (shared.apem_before, shared.apem_after) == (alone.apem_before, alone.apem_after)
     assert shared.apem_before == scored.record.apem

@@ -18,7 +18,23 @@ import pytest
 import torch
 
 from support.tiny_models import make_context, tiny_served
-from xaiserve.handlers.apem import (
+from xaiserve.api.errors import ResourceExhausted
+from xaiserve.api.types import (
+    EncodedImage,
+    ExplainRequest,
+    FilterRequest,
+    MethodRequest,
+    RawTensor,
+    ReliabilityRequest,
+)
+from xaiserve.engine.engine import Engine
+from xaiserve.engine.limits import EngineLimits
+from xaiserve.engine.postprocess import apply_stage
+from xaiserve.methods.cam.score_cam import channel_masks, layer_activations
+from xaiserve.methods.perturbation.occlusion_adaptive import adaptive_drops, positions_evaluated
+from xaiserve.methods.registry import METHODS, get_method
+from xaiserve.offline.calibrate import scaled_cams
+from xaiserve.reliability.apem import (
     DEFAULT_BATCH,
     apem_many,
     map_cost_bound,
@@ -29,27 +45,11 @@ from xaiserve.handlers.apem import (
     search_cost_bound,
     search_first_flips,
 )
-from xaiserve.handlers.apem_filter import filter_cost_bound, filter_map, resolve_filter_options
-from xaiserve.handlers.calibration import Calibration, CamCalibration
-from xaiserve.handlers.calibration_pass import scaled_cams
-from xaiserve.handlers.engine import Engine
-from xaiserve.handlers.errors import ResourceExhausted
-from xaiserve.handlers.forward_config import ForwardConfig
-from xaiserve.handlers.gad_store import GadSupport, SupportPair
-from xaiserve.handlers.limits import EngineLimits
-from xaiserve.handlers.methods.occlusion_adaptive import adaptive_drops, positions_evaluated
-from xaiserve.handlers.methods.registry import METHODS, get_method
-from xaiserve.handlers.methods.score_cam import channel_masks, layer_activations
-from xaiserve.handlers.model import ServedModel, load_model_dir
-from xaiserve.handlers.postprocess import apply_stage
-from xaiserve.handlers.types import (
-    EncodedImage,
-    ExplainRequest,
-    FilterRequest,
-    MethodRequest,
-    RawTensor,
-    ReliabilityRequest,
-)
+from xaiserve.reliability.filter import filter_cost_bound, filter_map, resolve_filter_options
+from xaiserve.runtime.calibration import Calibration, CamCalibration
+from xaiserve.runtime.forward.config import ForwardConfig
+from xaiserve.runtime.gad_store import GadSupport, SupportPair
+from xaiserve.runtime.model import ServedModel, load_model_dir
 
 SHAPE = (3, 16, 16)
 TINY_CAM_CHANNELS = 8  # TinyNet's CAM layer: the ReLU after Conv2d(6, 8, ...)
@@ -59,8 +59,14 @@ CASES: list[tuple[str, dict]] = [
     ("vargrad", {"samples": 4}),
     ("integrated_gradients", {"steps": 6}),
     ("occlusion", {"window": 4, "stride": 3}),
-    ("occlusion", {"window": 4, "stride": 2,
-                   "adaptive": {"enabled": True, "coarse_window": 8, "refine_fraction": 0.3}}),
+    (
+        "occlusion",
+        {
+            "window": 4,
+            "stride": 2,
+            "adaptive": {"enabled": True, "coarse_window": 8, "refine_fraction": 0.3},
+        },
+    ),
     ("lime", {"samples": 20, "segments": 8}),
     ("kernel_shap", {"samples": 20, "segments": 8}),
     ("rise", {"masks": 12, "cells": 4}),
@@ -69,10 +75,15 @@ CASES: list[tuple[str, dict]] = [
 registered method but ``auto`` runs with its defaults."""
 
 BY_HAND = {
-    "smoothgrad": 5, "vargrad": 4, "integrated_gradients": 6,
+    "smoothgrad": 5,
+    "vargrad": 4,
+    "integrated_gradients": 6,
     "occlusion": 1 + 5 * 5,  # starts 0, 3, 6, 9, 12 per axis, and the unoccluded image
-    "lime": 20, "kernel_shap": 20, "rise": 12,
-    "deeplift": 2, "guided_grad_cam": 2,  # the reference / Grad-CAM's pass
+    "lime": 20,
+    "kernel_shap": 20,
+    "rise": 12,
+    "deeplift": 2,
+    "guided_grad_cam": 2,  # the reference / Grad-CAM's pass
     "score_cam": 1 + TINY_CAM_CHANNELS,
 }
 """Estimates worked out by hand; every other method: one gradient pass."""
@@ -181,8 +192,13 @@ def test_search_bound_holds_for_every_flip_and_hint(resolution):
     for flip_at in np.geomspace(16e-9, 32.0, 120):
         for hint in (None, flip_at * 0.3, flip_at * 1.01, flip_at * 3.0, 16e-7):
             (found,) = search_first_flips(
-                threshold_forward(x, flip_at), x, d[None], 0, eps_max=16.0,
-                resolution=resolution, hints=None if hint is None else [hint],
+                threshold_forward(x, flip_at),
+                x,
+                d[None],
+                0,
+                eps_max=16.0,
+                resolution=resolution,
+                hints=None if hint is None else [hint],
             )
             worst = max(worst, found.forward_passes)
     assert worst <= bound
@@ -197,18 +213,33 @@ def test_apem_record_with_shuffles_stays_within_its_bound():
     x = image(5)
     y = int(predicted(served, x)[0])
     ctx = make_context(served)
-    maps = [relevance_from_map(apply_stage(get_method(name).attribute(
-        ctx, x, torch.tensor([y]), get_method(name).resolve_params({}, SHAPE, name)), x,
-        "one_channel")[0]) for name in ("saliency", "grad_cam", "input_x_gradient", "saliency")]
-    options = [ReliabilityRequest(), ReliabilityRequest(shuffles=2),
-               ReliabilityRequest(shuffles=8), ReliabilityRequest(shuffles=8, resolution=0.1)]
+    maps = [
+        relevance_from_map(
+            apply_stage(
+                get_method(name).attribute(
+                    ctx, x, torch.tensor([y]), get_method(name).resolve_params({}, SHAPE, name)
+                ),
+                x,
+                "one_channel",
+            )[0]
+        )
+        for name in ("saliency", "grad_cam", "input_x_gradient", "saliency")
+    ]
+    options = [
+        ReliabilityRequest(),
+        ReliabilityRequest(shuffles=2),
+        ReliabilityRequest(shuffles=8),
+        ReliabilityRequest(shuffles=8, resolution=0.1),
+    ]
     fields = [f"methods[{i}]" for i in range(len(maps))]
     spent = ctx.budget.spent
-    records = apem_many(ctx.forward, served.module, x[0], y, maps, options,
-                        budget=ctx.budget, fields=fields)
+    records = apem_many(
+        ctx.forward, served.module, x[0], y, maps, options, budget=ctx.budget, fields=fields
+    )
     used = ctx.budget.spent - spent
-    bound = 1 + sum(record_cost_bound(resolve_options(o, x.numel(), f))
-                    for o, f in zip(options, fields))
+    bound = 1 + sum(
+        record_cost_bound(resolve_options(o, x.numel(), f)) for o, f in zip(options, fields)
+    )
     assert used == sum(r.record.forward_passes for r in records)
     assert 0 < used <= bound
     print(f"APEM records: {used} passes of a bound of {bound} ({used / bound:.2f})")
@@ -236,8 +267,9 @@ def test_filter_stays_within_its_bound(mode, levels, given):
     filter_options = resolve_filter_options(request, options)
     spent = ctx.budget.spent
     try:
-        record = filter_map(ctx.forward, served.module, x[0], y, relevance, request=request,
-                            budget=ctx.budget)
+        record = filter_map(
+            ctx.forward, served.module, x[0], y, relevance, request=request, budget=ctx.budget
+        )
     except ResourceExhausted as err:  # exact refuses to pass its budget (fast stops)
         assert (mode, err.field) == ("exact", "methods[0].filter.forward_budget")
         record = None
@@ -246,7 +278,8 @@ def test_filter_stays_within_its_bound(mode, levels, given):
     assert used > 0 and (record is None or used == record.forward_passes)
     assert used <= filter_cost_bound(filter_options, options, distinct)
     assert filter_cost_bound(filter_options, options, distinct) <= filter_cost_bound(
-        filter_options, options, relevance.numel())
+        filter_options, options, relevance.numel()
+    )
     if given is not None:
         assert used <= given
 
@@ -281,8 +314,7 @@ class CallCounter:
 def tiny_engine(max_forward_passes: int = 200_000, served: ServedModel | None = None):
     served = served or calibrated_tiny()
     config = ForwardConfig(backend="torch", export_on_load=False)
-    engine = Engine({"tiny": served}, EngineLimits(max_forward_passes=max_forward_passes),
-                    config)
+    engine = Engine({"tiny": served}, EngineLimits(max_forward_passes=max_forward_passes), config)
     return engine, CallCounter(served.module)
 
 
@@ -308,8 +340,7 @@ def test_engine_estimate_equals_a_whole_call(engine, name, params):
     """Prediction and map through the engine (the incremental occluder included): the
     passes of the call equal the estimate, but for Score-CAM's constant channels; the
     same method at a second stage is computed once and counted once."""
-    request = explain_request(method(name, 0, params),
-                              method(name, 1, params, stage="raw"))
+    request = explain_request(method(name, 0, params), method(name, 1, params, stage="raw"))
     estimate = engine.max_forward_passes(request)
     result = engine.explain(request)
     spent = sum(result.forward_passes.values())
@@ -323,10 +354,16 @@ def test_engine_estimate_bounds_apem_and_filters(engine, name):
     map at the raw stage with a coarser record and its own fast filter: within the
     estimate (the ratio is printed by -s)."""
     request = explain_request(
-        method(name, 0, reliability=ReliabilityRequest(shuffles=2),
-               filter=FilterRequest("fast", 400)),
-        method(name, 1, stage="raw", reliability=ReliabilityRequest(resolution=0.1),
-               filter=FilterRequest("fast", 600)),
+        method(
+            name, 0, reliability=ReliabilityRequest(shuffles=2), filter=FilterRequest("fast", 400)
+        ),
+        method(
+            name,
+            1,
+            stage="raw",
+            reliability=ReliabilityRequest(resolution=0.1),
+            filter=FilterRequest("fast", 600),
+        ),
     )
     estimate = engine.max_forward_passes(request)
     result = engine.explain(request)
@@ -340,8 +377,7 @@ def test_engine_estimate_bounds_the_exact_filter(engine):
     distinct values): within the estimate, which counts one level per entry of the map
     (the map's distinct values are not known before it is computed)."""
     occlusion = {"window": 8, "stride": 8}
-    request = explain_request(method("occlusion", params=occlusion,
-                                     filter=FilterRequest("exact")))
+    request = explain_request(method("occlusion", params=occlusion, filter=FilterRequest("exact")))
     estimate = engine.max_forward_passes(request)
     assert estimate == 1 + (1 + 4) + 1 + 16 * 16 * 96
     result = engine.explain(request)
@@ -360,25 +396,54 @@ def test_auto_counts_every_candidate(engine):
 
 REFUSED = [
     # (methods, limit, field, advice)
-    ([method("occlusion", params={"window": 1, "stride": 1})], 200,
-     "methods[0].occlusion", "larger window or stride"),
-    ([method("saliency"), method("smoothgrad", 1, {"samples": 1024})], 1000,
-     "methods[1].smoothgrad", "fewer samples"),
-    ([method("saliency", filter=FilterRequest("exact"))], 20_000,
-     "methods[0].filter.mode", "use mode FAST"),
-    ([method("saliency", filter=FilterRequest("fast", 4096))], 2_000,
-     "methods[0].filter.forward_budget", "lower filter.forward_budget"),
-    ([method("grad_cam", reliability=ReliabilityRequest(shuffles=64))], 5_000,
-     "methods[0].reliability.shuffles", "fewer shuffles"),
-    ([method("auto", params={"candidates": ["saliency", "rise"]})], 500,
-     "methods[0].auto.candidates[1]", "leave it out of the candidates"),
-    ([method("integrated_gradients", params={"steps": 1024})], 1_000,
-     "methods[0].integrated_gradients", "fewer steps"),
+    (
+        [method("occlusion", params={"window": 1, "stride": 1})],
+        200,
+        "methods[0].occlusion",
+        "larger window or stride",
+    ),
+    (
+        [method("saliency"), method("smoothgrad", 1, {"samples": 1024})],
+        1000,
+        "methods[1].smoothgrad",
+        "fewer samples",
+    ),
+    (
+        [method("saliency", filter=FilterRequest("exact"))],
+        20_000,
+        "methods[0].filter.mode",
+        "use mode FAST",
+    ),
+    (
+        [method("saliency", filter=FilterRequest("fast", 4096))],
+        2_000,
+        "methods[0].filter.forward_budget",
+        "lower filter.forward_budget",
+    ),
+    (
+        [method("grad_cam", reliability=ReliabilityRequest(shuffles=64))],
+        5_000,
+        "methods[0].reliability.shuffles",
+        "fewer shuffles",
+    ),
+    (
+        [method("auto", params={"candidates": ["saliency", "rise"]})],
+        500,
+        "methods[0].auto.candidates[1]",
+        "leave it out of the candidates",
+    ),
+    (
+        [method("integrated_gradients", params={"steps": 1024})],
+        1_000,
+        "methods[0].integrated_gradients",
+        "fewer steps",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("methods", "limit", "field", "advice"), REFUSED,
-                         ids=[case[2] for case in REFUSED])
+@pytest.mark.parametrize(
+    ("methods", "limit", "field", "advice"), REFUSED, ids=[case[2] for case in REFUSED]
+)
 def test_refused_before_any_forward_pass(methods, limit, field, advice):
     engine, counter = tiny_engine(limit)
     request = explain_request(*methods)
@@ -412,12 +477,12 @@ def test_the_limit_is_the_estimate_exactly():
 def test_gad_counts_the_support_models():
     """GAD runs the method again on each support model of the pair with the most."""
     supports = tuple(tiny_served(seed).module for seed in (1, 2))
-    gad = GadSupport((SupportPair((0, 1), (2.0, 8.0), supports),
-                      SupportPair((1, 2), (2.0,), supports[:1])))
+    gad = GadSupport(
+        (SupportPair((0, 1), (2.0, 8.0), supports), SupportPair((1, 2), (2.0,), supports[:1]))
+    )
     served = replace(calibrated_tiny(), gad=gad)
     engine, counter = tiny_engine(served=served)
-    request = explain_request(method("smoothgrad", params={"samples": 10}, gad=True),
-                              target=0)
+    request = explain_request(method("smoothgrad", params={"samples": 10}, gad=True), target=0)
     assert engine.max_forward_passes(request) == 1 + 10 + 2 * 10
     result = engine.explain(request)
     assert sum(result.forward_passes.values()) == 31
@@ -439,8 +504,9 @@ def test_the_issues_exact_filter_on_the_demo_model_is_refused(demo_model_dir: Pa
     engine = Engine({served.config.name: served}, EngineLimits(), config)
     counter = CallCounter(served.module)
     image = EncodedImage(demo_png(0))
-    exact = ExplainRequest(served.config.name, image,
-                           (method("saliency", filter=FilterRequest("exact")),))
+    exact = ExplainRequest(
+        served.config.name, image, (method("saliency", filter=FilterRequest("exact")),)
+    )
     with pytest.raises(ResourceExhausted) as caught:
         engine.explain(exact)
     assert caught.value.field == "methods[0].filter.mode"
@@ -455,6 +521,7 @@ def test_budget_still_stops_work_past_the_limit():
     served = tiny_served()
     ctx = make_context(served, budget=5)
     with pytest.raises(ResourceExhausted):
-        get_method("smoothgrad").attribute(ctx, image(), torch.tensor([0]),
-                                           {"samples": 8, "noise_level": 0.1, "seed": 0})
+        get_method("smoothgrad").attribute(
+            ctx, image(), torch.tensor([0]), {"samples": 8, "noise_level": 0.1, "seed": 0}
+        )
     assert ctx.budget.spent <= 5

@@ -20,12 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
-from xaiserve.handlers.errors import InvalidArgument, ResourceExhausted
-from xaiserve.handlers.limits import EngineLimits
-from xaiserve.handlers.model import ModelConfig
-from xaiserve.handlers.preprocess import decode_image, open_image, to_unit_range
-from xaiserve.handlers.types import EncodedImage
-from xaiserve.service.settings import parse_settings
+from xaiserve.api.errors import InvalidArgument, ResourceExhausted
+from xaiserve.api.types import EncodedImage
+from xaiserve.engine.limits import EngineLimits
+from xaiserve.engine.preprocess import decode_image, open_image, to_unit_range
+from xaiserve.gateway.settings import parse_settings
+from xaiserve.runtime.model import ModelConfig
 
 H, W = 4, 6
 STEP = 1.0 / 255  # one 8-bit step
@@ -42,9 +42,16 @@ INDEX = RNG.integers(0, 256, (H, W), dtype=np.uint8)
 
 def config(channels: int, h: int = H, w: int = W) -> ModelConfig:
     return ModelConfig(
-        name="m", version="1", model_file="m.py", model_class="M", model_kwargs={},
-        weights="w.pt", input_shape=(channels, h, w), mean=(0.0,) * channels,
-        std=(1.0,) * channels, labels=("a", "b"),
+        name="m",
+        version="1",
+        model_file="m.py",
+        model_class="M",
+        model_kwargs={},
+        weights="w.pt",
+        input_shape=(channels, h, w),
+        mean=(0.0,) * channels,
+        std=(1.0,) * channels,
+        labels=("a", "b"),
     )
 
 
@@ -117,45 +124,48 @@ def test_rgb_png_is_value_over_255_and_luminance_for_one_channel(channels):
 def test_rgba_png_is_composited_on_white(channels):
     img = Image.fromarray(np.dstack([RGB, ALPHA]), mode="RGBA")
     expected = on_white(RGB / 255, ALPHA)
-    np.testing.assert_allclose(decode(encode(img), channels), rgb_from(expected, channels),
-                               atol=STEP)
+    np.testing.assert_allclose(
+        decode(encode(img), channels), rgb_from(expected, channels), atol=STEP
+    )
 
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_gray_alpha_png_is_composited_on_white(channels):
     img = Image.fromarray(np.dstack([GRAY, ALPHA]), mode="LA")
     expected = on_white(GRAY[:, :, None] / 255, ALPHA)[:, :, 0]
-    np.testing.assert_allclose(decode(encode(img), channels), gray_to(expected, channels),
-                               atol=STEP)
+    np.testing.assert_allclose(
+        decode(encode(img), channels), gray_to(expected, channels), atol=STEP
+    )
 
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_palette_png_is_its_palette_colours(channels):
     expected = PALETTE[INDEX] / 255
     got = decode(encode(palette_image()), channels)
-    np.testing.assert_allclose(got, rgb_from(expected, channels),
-                               atol=FLOAT if channels == 3 else STEP)
+    np.testing.assert_allclose(
+        got, rgb_from(expected, channels), atol=FLOAT if channels == 3 else STEP
+    )
 
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_palette_png_transparent_index_is_white(channels):
     key = int(INDEX[1, 2])
     data = encode(palette_image(), transparency=key)
-    expected = np.where((INDEX == key)[:, :, None], 1.0, PALETTE[INDEX] / 255)
+    expected = np.where((key == INDEX)[:, :, None], 1.0, PALETTE[INDEX] / 255)
     np.testing.assert_allclose(decode(data, channels), rgb_from(expected, channels), atol=STEP)
-    assert (INDEX == key).sum() >= 1
+    assert (key == INDEX).sum() >= 1
 
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_rgb_and_gray_png_transparent_colour_is_white(channels):
     key = tuple(int(v) for v in RGB[2, 3])
-    expected = np.where((RGB == key).all(-1)[:, :, None], 1.0, RGB / 255)
+    expected = np.where((key == RGB).all(-1)[:, :, None], 1.0, RGB / 255)
     got = decode(encode(Image.fromarray(RGB, mode="RGB"), transparency=key), channels)
     np.testing.assert_allclose(got, rgb_from(expected, channels), atol=STEP)
     assert got[2, 3].min() == pytest.approx(1.0) and expected[2, 3].min() == 1.0
 
     gray_key = int(GRAY[0, 0])
-    expected_gray = np.where(GRAY == gray_key, 1.0, GRAY / 255)
+    expected_gray = np.where(gray_key == GRAY, 1.0, GRAY / 255)
     got = decode(encode(Image.fromarray(GRAY, mode="L"), transparency=gray_key), channels)
     np.testing.assert_allclose(got, gray_to(expected_gray, channels), atol=STEP)
 
@@ -174,8 +184,9 @@ def test_sixteen_bit_gray_png_is_value_over_65535(channels):
 def test_sixteen_bit_gray_png_transparent_value_is_white():
     key = int(WIDE[1, 1])
     got = decode(encode(Image.fromarray(WIDE), transparency=key), 1)
-    np.testing.assert_allclose(got[:, :, 0], np.where(WIDE == key, 1.0, WIDE / 65535),
-                               rtol=FLOAT, atol=1e-9)
+    np.testing.assert_allclose(
+        got[:, :, 0], np.where(key == WIDE, 1.0, WIDE / 65535), rtol=FLOAT, atol=1e-9
+    )
 
 
 def test_sixteen_bit_gray_png_is_resized_without_losing_depth():
@@ -190,8 +201,7 @@ def test_sixteen_bit_gray_png_is_resized_without_losing_depth():
 @pytest.mark.parametrize("channels", [1, 3])
 def test_cmyk_jpeg_converts_to_rgb(channels):
     """JPEG is lossy: flat 8 x 8 blocks at quality 100, compared within 3 steps."""
-    cmyk = np.array([[0, 0, 0, 0], [255, 0, 0, 0], [0, 128, 0, 64], [30, 60, 90, 120]],
-                    np.uint8)
+    cmyk = np.array([[0, 0, 0, 0], [255, 0, 0, 0], [0, 128, 0, 64], [30, 60, 90, 120]], np.uint8)
     blocks = np.kron(cmyk.reshape(2, 2, 4), np.ones((8, 8, 1), np.uint8))
     data = encode(Image.fromarray(blocks, mode="CMYK"), "JPEG", quality=100)
     assert Image.open(io.BytesIO(data)).mode == "CMYK"
@@ -221,9 +231,7 @@ def test_cmyk_image_converts_to_rgb(channels):
 def test_ycbcr_image_converts_to_rgb_full_range_bt601(channels):
     ycc = RNG.integers(0, 256, (H, W, 3), dtype=np.uint8).astype(np.float64)
     y, cb, cr = ycc[..., 0], ycc[..., 1] - 128, ycc[..., 2] - 128
-    rgb = np.stack(
-        [y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=-1
-    )
+    rgb = np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=-1)
     expected = np.clip(rgb, 0, 255) / 255
     got = convert(Image.fromarray(ycc.astype(np.uint8), mode="YCbCr"), channels)
     np.testing.assert_allclose(got, rgb_from(expected, channels), atol=2 * STEP)
@@ -239,8 +247,9 @@ def test_palette_alpha_image_is_composited_on_white(channels):
 def test_rgbx_and_hsv_images_convert_to_rgb():
     rgbx = Image.fromarray(np.dstack([RGB, GRAY]), mode="RGBA").convert("RGBX")
     np.testing.assert_allclose(convert(rgbx, 3), RGB / 255, atol=FLOAT)
-    hsv = Image.fromarray(np.array([[[0, 255, 255], [85, 255, 255], [0, 0, 128]]], np.uint8),
-                          mode="HSV")
+    hsv = Image.fromarray(
+        np.array([[[0, 255, 255], [85, 255, 255], [0, 0, 128]]], np.uint8), mode="HSV"
+    )
     expected = np.array([[[1, 0, 0], [0, 1, 0], [128 / 255] * 3]])
     np.testing.assert_allclose(convert(hsv, 3), expected, atol=STEP)
 
@@ -251,8 +260,9 @@ def test_sixteen_bit_modes_are_value_over_65535(mode, channels):
     dtype = {"I;16B": ">u2", "I;16N": "=u2"}.get(mode, "<u2")
     img = Image.frombytes(mode, (W, H), WIDE.astype(dtype).tobytes())
     assert img.mode == mode
-    np.testing.assert_allclose(convert(img, channels), gray_to(WIDE / 65535, channels),
-                               rtol=FLOAT, atol=1e-9)
+    np.testing.assert_allclose(
+        convert(img, channels), gray_to(WIDE / 65535, channels), rtol=FLOAT, atol=1e-9
+    )
 
 
 def test_int32_image_is_read_as_sixteen_bit_samples():
@@ -276,8 +286,15 @@ def test_float_image_in_unit_range_is_taken_as_is():
     np.testing.assert_array_equal(convert(Image.fromarray(values), 3), gray_to(values, 3))
 
 
-@pytest.mark.parametrize("bad,message", [(1.5, r"\[0, 1\]; got"), (-0.1, r"\[0, 1\]; got"),
-                                         (np.nan, "NaN or Inf"), (np.inf, "NaN or Inf")])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (1.5, r"\[0, 1\]; got"),
+        (-0.1, r"\[0, 1\]; got"),
+        (np.nan, "NaN or Inf"),
+        (np.inf, "NaN or Inf"),
+    ],
+)
 def test_float_image_out_of_unit_range_is_refused(bad, message):
     values = np.full((H, W), 0.5, np.float32)
     values[1, 1] = bad
@@ -304,8 +321,9 @@ def animation(fmt: str, frames: int) -> bytes:
 def test_animated_png_and_webp_are_refused(fmt):
     data = animation(fmt, 3)
     assert Image.open(io.BytesIO(data)).n_frames == 3  # really animated
-    with pytest.raises(InvalidArgument, match=f"animated {fmt} image with 3 frames; send a "
-                                              "single frame") as info:
+    with pytest.raises(
+        InvalidArgument, match=f"animated {fmt} image with 3 frames; send a single frame"
+    ) as info:
         decode(data, 3)
     assert info.value.field == "image.encoded"
 
@@ -329,13 +347,17 @@ def png(width: int, height: int, rows: bytes) -> bytes:
     """A 1-bit grayscale PNG of ``rows`` (filter byte + packed bits per row), built by hand."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(
-            ">I", zlib.crc32(kind + body)
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
         )
 
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows, 9))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_limit_above_pillows_refusal_is_accepted_and_pillow_global_is_untouched():
@@ -348,7 +370,7 @@ def test_limit_above_pillows_refusal_is_accepted_and_pillow_global_is_untouched(
         Image.open(io.BytesIO(data))
     img = open_image(data, EngineLimits(max_image_pixels=width * height))
     assert img.size == (width, height)
-    assert Image.MAX_IMAGE_PIXELS == pillow
+    assert pillow == Image.MAX_IMAGE_PIXELS
 
 
 def test_refusal_quotes_the_configured_limit():

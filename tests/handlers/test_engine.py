@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
-from dataclasses import replace
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +14,11 @@ import yaml
 from PIL import Image
 
 from support.tiny_models import tiny_served, write_tiny_model_dir
-from xaiserve.handlers.engine import Engine
-from xaiserve.handlers.errors import InvalidArgument, ModelLoadError, NotFound, ResourceExhausted
-from xaiserve.handlers.limits import EngineLimits
-from xaiserve.handlers.model import load_model_dir
-from xaiserve.handlers.types import EncodedImage, ExplainRequest, MethodRequest, RawTensor
+from xaiserve.api.errors import InvalidArgument, ModelLoadError, NotFound, ResourceExhausted
+from xaiserve.api.types import EncodedImage, ExplainRequest, MethodRequest, RawTensor
+from xaiserve.engine.engine import Engine
+from xaiserve.engine.limits import EngineLimits
+from xaiserve.runtime.model import load_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +79,15 @@ def test_methods_return_stage_shapes_and_counts(engine):
         MethodRequest("saliency", stage="raw", field="methods[0]"),
         MethodRequest("grad_cam", stage="one_channel", field="methods[1]"),
         MethodRequest(
-            "integrated_gradients", {"steps": 8}, "times_image", field="methods[2]",
+            "integrated_gradients",
+            {"steps": 8},
+            "times_image",
+            field="methods[2]",
             params_field="integrated_gradients",
         ),
-        MethodRequest("occlusion", {"window": 4, "stride": 4}, field="methods[3]",
-                      params_field="occlusion"),
+        MethodRequest(
+            "occlusion", {"window": 4, "stride": 4}, field="methods[3]", params_field="occlusion"
+        ),
     )
     result = engine.explain(request(img, *methods, target=1, want_png=True))
     shapes = [e.map.shape for e in result.explanations]
@@ -91,7 +95,7 @@ def test_methods_return_stage_shapes_and_counts(engine):
     assert [e.forward_passes for e in result.explanations] == [1, 1, 8, 1 + 16]
     assert result.prediction.target.index == 1
     for e in result.explanations[1:]:
-        assert 0.0 <= e.map.min() and e.map.max() == pytest.approx(1.0)
+        assert e.map.min() >= 0.0 and e.map.max() == pytest.approx(1.0)
     assert all(Image.open(io.BytesIO(e.png)).size == (16, 16) for e in result.explanations)
 
 
@@ -102,17 +106,32 @@ def test_methods_return_stage_shapes_and_counts(engine):
         (EncodedImage(b"not an image at all"), "image.encoded", InvalidArgument),
         (EncodedImage(png_bytes(rgb_image(), fmt="BMP")), "image.encoded", InvalidArgument),
         (EncodedImage(png_bytes(rgb_image(), fmt="TIFF")), "image.encoded", InvalidArgument),
-        (EncodedImage(png_bytes(np.zeros((100, 100), np.uint8), "L")), "image.encoded",
-         ResourceExhausted),
+        (
+            EncodedImage(png_bytes(np.zeros((100, 100), np.uint8), "L")),
+            "image.encoded",
+            ResourceExhausted,
+        ),
         (RawTensor((3, 16, 16), b"\0" * 100), "image.tensor.data", InvalidArgument),
-        (RawTensor((3, 16, 16), np.full((3, 16, 16), np.nan, np.float32).tobytes()),
-         "image.tensor.data", InvalidArgument),
-        (RawTensor((3, 16, 16), np.full((3, 16, 16), np.inf, np.float32).tobytes()),
-         "image.tensor.data", InvalidArgument),
-        (RawTensor((3, 16, 16), np.full((3, 16, 16), 2.0, np.float32).tobytes()),
-         "image.tensor.data", InvalidArgument),
-        (RawTensor((4, 16, 16), np.zeros((4, 16, 16), np.float32).tobytes()),
-         "image.tensor.shape", InvalidArgument),
+        (
+            RawTensor((3, 16, 16), np.full((3, 16, 16), np.nan, np.float32).tobytes()),
+            "image.tensor.data",
+            InvalidArgument,
+        ),
+        (
+            RawTensor((3, 16, 16), np.full((3, 16, 16), np.inf, np.float32).tobytes()),
+            "image.tensor.data",
+            InvalidArgument,
+        ),
+        (
+            RawTensor((3, 16, 16), np.full((3, 16, 16), 2.0, np.float32).tobytes()),
+            "image.tensor.data",
+            InvalidArgument,
+        ),
+        (
+            RawTensor((4, 16, 16), np.zeros((4, 16, 16), np.float32).tobytes()),
+            "image.tensor.shape",
+            InvalidArgument,
+        ),
     ],
 )
 def test_bad_images(engine, image, field, error):
@@ -127,7 +146,9 @@ def test_jpeg_and_webp_decode_close_to_png(engine, fmt):
     reference = engine.explain(request(EncodedImage(png_bytes(smooth))))
     lossy = engine.explain(request(EncodedImage(png_bytes(smooth, fmt=fmt))))
     assert lossy.prediction.target.index == reference.prediction.target.index
-    assert lossy.prediction.target.logit == pytest.approx(reference.prediction.target.logit, abs=0.1)
+    assert lossy.prediction.target.logit == pytest.approx(
+        reference.prediction.target.logit, abs=0.1
+    )
 
 
 def test_grayscale_and_rgba_inputs(engine):
@@ -146,7 +167,9 @@ def test_grayscale_and_rgba_inputs(engine):
 
 
 def test_other_sizes_are_resized(engine):
-    result = engine.explain(request(EncodedImage(png_bytes(rgb_image(size=40))), method("saliency")))
+    result = engine.explain(
+        request(EncodedImage(png_bytes(rgb_image(size=40))), method("saliency"))
+    )
     assert result.explanations[0].map.shape == (1, 16, 16)
 
 
@@ -173,13 +196,25 @@ def test_image_byte_limit(store):
         ({"top_k": 0}, (), "top_k", InvalidArgument),
         ({}, (method("no_such_method"),), "methods[0].method", InvalidArgument),
         ({}, (method("saliency"), method("nope", 1)), "methods[1].method", InvalidArgument),
-        ({}, (method("integrated_gradients", steps=0),), "methods[0].integrated_gradients.steps",
-         InvalidArgument),
+        (
+            {},
+            (method("integrated_gradients", steps=0),),
+            "methods[0].integrated_gradients.steps",
+            InvalidArgument,
+        ),
         ({}, (method("occlusion", window=17),), "methods[0].occlusion.window", InvalidArgument),
-        ({}, (method("occlusion", window=4, stride=5),), "methods[0].occlusion.stride",
-         InvalidArgument),
-        ({}, (method("smoothgrad", noise_level=-1.0),), "methods[0].smoothgrad.noise_level",
-         InvalidArgument),
+        (
+            {},
+            (method("occlusion", window=4, stride=5),),
+            "methods[0].occlusion.stride",
+            InvalidArgument,
+        ),
+        (
+            {},
+            (method("smoothgrad", noise_level=-1.0),),
+            "methods[0].smoothgrad.noise_level",
+            InvalidArgument,
+        ),
         ({}, (method("saliency", steps=3),), "methods[0].saliency.steps", InvalidArgument),
         ({}, tuple(method("saliency", i) for i in range(5)), "methods", ResourceExhausted),
     ],
@@ -195,8 +230,9 @@ def test_bad_requests(engine, kwargs, methods, field, error):
 def test_forward_pass_budget(store):
     tight = Engine.from_model_store(store, EngineLimits(max_forward_passes=10))
     with pytest.raises(ResourceExhausted, match="forward passes"):
-        tight.explain(request(EncodedImage(png_bytes(rgb_image())),
-                              method("integrated_gradients", steps=32)))
+        tight.explain(
+            request(EncodedImage(png_bytes(rgb_image())), method("integrated_gradients", steps=32))
+        )
 
 
 def test_cam_method_refused_without_layer(tmp_path):
@@ -238,11 +274,13 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_reliability_and_filter_records(engine):
-    from xaiserve.handlers.types import FilterRequest, ReliabilityRequest
+    from xaiserve.api.types import FilterRequest, ReliabilityRequest
 
     item = MethodRequest(
-        "saliency", field="methods[0]",
-        reliability=ReliabilityRequest(shuffles=2), filter=FilterRequest(forward_budget=600),
+        "saliency",
+        field="methods[0]",
+        reliability=ReliabilityRequest(shuffles=2),
+        filter=FilterRequest(forward_budget=600),
     )
     result = engine.explain(request(EncodedImage(png_bytes(rgb_image(seed=4))), item))
     (explanation,) = result.explanations
@@ -265,7 +303,7 @@ def test_reliability_and_filter_records(engine):
     ],
 )
 def test_bad_reliability_options(engine, options, field):
-    from xaiserve.handlers.types import ReliabilityRequest
+    from xaiserve.api.types import ReliabilityRequest
 
     item = MethodRequest("saliency", field="methods[0]", reliability=ReliabilityRequest(**options))
     with pytest.raises(InvalidArgument) as info:
@@ -274,7 +312,7 @@ def test_bad_reliability_options(engine, options, field):
 
 
 def test_filter_budget_too_small(engine):
-    from xaiserve.handlers.types import FilterRequest
+    from xaiserve.api.types import FilterRequest
 
     item = MethodRequest("saliency", field="methods[0]", filter=FilterRequest(forward_budget=5))
     with pytest.raises(InvalidArgument) as info:
@@ -284,32 +322,45 @@ def test_filter_budget_too_small(engine):
 
 def test_all_zero_map_is_undefined_not_an_error(engine):
     """A flat image gives a zero Grad-CAM/occlusion map: the record says why."""
-    from xaiserve.handlers.types import ReliabilityRequest
+    from xaiserve.api.types import ReliabilityRequest
 
     flat = EncodedImage(png_bytes(np.full((16, 16, 3), 128, np.uint8)))
-    item = MethodRequest("occlusion", {"window": 4, "stride": 4, "baseline": 128 / 255},
-                         field="methods[0]", params_field="occlusion",
-                         reliability=ReliabilityRequest())
+    item = MethodRequest(
+        "occlusion",
+        {"window": 4, "stride": 4, "baseline": 128 / 255},
+        field="methods[0]",
+        params_field="occlusion",
+        reliability=ReliabilityRequest(),
+    )
     (explanation,) = engine.explain(request(flat, item)).explanations
     assert not explanation.map.any()
     assert "zero everywhere" in explanation.reliability.undefined_reason
 
 
 def test_auto_ranks_candidates_by_apem(engine):
-    item = MethodRequest("auto", {"candidates": ["saliency", "grad_cam", "occlusion"]},
-                         field="methods[1]", params_field="auto")
-    result = engine.explain(request(EncodedImage(png_bytes(rgb_image(seed=2))),
-                                    method("input_x_gradient"), item))
+    item = MethodRequest(
+        "auto",
+        {"candidates": ["saliency", "grad_cam", "occlusion"]},
+        field="methods[1]",
+        params_field="auto",
+    )
+    result = engine.explain(
+        request(EncodedImage(png_bytes(rgb_image(seed=2))), method("input_x_gradient"), item)
+    )
     names = [e.method for e in result.explanations]
-    assert names[0] == "input_x_gradient" and sorted(names[1:]) == ["grad_cam", "occlusion",
-                                                                    "saliency"]
+    assert names[0] == "input_x_gradient" and sorted(names[1:]) == [
+        "grad_cam",
+        "occlusion",
+        "saliency",
+    ]
     scores = [e.reliability.apem for e in result.explanations[1:]]
     assert scores == sorted(scores, reverse=True)
 
 
 def test_auto_rejects_bad_candidates(engine):
-    item = MethodRequest("auto", {"candidates": ["saliency", "auto"]}, field="methods[0]",
-                         params_field="auto")
+    item = MethodRequest(
+        "auto", {"candidates": ["saliency", "auto"]}, field="methods[0]", params_field="auto"
+    )
     with pytest.raises(InvalidArgument) as info:
         engine.explain(request(EncodedImage(png_bytes(rgb_image())), item))
     assert info.value.field == "methods[0].auto.candidates[1]"
@@ -318,16 +369,28 @@ def test_auto_rejects_bad_candidates(engine):
 def test_one_method_at_several_stages_runs_once(engine):
     steps = {"steps": 8}
     items = [
-        MethodRequest("integrated_gradients", steps, stage, field=f"methods[{i}]",
-                      params_field="integrated_gradients")
+        MethodRequest(
+            "integrated_gradients",
+            steps,
+            stage,
+            field=f"methods[{i}]",
+            params_field="integrated_gradients",
+        )
         for i, stage in enumerate(("raw", "one_channel", "times_image"))
     ]
-    items.append(MethodRequest("integrated_gradients", {"steps": 4}, "raw", field="methods[3]",
-                               params_field="integrated_gradients"))
+    items.append(
+        MethodRequest(
+            "integrated_gradients",
+            {"steps": 4},
+            "raw",
+            field="methods[3]",
+            params_field="integrated_gradients",
+        )
+    )
     result = engine.explain(request(EncodedImage(png_bytes(rgb_image())), *items))
     assert [e.forward_passes for e in result.explanations] == [8, 0, 0, 4]
     raw = result.explanations[0].map
-    from xaiserve.handlers.postprocess import apply_stage
+    from xaiserve.engine.postprocess import apply_stage
 
     staged = apply_stage(torch.from_numpy(raw)[None], torch.zeros(1, 3, 16, 16), "one_channel")
     np.testing.assert_allclose(result.explanations[1].map, staged[0].numpy(), atol=1e-6)
@@ -337,13 +400,14 @@ def test_maps_of_one_request_share_the_apem_work(engine):
     """Two maps with APEM and filter in one request: the records and filtered maps of
     requests asking for each alone, one gradient between them, and filters that start
     from their map's APEM instead of searching the original again."""
-    from xaiserve.handlers.types import FilterRequest, ReliabilityRequest
+    from xaiserve.api.types import FilterRequest, ReliabilityRequest
 
     image = EncodedImage(png_bytes(rgb_image(seed=4)))
 
     def item(name: str, i: int) -> MethodRequest:
-        return MethodRequest(name, field=f"methods[{i}]", reliability=ReliabilityRequest(),
-                             filter=FilterRequest())
+        return MethodRequest(
+            name, field=f"methods[{i}]", reliability=ReliabilityRequest(), filter=FilterRequest()
+        )
 
     alone = [engine.explain(request(image, item(n, 0))) for n in ("saliency", "grad_cam")]
     both = engine.explain(request(image, item("saliency", 0), item("grad_cam", 1)))
@@ -351,16 +415,20 @@ def test_maps_of_one_request_share_the_apem_work(engine):
         (expected,) = single.explanations
         assert np.array_equal(joint.map, expected.map)
         assert replace(joint.reliability, forward_passes=0) == replace(
-            expected.reliability, forward_passes=0)
+            expected.reliability, forward_passes=0
+        )
         assert np.array_equal(joint.filtered.map, expected.filtered.map)
         assert joint.filtered.apem_before == joint.reliability.apem
         assert joint.filtered.forward_passes == expected.filtered.forward_passes
     first, second = both.explanations
     assert first.reliability.forward_passes == alone[0].explanations[0].reliability.forward_passes
     assert second.reliability.forward_passes == (
-        alone[1].explanations[0].reliability.forward_passes - 1)  # the gradient, shared
+        alone[1].explanations[0].reliability.forward_passes - 1
+    )  # the gradient, shared
     assert both.forward_passes["apem"] == sum(
-        e.reliability.forward_passes for e in both.explanations)
+        e.reliability.forward_passes for e in both.explanations
+    )
     assert both.forward_passes["apem_filter"] == sum(  # the filters' own rounds only
-        e.filtered.forward_passes for e in both.explanations)
+        e.filtered.forward_passes for e in both.explanations
+    )
     assert set(first.timings) >= {"attribute", "postprocess", "apem", "filter"}

@@ -8,27 +8,49 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from xaiserve.handlers import evaluation_tables as tables
-from xaiserve.handlers.evaluation import MapRow, mask_mass
-from xaiserve.handlers.evaluation_report import read_rows, write_report
+from xaiserve.offline import tables
+from xaiserve.offline.evaluate import MapRow, mask_mass
+from xaiserve.offline.report import read_rows, write_report
 
 
-def row(image: str, method: str, apem: float, loss: float = 1.0, correct: bool = True,
-        stage: str = "one_channel") -> MapRow:
+def row(
+    image: str,
+    method: str,
+    apem: float,
+    loss: float = 1.0,
+    correct: bool = True,
+    stage: str = "one_channel",
+) -> MapRow:
     return MapRow(
-        image=image, method=method, stage=stage, label=1, predicted=1 if correct else 2,
-        correct=correct, loss=loss, eps_minus=10.0, eps_plus=10.0 + apem, apem=apem,
-        apem_norm=0.5, shuffled_apem_norm=0.01, resolution=0.01, eps_minus_censored=False,
-        eps_plus_censored=False, undefined_reason="", forward_passes=66, seconds=0.1,
+        image=image,
+        method=method,
+        stage=stage,
+        label=1,
+        predicted=1 if correct else 2,
+        correct=correct,
+        loss=loss,
+        eps_minus=10.0,
+        eps_plus=10.0 + apem,
+        apem=apem,
+        apem_norm=0.5,
+        shuffled_apem_norm=0.01,
+        resolution=0.01,
+        eps_minus_censored=False,
+        eps_plus_censored=False,
+        undefined_reason="",
+        forward_passes=66,
+        seconds=0.1,
         mask_mass=math.nan,
     )
 
 
 ROWS = [
-    row("a", "saliency", 30.0, loss=0.1), row("a", "grad_cam", 20.0, loss=0.1),
-    row("b", "saliency", 10.0, loss=0.5), row("b", "grad_cam", 10.05, loss=0.5),
-    row("c", "saliency", 5.0, loss=2.0, correct=False), row("c", "grad_cam", 8.0, loss=2.0,
-                                                            correct=False),
+    row("a", "saliency", 30.0, loss=0.1),
+    row("a", "grad_cam", 20.0, loss=0.1),
+    row("b", "saliency", 10.0, loss=0.5),
+    row("b", "grad_cam", 10.05, loss=0.5),
+    row("c", "saliency", 5.0, loss=2.0, correct=False),
+    row("c", "grad_cam", 8.0, loss=2.0, correct=False),
 ]
 
 

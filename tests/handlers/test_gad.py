@@ -13,20 +13,15 @@ import pytest
 import torch
 
 from support.tiny_models import write_tiny_model_dir
-from xaiserve.handlers.engine import Engine
-from xaiserve.handlers.errors import InvalidArgument
-from xaiserve.handlers.evaluation_gad import hull_region, region_sensitivity
-from xaiserve.handlers.gad import gad_keep_mask, important_pixels, pixel_relevance
-from xaiserve.handlers.gad_store import GAD_DIR, INDEX_FILE, read_index
-from xaiserve.handlers.gad_train import GadTrainSettings, distanced_targets, train_pair
-from xaiserve.handlers.limits import EngineLimits
-from xaiserve.handlers.model import load_model_dir
-from xaiserve.handlers.types import (
-    ExplainRequest,
-    MethodRequest,
-    RawTensor,
-    ReliabilityRequest,
-)
+from xaiserve.api.errors import InvalidArgument
+from xaiserve.api.types import ExplainRequest, MethodRequest, RawTensor, ReliabilityRequest
+from xaiserve.engine.engine import Engine
+from xaiserve.engine.gad import gad_keep_mask, important_pixels, pixel_relevance
+from xaiserve.engine.limits import EngineLimits
+from xaiserve.offline.evaluate_gad import hull_region, region_sensitivity
+from xaiserve.offline.gad_train import GadTrainSettings, distanced_targets, train_pair
+from xaiserve.runtime.gad_store import GAD_DIR, INDEX_FILE, read_index
+from xaiserve.runtime.model import load_model_dir
 
 SETTINGS = GadTrainSettings(epochs=2, learning_rate=1e-2, batch_size=8)
 
@@ -90,8 +85,9 @@ def test_training_moves_the_logits_towards_the_distanced_targets(tmp_path):
     directory = write_tiny_model_dir(tmp_path / "tiny")
     served = load_model_dir(directory)
     x, labels = _pair_data(48)
-    entry = train_pair(served, x, labels, (0, 1), [4],
-                       GadTrainSettings(epochs=4, learning_rate=1e-2, batch_size=8))
+    entry = train_pair(
+        served, x, labels, (0, 1), [4], GadTrainSettings(epochs=4, learning_rate=1e-2, batch_size=8)
+    )
     with torch.no_grad():
         before = served.module(x)
     initial_mse = float(((distanced_targets(before, labels, (0, 1), 4.0) - before) ** 2).mean())
@@ -188,18 +184,28 @@ def gad_engine(gad_dir) -> Engine:
     return Engine.from_model_store(gad_dir.parent, EngineLimits())
 
 
-@pytest.mark.parametrize("name", ["saliency", "input_x_gradient", "integrated_gradients",
-                                  "guided_backprop", "deconvolution"])
+@pytest.mark.parametrize(
+    "name",
+    ["saliency", "input_x_gradient", "integrated_gradients", "guided_backprop", "deconvolution"],
+)
 @pytest.mark.parametrize("stage", ["one_channel", "raw"])
 @pytest.mark.parametrize("target", [0, 1])
 def test_gad_map_is_a_subset_of_the_original_important_pixels(gad_engine, name, stage, target):
     params = {"steps": 8} if name == "integrated_gradients" else {}
-    result = gad_engine.explain(_request(
-        MethodRequest(name, params=params, stage=stage),
-        MethodRequest(name, params=params, stage=stage, gad=True, field="methods[1]",
-                      reliability=ReliabilityRequest(resolution=0.2)),
-        target=target,
-    ))
+    result = gad_engine.explain(
+        _request(
+            MethodRequest(name, params=params, stage=stage),
+            MethodRequest(
+                name,
+                params=params,
+                stage=stage,
+                gad=True,
+                field="methods[1]",
+                reliability=ReliabilityRequest(resolution=0.2),
+            ),
+            target=target,
+        )
+    )
     original, gad = result.explanations
     assert gad.map.shape == original.map.shape
     important = important_pixels(pixel_relevance(torch.from_numpy(original.map))).numpy()
@@ -242,8 +248,11 @@ def test_gad_refused_without_support_models(tmp_path):
     engine = Engine.from_model_store(tmp_path, EngineLimits())
     assert engine.list_models()[0].gad_class_pairs == ()
     with pytest.raises(InvalidArgument) as caught:
-        engine.explain(_request(MethodRequest("saliency"),
-                                MethodRequest("saliency", gad=True, field="methods[1]")))
+        engine.explain(
+            _request(
+                MethodRequest("saliency"), MethodRequest("saliency", gad=True, field="methods[1]")
+            )
+        )
     assert caught.value.code == "INVALID_ARGUMENT"
     assert str(caught.value) == (
         "methods[1].gad: model 'tiny' has no GAD support models (train them with "

@@ -10,11 +10,15 @@ import pytest
 import torch
 from torch import nn
 
+from support import resnets
 from support.tiny_models import make_context, tiny_served
-from xaiserve.handlers.forward import Budget
-from xaiserve.handlers.forward_backends import prepare_forwards
-from xaiserve.handlers.forward_config import ForwardConfig
-from xaiserve.handlers.incremental import (
+from xaiserve.methods.base import MethodContext
+from xaiserve.methods.perturbation.occlusion import Occlusion, window_starts
+from xaiserve.runtime.forward.backends import prepare_forwards
+from xaiserve.runtime.forward.config import ForwardConfig
+from xaiserve.runtime.forward.counted import Budget
+from xaiserve.runtime.forward.incremental import run as incremental_run
+from xaiserve.runtime.forward.incremental.plan import (
     CONSTANT,
     Span,
     analyze,
@@ -25,12 +29,8 @@ from xaiserve.handlers.incremental import (
     stage_module,
     trace,
 )
-from xaiserve.handlers import incremental_run
-from xaiserve.handlers.incremental_run import build_occluder
-from xaiserve.handlers.methods.base import MethodContext
-from xaiserve.handlers.methods.occlusion import Occlusion, window_starts
-from xaiserve.handlers.model import ModelConfig, PixelSpaceModel, ServedModel
-from xaiserve.model_store import resnets
+from xaiserve.runtime.forward.incremental.run import build_occluder
+from xaiserve.runtime.model import ModelConfig, PixelSpaceModel, ServedModel
 
 BACKENDS = ("torch", "onnxruntime")
 
@@ -60,8 +60,9 @@ def small_resnet18() -> PixelSpaceModel:
 def test_stem_geometry_by_hand():
     # conv 7x7 stride 2 padding 3: output p reads inputs 2p-3 .. 2p+3; then max pool 3x3
     # stride 2 padding 1 reads conv positions 2q-1 .. 2q+1, i.e. inputs 4q-5 .. 4q+5
-    stem = nn.Sequential(nn.Conv2d(3, 4, 7, 2, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.MaxPool2d(3, 2, 1)).eval()
+    stem = nn.Sequential(
+        nn.Conv2d(3, 4, 7, 2, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+    ).eval()
     assert geometry_of_output(stem, (3, 32, 32)) == (Span(4, -5, 5), Span(4, -5, 5))
 
 
@@ -138,13 +139,20 @@ def test_changed_fraction_by_hand():
     inside the grid, mean 3.5) and conv2 positions s-2 .. s+3 (4, 6, 6, 4, mean 5).
     Costs (the planner's model): input 64 values; conv1 2 x 64 outputs x 1 x 9 = 1152;
     relu 128; conv2 128 x 2 x 9 = 2304; pool 2, flatten 2, linear 3 x 2 = 6, output 3."""
-    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3)).eval()
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(2, 2, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2, 3),
+    ).eval()
     gm = trace(net, torch.rand(1, 1, 8, 8))
     starts = [[0, 2, 4, 6]] * 2
     full = 64 + 1152 + 128 + 2304 + 2 + 2 + 6 + 3
-    changed = (64 * 4 / 64 + 1152 * 3.5**2 / 64 + 128 * 3.5**2 / 64 + 2304 * 5**2 / 64
-               + 2 + 2 + 6 + 3)
+    changed = (
+        64 * 4 / 64 + 1152 * 3.5**2 / 64 + 128 * 3.5**2 / 64 + 2304 * 5**2 / 64 + 2 + 2 + 6 + 3
+    )
     assert changed_fraction(gm, 2, starts) == pytest.approx(changed / full)
     assert plan_stages(gm, 2, starts).changed_fraction == pytest.approx(changed / full)
 
@@ -156,13 +164,16 @@ def test_changed_fraction_matches_what_windows_change_in_a_resnet():
     module = small_resnet18()
     gm = trace(module.net, torch.rand(1, 3, 48, 48))
     starts = [window_starts(48, 8, 8)] * 2
-    convs = {n for n in gm.graph.nodes
-             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d)}
+    convs = {
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d)
+    }
     x = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(5))
     corners = list(itertools.product(*starts))
     occluded = x.repeat(len(corners), 1, 1, 1)
     for j, (r, c) in enumerate(corners):
-        occluded[j, :, r:r + 8, c:c + 8] = 0.5
+        occluded[j, :, r : r + 8, c : c + 8] = 0.5
     outputs = {}
 
     class Recorder(torch.fx.Interpreter):
@@ -179,10 +190,12 @@ def test_changed_fraction_matches_what_windows_change_in_a_resnet():
     for node, (values,) in outputs.items():
         differs = (values[1:] != values[:1]).any(dim=1)  # windows x H x W
         for j, corner in enumerate(corners):
-            box = [span.changed(torch.tensor(c), torch.tensor(c + 7), n)
-                   for span, c, n in zip(absolute[node], corner, differs.shape[1:])]
+            box = [
+                span.changed(torch.tensor(c), torch.tensor(c + 7), n)
+                for span, c, n in zip(absolute[node], corner, differs.shape[1:])
+            ]
             inside = torch.zeros_like(differs[j])
-            inside[int(box[0][0]):int(box[0][1]) + 1, int(box[1][0]):int(box[1][1]) + 1] = True
+            inside[int(box[0][0]) : int(box[0][1]) + 1, int(box[1][0]) : int(box[1][1]) + 1] = True
             assert not (differs[j] & ~inside).any(), (node.name, corner)
             measured += float(differs[j].double().mean())
             predicted += float(inside.double().mean())
@@ -202,8 +215,10 @@ def test_joined_shortcuts_keep_the_function_and_cut_inside_blocks(name, joins):
     assert join_shortcuts(joined, x[:1]) == joins
     with torch.no_grad():
         assert torch.equal(joined(x), net(x))
-    names = [list(joined.graph.nodes)[i].name
-             for i in cut_points(joined, analyze(joined, list(joined.graph.nodes)[0], 2))]
+    names = [
+        list(joined.graph.nodes)[i].name
+        for i in cut_points(joined, analyze(joined, list(joined.graph.nodes)[0], 2))
+    ]
     plain_cuts = cut_points(plain, analyze(plain, list(plain.graph.nodes)[0], 2))
     assert sum(n.startswith("cat") for n in names) == joins
     assert len(names) == len(plain_cuts) + joins
@@ -269,12 +284,15 @@ def all_corners(shape: tuple[int, ...], window: int, stride: int) -> tuple[list,
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name,shape,window,stride", [
-    ("resnet18", (3, 64, 64), 9, 4),
-    ("tiny", (3, 16, 16), 4, 2),
-    ("resnet18", (3, 40, 36), 7, 5),  # not square, border-flush windows
-    ("resnet18", (3, 64, 64), 16, 16),  # 4 x 4 windows
-])
+@pytest.mark.parametrize(
+    "name,shape,window,stride",
+    [
+        ("resnet18", (3, 64, 64), 9, 4),
+        ("tiny", (3, 16, 16), 4, 2),
+        ("resnet18", (3, 40, 36), 7, 5),  # not square, border-flush windows
+        ("resnet18", (3, 64, 64), 16, 16),  # 4 x 4 windows
+    ],
+)
 def test_occluded_logits_equal_full_forward_passes(backend, name, shape, window, stride):
     module = small_resnet18() if name == "resnet18" else tiny_served().module
     axes, corners = all_corners(shape, window, stride)
@@ -283,12 +301,16 @@ def test_occluded_logits_equal_full_forward_passes(backend, name, shape, window,
     x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(3))
     occluded = x.expand(len(corners), *shape).clone()
     for j, (a, b) in enumerate(corners):
-        occluded[j, :, a:a + window, b:b + window] = 0.25
+        occluded[j, :, a : a + window, b : b + window] = 0.25
     with torch.no_grad():
         expected = module(occluded)
         activations, original = occluder.original(x)
-        got = torch.cat([occluder.logits(activations, corners[s:s + 16], 0.25)
-                         for s in range(0, len(corners), 16)])
+        got = torch.cat(
+            [
+                occluder.logits(activations, corners[s : s + 16], 0.25)
+                for s in range(0, len(corners), 16)
+            ]
+        )
     tolerance = 1e-5 if backend == "torch" else 1e-4
     assert (got - expected).abs().max() <= tolerance
     assert (original - module(x)).abs().max() <= tolerance
@@ -306,10 +328,11 @@ def test_plans_with_cuts_inside_blocks_give_exact_logits(backend):
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(6))
     occluded = x.expand(len(corners), 3, 64, 64).clone()
     for j, (a, b) in enumerate(corners):
-        occluded[j, :, a:a + 9, b:b + 9] = 0.25
+        occluded[j, :, a : a + 9, b : b + 9] = 0.25
     activations, _ = joined.original(x)
-    got = torch.cat([joined.logits(activations, corners[s:s + 32], 0.25)
-                     for s in range(0, len(corners), 32)])
+    got = torch.cat(
+        [joined.logits(activations, corners[s : s + 32], 0.25) for s in range(0, len(corners), 32)]
+    )
     with torch.no_grad():
         assert (got - module(occluded)).abs().max() <= 1e-4
 
@@ -350,10 +373,12 @@ def test_whole_image_stages_fall_back_to_torch_when_their_export_fails(monkeypat
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(9))
     occluded = x.expand(4, 3, 64, 64).clone()
     for j, (a, b) in enumerate(corners[:4]):
-        occluded[j, :, a:a + 9, b:b + 9] = 0.25
+        occluded[j, :, a : a + 9, b : b + 9] = 0.25
     activations, original = occluder.original(x)
     with torch.no_grad():
-        assert (occluder.logits(activations, corners[:4], 0.25) - module(occluded)).abs().max() <= 1e-4
+        assert (
+            occluder.logits(activations, corners[:4], 0.25) - module(occluded)
+        ).abs().max() <= 1e-4
         assert (original - module(x)).abs().max() <= 1e-4
 
 
@@ -388,9 +413,17 @@ def test_untraceable_model_gets_no_occluder_and_a_reason():
 def resnet_served(shape: tuple[int, ...]) -> ServedModel:
     module = small_resnet18()
     config = ModelConfig(
-        name="r18", version="1", model_file="", model_class="resnet18", model_kwargs={},
-        weights="", input_shape=shape, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3),
-        labels=tuple("abcde"), cam_layer="layer4",
+        name="r18",
+        version="1",
+        model_file="",
+        model_class="resnet18",
+        model_kwargs={},
+        weights="",
+        input_shape=shape,
+        mean=(0.5, 0.4, 0.3),
+        std=(0.2, 0.25, 0.3),
+        labels=tuple("abcde"),
+        cam_layer="layer4",
     )
     return ServedModel(config, module, module.net.layer4, Path("."))
 
@@ -411,8 +444,9 @@ def test_occlusion_maps_and_counts_match_with_and_without_incremental(backend):
             forward.occluders = None
         assert (forward.occluder(8, [window_starts(48, 8, 4)] * 2) is not None) is incremental
         params = method.resolve_params({"window": 8, "stride": 4}, shape, "occlusion")
-        maps[incremental] = method.attribute(MethodContext(served, forward, budget, 16), x,
-                                             target, params)
+        maps[incremental] = method.attribute(
+            MethodContext(served, forward, budget, 16), x, target, params
+        )
         spent[incremental] = budget.spent
     assert spent[True] == spent[False] == 2 * (1 + 11 * 11)
     assert (maps[True] - maps[False]).abs().max() <= 1e-4
@@ -433,7 +467,7 @@ def test_plain_contexts_have_no_occluder():
 
 
 def test_a_failing_plan_means_full_passes_not_a_failed_request(monkeypatch):
-    import xaiserve.handlers.forward_backends as backends
+    import xaiserve.runtime.forward.backends as backends
 
     def broken(*_args, **_kwargs):
         raise RuntimeError("a graph nobody foresaw")
@@ -447,8 +481,7 @@ def test_a_failing_plan_means_full_passes_not_a_failed_request(monkeypatch):
     method = Occlusion()
     params = method.resolve_params({"window": 8, "stride": 8}, (3, 32, 32), "occlusion")
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    got = method.attribute(MethodContext(served, forward, budget, 16), x, torch.tensor([0]),
-                           params)
+    got = method.attribute(MethodContext(served, forward, budget, 16), x, torch.tensor([0]), params)
     assert got.shape == x.shape and budget.spent == 1 + 16 and got.abs().sum() > 0
 
 
@@ -458,7 +491,7 @@ def test_a_build_blocks_neither_other_windows_nor_builds_twice(monkeypatch):
     one build."""
     import threading
 
-    import xaiserve.handlers.forward_backends as backends
+    import xaiserve.runtime.forward.backends as backends
 
     served = resnet_served((3, 32, 32))
     forwards = prepare_forwards(served, ForwardConfig())
@@ -476,8 +509,10 @@ def test_a_build_blocks_neither_other_windows_nor_builds_twice(monkeypatch):
     monkeypatch.setattr(backends, "build_occluder", slow)
     axes = [window_starts(32, 8, 4)] * 2  # the same window side at other positions
     results = []
-    callers = [threading.Thread(target=lambda: results.append(
-        forwards.occluder("torch", 8, axes))) for _ in range(2)]
+    callers = [
+        threading.Thread(target=lambda: results.append(forwards.occluder("torch", 8, axes)))
+        for _ in range(2)
+    ]
     callers[0].start()
     assert started.wait(30)
     callers[1].start()
@@ -494,7 +529,7 @@ def test_windows_that_change_nothing_are_found_by_summed_areas(shape, window):
     """_changes (a summed-area table) against looking at every window, in 1 to 3 spatial
     dimensions: an occluded window changes the image unless all its values already equal
     the baseline."""
-    from xaiserve.handlers.methods.occlusion import _changes
+    from xaiserve.methods.perturbation.occlusion import _changes
 
     generator = torch.Generator().manual_seed(len(shape))
     x = torch.full(shape, 0.5)
@@ -511,10 +546,10 @@ def test_windows_that_change_nothing_are_found_by_summed_areas(shape, window):
 
 @pytest.mark.parametrize("incremental", [True, False])
 def test_warm_up_builds_the_default_windows_plan_that_requests_then_use(monkeypatch, incremental):
-    import xaiserve.handlers.forward_backends as backends
-    from xaiserve.handlers.engine import Engine
-    from xaiserve.handlers.limits import EngineLimits
-    from xaiserve.handlers.types import ExplainRequest, MethodRequest, RawTensor
+    import xaiserve.runtime.forward.backends as backends
+    from xaiserve.api.types import ExplainRequest, MethodRequest, RawTensor
+    from xaiserve.engine.engine import Engine
+    from xaiserve.engine.limits import EngineLimits
 
     built = []
     real = backends.build_occluder
@@ -535,9 +570,12 @@ def test_warm_up_builds_the_default_windows_plan_that_requests_then_use(monkeypa
     default = Occlusion().resolve_params({}, (3, 32, 32), "occlusion")["window"]
     assert built == ([(default, "onnxruntime")] if incremental else [])
     image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1)).numpy()
-    result = engine.explain(ExplainRequest(
-        model=served.config.name, image=RawTensor(image.shape, image.astype("<f4").tobytes()),
-        methods=(MethodRequest("occlusion", {}, field="methods[0]", params_field="occlusion"),),
-    ))
+    result = engine.explain(
+        ExplainRequest(
+            model=served.config.name,
+            image=RawTensor(image.shape, image.astype("<f4").tobytes()),
+            methods=(MethodRequest("occlusion", {}, field="methods[0]", params_field="occlusion"),),
+        )
+    )
     assert result.explanations[0].forward_passes > 1
     assert len(built) == (1 if incremental else 0)  # the request used the warm plan

@@ -11,8 +11,10 @@ import pytest
 import torch
 from torch import fx, nn
 
+from support import resnets
 from support.tiny_models import tiny_served
-from xaiserve.handlers.incremental import (
+from xaiserve.methods.perturbation.occlusion import window_starts
+from xaiserve.runtime.forward.incremental.plan import (
     Span,
     Stage,
     join_shortcuts,
@@ -20,17 +22,16 @@ from xaiserve.handlers.incremental import (
     stage_module,
     trace,
 )
-from xaiserve.handlers.incremental_run import build_occluder
-from xaiserve.handlers.incremental_valid import make_valid
-from xaiserve.handlers.methods.occlusion import window_starts
-from xaiserve.handlers.model import PixelSpaceModel
-from xaiserve.model_store import resnets
+from xaiserve.runtime.forward.incremental.rewrite import make_valid
+from xaiserve.runtime.forward.incremental.run import build_occluder
+from xaiserve.runtime.model import PixelSpaceModel
 
 
 def small_resnet18() -> PixelSpaceModel:
     torch.manual_seed(0)
-    module = PixelSpaceModel(resnets.resnet18(num_classes=5, width=8).eval(),
-                             (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)).eval()
+    module = PixelSpaceModel(
+        resnets.resnet18(num_classes=5, width=8).eval(), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    ).eval()
     for p in module.parameters():
         p.requires_grad_(False)
     return module
@@ -55,9 +56,9 @@ def kept_region_matches(module: fx.GraphModule, stage: Stage, value: torch.Tenso
         for r0 in range(stage.grid_out[0] - stage.rect[0] + 1):
             for r1 in range(stage.grid_out[1] - stage.rect[1] + 1):
                 s0, s1 = (r * s.stride for r, s in zip((r0, r1), stage.span))
-                crop = source[..., s0:s0 + valid.length[0], s1:s1 + valid.length[1]]
+                crop = source[..., s0 : s0 + valid.length[0], s1 : s1 + valid.length[1]]
                 got = valid.module(crop)
-                want = expected[..., r0:r0 + stage.rect[0], r1:r1 + stage.rect[1]]
+                want = expected[..., r0 : r0 + stage.rect[0], r1 : r1 + stage.rect[1]]
                 assert got.shape == want.shape
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
                 checked += 1
@@ -94,12 +95,21 @@ def test_every_stage_of_a_joined_resnet_plan_keeps_its_region_exactly():
     assert any(s.span[0].stride == 2 for s in plan.stages)
 
 
-def one_stage(layers: nn.Module, span: Span, grid: int = 16, rect: int = 4,
-              stride: int = 1) -> tuple[fx.GraphModule, Stage]:
+def one_stage(
+    layers: nn.Module, span: Span, grid: int = 16, rect: int = 4, stride: int = 1
+) -> tuple[fx.GraphModule, Stage]:
     module = fx.symbolic_trace(nn.Sequential(layers).eval())  # layers stay submodules
     crop = (rect - 1) * span.stride + span.hi - span.lo + 1
-    stage = Stage(0, 1, (span, span), (span, span), (grid, grid), (grid // stride,) * 2,
-                  (crop, crop), (rect, rect))
+    stage = Stage(
+        0,
+        1,
+        (span, span),
+        (span, span),
+        (grid, grid),
+        (grid // stride,) * 2,
+        (crop, crop),
+        (rect, rect),
+    )
     return module, stage
 
 
@@ -109,13 +119,22 @@ def test_an_average_pooling_that_counts_its_padding_pads_with_zero():
     assert kept_region_matches(module, stage, value) == 13 * 13
 
 
-@pytest.mark.parametrize("layers,span,reason", [
-    (nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1)),
-     Span(1, -2, 2), "reads another window's output"),
-    (nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 2, 3, padding=1)),
-     Span(1, -1, 1), "reads a computed value"),
-    (nn.AvgPool2d(3, 1, 1, count_include_pad=False), Span(1, -1, 1), "out of its count"),
-])
+@pytest.mark.parametrize(
+    "layers,span,reason",
+    [
+        (
+            nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 3, padding=1)),
+            Span(1, -2, 2),
+            "reads another window's output",
+        ),
+        (
+            nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 2, 3, padding=1)),
+            Span(1, -1, 1),
+            "reads a computed value",
+        ),
+        (nn.AvgPool2d(3, 1, 1, count_include_pad=False), Span(1, -1, 1), "out of its count"),
+    ],
+)
 def test_stages_that_cannot_run_valid_windows_say_why(layers, span, reason):
     module, stage = one_stage(layers, span)
     valid, why = make_valid(module, stage)
@@ -137,20 +156,25 @@ def test_a_strided_stage_that_passes_its_input_through_is_refused():
 
 
 @pytest.mark.parametrize("backend", ("torch", "onnxruntime"))
-@pytest.mark.parametrize("name,shape,window,stride", [
-    ("resnet18", (3, 64, 64), 9, 4),
-    ("resnet18", (3, 40, 36), 7, 5),  # not square, border-flush windows
-    ("tiny", (3, 16, 16), 4, 2),
-])
-def test_occluders_with_valid_stages_give_the_logits_of_full_passes(backend, name, shape,
-                                                                    window, stride):
+@pytest.mark.parametrize(
+    "name,shape,window,stride",
+    [
+        ("resnet18", (3, 64, 64), 9, 4),
+        ("resnet18", (3, 40, 36), 7, 5),  # not square, border-flush windows
+        ("tiny", (3, 16, 16), 4, 2),
+    ],
+)
+def test_occluders_with_valid_stages_give_the_logits_of_full_passes(
+    backend, name, shape, window, stride
+):
     module = small_resnet18() if name == "resnet18" else tiny_served().module
     axes = [window_starts(n, window, stride) for n in shape[1:]]
     corners = [(a, b) for a in axes[0] for b in axes[1]]
     joins = 1.0 if name == "resnet18" else 0.0  # cuts inside blocks: one layer a stage
     valid, reason = build_occluder(module, shape, window, axes, backend, joins_worth_it=joins)
-    padded_only, _ = build_occluder(module, shape, window, axes, backend, joins_worth_it=joins,
-                                    valid_windows=False)
+    padded_only, _ = build_occluder(
+        module, shape, window, axes, backend, joins_worth_it=joins, valid_windows=False
+    )
     assert valid is not None, reason
     assert padded_only.valid_stages == 0 and valid.valid_stages >= 1
     if name == "resnet18":
@@ -158,12 +182,16 @@ def test_occluders_with_valid_stages_give_the_logits_of_full_passes(backend, nam
     x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(4))
     occluded = x.expand(len(corners), *shape).clone()
     for j, (a, b) in enumerate(corners):
-        occluded[j, :, a:a + window, b:b + window] = 0.25
+        occluded[j, :, a : a + window, b : b + window] = 0.25
     got = {}
     for label, occluder in (("valid", valid), ("padded", padded_only)):
         activations, _ = occluder.original(x)
-        got[label] = torch.cat([occluder.logits(activations, corners[s:s + 16], 0.25)
-                                for s in range(0, len(corners), 16)])
+        got[label] = torch.cat(
+            [
+                occluder.logits(activations, corners[s : s + 16], 0.25)
+                for s in range(0, len(corners), 16)
+            ]
+        )
     with torch.no_grad():
         expected = module(occluded)
     tolerance = 1e-5 if backend == "torch" else 1e-4

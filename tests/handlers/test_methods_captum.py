@@ -6,18 +6,25 @@ import pytest
 import torch
 from captum.attr import (
     InputXGradient as CaptumInputXGradient,
+)
+from captum.attr import (
     IntegratedGradients as CaptumIG,
+)
+from captum.attr import (
     LayerAttribution,
     LayerGradCam,
     NoiseTunnel,
+)
+from captum.attr import (
     Occlusion as CaptumOcclusion,
+)
+from captum.attr import (
     Saliency as CaptumSaliency,
 )
 
-from xaiserve.handlers.methods.registry import get_method
-from xaiserve.handlers.postprocess import apply_stage
-
 from support.tiny_models import make_context
+from xaiserve.engine.postprocess import apply_stage
+from xaiserve.methods.registry import get_method
 
 TOL = 1e-5
 TARGET = torch.tensor([2, 0])

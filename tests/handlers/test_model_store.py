@@ -18,12 +18,12 @@ from torch import nn
 
 from support.broken_models import BROKEN, GOOD, WEIGHTS_ADVICE, write_store
 from support.tiny_models import tiny_served, write_tiny_model_dir
-from xaiserve.handlers.engine import Engine
-from xaiserve.handlers.errors import FailedPrecondition, ModelLoadError, NotFound
-from xaiserve.handlers.forward_config import ForwardConfig
-from xaiserve.handlers.limits import EngineLimits
-from xaiserve.handlers.model import PixelSpaceModel, ServedModel, load_model_dir
-from xaiserve.handlers.types import EncodedImage, ExplainRequest, MethodRequest
+from xaiserve.api.errors import FailedPrecondition, ModelLoadError, NotFound
+from xaiserve.api.types import EncodedImage, ExplainRequest, MethodRequest
+from xaiserve.engine.engine import Engine
+from xaiserve.engine.limits import EngineLimits
+from xaiserve.runtime.forward.config import ForwardConfig
+from xaiserve.runtime.model import PixelSpaceModel, ServedModel, load_model_dir
 
 #: No ONNX export at load: these tests are about loading, not about the forward backends.
 TORCH_ONLY = ForwardConfig(export_on_load=False)
@@ -190,9 +190,11 @@ def _helper_dir(root: Path, name: str, factor: float, import_line: str) -> Path:
 
 def test_model_code_imports_its_own_helpers(tmp_path: Path, monkeypatch) -> None:
     factors = {"alpha": 1.0, "beta": 2.0, "gamma": 3.0}
-    for name, line in (("alpha", "from helpers import Block"),
-                       ("beta", "from helpers import Block"),
-                       ("gamma", "from .helpers import Block")):
+    for name, line in (
+        ("alpha", "from helpers import Block"),
+        ("beta", "from helpers import Block"),
+        ("gamma", "from .helpers import Block"),
+    ):
         _helper_dir(tmp_path, name, factors[name], line)
     image = torch.full((1, 3, 4, 4), 0.5)
     monkeypatch.delitem(sys.modules, "helpers", raising=False)

@@ -15,12 +15,14 @@ import torch
 from torch import nn
 
 from support.tiny_models import TinyNet, tiny_served, write_tiny_model_dir
-from xaiserve.handlers import forward_backends, onnx_export
-from xaiserve.handlers.engine import Engine
-from xaiserve.handlers.forward_config import ForwardConfig
-from xaiserve.handlers.limits import EngineLimits
-from xaiserve.handlers.model import PixelSpaceModel, ServedModel, load_model_dir
-from xaiserve.handlers.onnx_export import (
+from xaiserve.api.types import ExplainRequest, MethodRequest, RawTensor
+from xaiserve.engine.engine import Engine
+from xaiserve.engine.limits import EngineLimits
+from xaiserve.model_store import synthetic
+from xaiserve.runtime.forward import backends as forward_backends
+from xaiserve.runtime.forward import onnx_export
+from xaiserve.runtime.forward.config import ForwardConfig
+from xaiserve.runtime.forward.onnx_export import (
     ONNX_FILE,
     REPORT_FILE,
     OnnxUnavailable,
@@ -29,8 +31,7 @@ from xaiserve.handlers.onnx_export import (
     export_onnx,
     new_session,
 )
-from xaiserve.handlers.types import ExplainRequest, MethodRequest, RawTensor
-from xaiserve.model_store import synthetic
+from xaiserve.runtime.model import PixelSpaceModel, ServedModel, load_model_dir
 
 TOLERANCE = 1e-4
 
@@ -101,8 +102,9 @@ def test_stale_graph_is_exported_again_at_load(tmp_path: Path) -> None:
     assert (torch.from_numpy(got) - expected).abs().max() <= TOLERANCE
 
 
-def test_unreadable_graph_is_exported_again_at_load(tmp_path: Path,
-                                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_unreadable_graph_is_exported_again_at_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     model_dir = write_tiny_model_dir(tmp_path / "tiny")
     (model_dir / ONNX_FILE).write_bytes(b"not an onnx graph")
     forwards = forward_backends.prepare_forwards(load_model_dir(model_dir))
@@ -136,17 +138,22 @@ def served_with(net: nn.Module, name: str) -> ServedModel:
 
 def explain(engine: Engine, model: str, backend: str = "") -> tuple[dict, dict, np.ndarray]:
     image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(5)).numpy()
-    method = MethodRequest("occlusion", {"window": 4, "stride": 4}, field="methods[0]",
-                           params_field="occlusion")
-    result = engine.explain(ExplainRequest(
-        model=model, image=RawTensor(image.shape, image.astype("<f4").tobytes()),
-        methods=(method,), forward_backend=backend,
-    ))
+    method = MethodRequest(
+        "occlusion", {"window": 4, "stride": 4}, field="methods[0]", params_field="occlusion"
+    )
+    result = engine.explain(
+        ExplainRequest(
+            model=model,
+            image=RawTensor(image.shape, image.astype("<f4").tobytes()),
+            methods=(method,),
+            forward_backend=backend,
+        )
+    )
     return result.timings, result.forward_passes, result.explanations[0].map
 
 
 def test_model_failing_export_or_check_serves_on_torch(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="xaiserve.handlers.forward_backends")
+    caplog.set_level(logging.INFO, logger="xaiserve.runtime.forward.backends")
     models = {
         "median": served_with(MedianNet(), "median"),
         "frozen": served_with(FrozenNet(), "frozen"),
@@ -231,8 +238,14 @@ def test_torch_default_backend_keeps_onnxruntime_on_request() -> None:
 
 @pytest.mark.parametrize(
     "changes",
-    [{"backend": "tensorrt"}, {"onnx_threads": -1}, {"onnx_providers": ()}, {"memory_mb": 0},
-     {"onnx_tolerance": 0.0}, {"onnx_device_id": -1}],
+    [
+        {"backend": "tensorrt"},
+        {"onnx_threads": -1},
+        {"onnx_providers": ()},
+        {"memory_mb": 0},
+        {"onnx_tolerance": 0.0},
+        {"onnx_device_id": -1},
+    ],
 )
 def test_bad_forward_config_is_refused(changes: dict) -> None:
     with pytest.raises(ValueError):
@@ -256,12 +269,8 @@ CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 def test_provider_list_keeps_what_onnxruntime_has_and_gives_gpus_their_device() -> None:
     wanted = ("TensorrtExecutionProvider", CUDA, CPU)
     assert onnx_export.provider_list(wanted, [CPU], 2) == [CPU]
-    assert onnx_export.provider_list(wanted, [CPU, CUDA], 2) == [
-        (CUDA, {"device_id": "2"}), CPU
-    ]
-    assert onnx_export.provider_list((CPU, CUDA), [CUDA, CPU]) == [
-        CPU, (CUDA, {"device_id": "0"})
-    ]
+    assert onnx_export.provider_list(wanted, [CPU, CUDA], 2) == [(CUDA, {"device_id": "2"}), CPU]
+    assert onnx_export.provider_list((CPU, CUDA), [CUDA, CPU]) == [CPU, (CUDA, {"device_id": "0"})]
 
 
 def test_the_default_providers_run_on_the_cpu_where_onnxruntime_has_no_cuda() -> None:
@@ -302,7 +311,7 @@ def test_a_gpu_provider_that_cannot_start_is_logged(
             return [CUDA, CPU]
 
         @staticmethod
-        def InferenceSession(  # noqa: N802 - onnxruntime's name
+        def InferenceSession(
             source: Any, options: Any, providers: list
         ) -> FakeSession:
             asked.append(providers)

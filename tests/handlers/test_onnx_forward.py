@@ -12,23 +12,8 @@ import torch
 from torch import nn
 
 from support.tiny_models import tiny_served
-from xaiserve.handlers.engine import Engine
-from xaiserve.handlers.errors import InvalidArgument
-from xaiserve.handlers import forward as forward_module
-from xaiserve.handlers.forward import (
-    PROBE_CALLS,
-    Budget,
-    TorchForward,
-    fastest_batch,
-    image_bytes,
-    memory_batch_size,
-)
-from xaiserve.handlers import forward_backends
-from xaiserve.handlers.forward_backends import OnnxForward, prepare_forwards
-from xaiserve.handlers.forward_config import ONNXRUNTIME, TORCH, ForwardConfig
-from xaiserve.handlers.limits import EngineLimits
-from xaiserve.handlers.model import load_model_dir
-from xaiserve.handlers.types import (
+from xaiserve.api.errors import InvalidArgument
+from xaiserve.api.types import (
     ExplainRequest,
     ExplainResult,
     FilterRequest,
@@ -36,15 +21,34 @@ from xaiserve.handlers.types import (
     RawTensor,
     ReliabilityRequest,
 )
+from xaiserve.engine.engine import Engine
+from xaiserve.engine.limits import EngineLimits
 from xaiserve.model_store import synthetic
+from xaiserve.runtime.forward import backends as forward_backends
+from xaiserve.runtime.forward import counted as forward_module
+from xaiserve.runtime.forward.backends import OnnxForward, prepare_forwards
+from xaiserve.runtime.forward.config import ONNXRUNTIME, TORCH, ForwardConfig
+from xaiserve.runtime.forward.counted import (
+    PROBE_CALLS,
+    Budget,
+    TorchForward,
+    fastest_batch,
+    image_bytes,
+    memory_batch_size,
+)
+from xaiserve.runtime.model import load_model_dir
 
 MAP_TOLERANCE = 1e-4
 
 
 def method(name: str, i: int, **params) -> MethodRequest:
     return MethodRequest(
-        name, params, field=f"methods[{i}]", params_field=name,
-        reliability=ReliabilityRequest(shuffles=2), filter=FilterRequest(mode="fast"),
+        name,
+        params,
+        field=f"methods[{i}]",
+        params_field=name,
+        reliability=ReliabilityRequest(shuffles=2),
+        filter=FilterRequest(mode="fast"),
     )
 
 
@@ -202,8 +206,11 @@ def test_gradient_batches_follow_the_memory_budget() -> None:
     )
     try:
         image = torch.rand(3, 16, 16)
-        request = ExplainRequest("tiny", RawTensor((3, 16, 16), image.numpy().tobytes()),
-                                 (MethodRequest("integrated_gradients", {"steps": 100}),))
+        request = ExplainRequest(
+            "tiny",
+            RawTensor((3, 16, 16), image.numpy().tobytes()),
+            (MethodRequest("integrated_gradients", {"steps": 100}),),
+        )
         engine.explain(request)
     finally:
         hook.remove()
@@ -257,8 +264,7 @@ class FakeClock:
         (1, lambda b: 1.0, 1),
     ],
 )
-def test_fastest_batch_takes_the_size_with_the_best_rate(monkeypatch, limit, cost,
-                                                          fastest) -> None:
+def test_fastest_batch_takes_the_size_with_the_best_rate(monkeypatch, limit, cost, fastest) -> None:
     clock = FakeClock(cost)
     monkeypatch.setattr(forward_module, "time", clock)
     size, rates = fastest_batch(clock.run, (3, 4, 4), limit, seconds=1e9)

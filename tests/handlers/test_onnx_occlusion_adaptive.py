@@ -13,20 +13,20 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from support.resnets import Tiny3dNet
 from support.tiny_models import tiny_served
-from xaiserve.handlers.errors import InvalidArgument
-from xaiserve.handlers.forward import Budget
-from xaiserve.handlers.forward_backends import ModelForwards, prepare_forwards
-from xaiserve.handlers.methods.base import MethodContext
-from xaiserve.handlers.methods.occlusion import Occlusion
-from xaiserve.handlers.methods.occlusion_adaptive import (
+from xaiserve.api.errors import InvalidArgument
+from xaiserve.methods.base import MethodContext
+from xaiserve.methods.perturbation.occlusion import Occlusion
+from xaiserve.methods.perturbation.occlusion_adaptive import (
     Hierarchy,
     adaptive_drops,
     rank_correlation,
 )
-from xaiserve.handlers.model import PixelSpaceModel, ServedModel, load_model_dir
 from xaiserve.model_store import synthetic
-from xaiserve.model_store.resnets import Tiny3dNet
+from xaiserve.runtime.forward.backends import ModelForwards, prepare_forwards
+from xaiserve.runtime.forward.counted import Budget
+from xaiserve.runtime.model import PixelSpaceModel, ServedModel, load_model_dir
 
 DEMO_IMAGES = 100
 """Held-out images (25 per class) of the target check."""
@@ -141,8 +141,9 @@ def test_adaptive_occlusion_of_a_volume() -> None:
     forwards = prepare_forwards(ServedModel(config, module, None, Path(".")))
     x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(0))
     full, full_passes = attribute(forwards, x, {"window": 4, "stride": 2})
-    adaptive, passes = attribute(forwards, x, {"window": 4, "stride": 2,
-                                               "adaptive": {"enabled": True}})
+    adaptive, passes = attribute(
+        forwards, x, {"window": 4, "stride": 2, "adaptive": {"enabled": True}}
+    )
     assert adaptive.shape == full.shape == x.shape
     assert full_passes == 1 + 5**3 and passes == 1 + 2**3 + round(0.15 * (5**3 - 2**3))
     assert rank_correlation(full, adaptive) > 0.5
@@ -161,9 +162,11 @@ def test_adaptive_targets_on_the_demo_model(demo_model_dir: Path) -> None:
         ratios.append(full_passes / passes)
         correlations.append(rank_correlation(full[0, 0], adaptive[0, 0]))
     mean = float(np.mean(correlations))
-    print(f"\nadaptive occlusion on {DEMO_IMAGES} held-out demo images: "
-          f"{full_passes} vs {passes} forward passes ({min(ratios):.2f}x fewer), "
-          f"Spearman mean {mean:.3f}, median {np.median(correlations):.3f}, "
-          f"min {min(correlations):.3f}")
+    print(
+        f"\nadaptive occlusion on {DEMO_IMAGES} held-out demo images: "
+        f"{full_passes} vs {passes} forward passes ({min(ratios):.2f}x fewer), "
+        f"Spearman mean {mean:.3f}, median {np.median(correlations):.3f}, "
+        f"min {min(correlations):.3f}"
+    )
     assert full_passes == 226 and min(ratios) >= 4.0
     assert mean >= 0.9

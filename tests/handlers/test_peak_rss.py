@@ -24,8 +24,13 @@ BUDGET_MIB = 1024  # ForwardConfig().memory_mb
 
 def peak(*args: str) -> dict:
     """The figures ``bench/peak_rss.py`` prints for one model, measured in a fresh process."""
-    done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          check=False, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -38,8 +43,9 @@ def test_a_tiny_model_stays_far_below_the_memory_budget() -> None:
 
 
 def test_a_224_model_stays_within_the_memory_budget() -> None:
-    figures = peak("--models", "resnet18", "--width", "8",
-                   "--methods", "grad_cam,integrated_gradients")
+    figures = peak(
+        "--models", "resnet18", "--width", "8", "--methods", "grad_cam,integrated_gradients"
+    )
     # the budget, not the cap, decides this model's batch
     assert figures["batch_size"] < 256
     assert figures["batch_size"] * figures["bytes_per_image"] <= BUDGET_MIB * MIB

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from xaiserve.handlers.postprocess import apply_stage, clamp_abs
+from xaiserve.engine.postprocess import apply_stage, clamp_abs
 
 
 def test_clamp_at_99th_percentile_like_numpy():

@@ -1,4 +1,4 @@
-"""Fuzz tests of the image decoder (xaiserve.handlers.preprocess) on arbitrary bytes.
+"""Fuzz tests of the image decoder (xaiserve.engine.preprocess) on arbitrary bytes.
 
 Random bytes, bytes behind a real file's magic number, and real PNG, JPEG and WebP files
 with bytes flipped, inserted, deleted or cut off, for a one- and a three-channel model:
@@ -12,15 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from support.fuzz import image_bytes, tensors
 
-from xaiserve.handlers.errors import InvalidArgument, ResourceExhausted
-from xaiserve.handlers.limits import EngineLimits
-from xaiserve.handlers.model import ModelConfig
-from xaiserve.handlers.preprocess import decode_image, tensor_from_raw
-from xaiserve.handlers.types import EncodedImage, RawTensor
-from xaiserve.v1 import explain_pb2 as pb
+from support.fuzz import image_bytes, tensors
+from xaiserve.api.errors import InvalidArgument, ResourceExhausted
+from xaiserve.api.types import EncodedImage, RawTensor
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.engine.limits import EngineLimits
+from xaiserve.engine.preprocess import decode_image, tensor_from_raw
+from xaiserve.runtime.model import ModelConfig
 
 FUZZ = settings(
     max_examples=300,
@@ -36,9 +35,16 @@ LIMITS = EngineLimits(max_image_bytes=1 << 20, max_image_pixels=256 * 256)
 
 def _config(channels: int) -> ModelConfig:
     return ModelConfig(
-        name="fuzz", version="1", model_file="model.py", model_class="Net", model_kwargs={},
-        weights="weights.pt", input_shape=(channels, 8, 6), mean=(0.5,) * channels,
-        std=(0.25,) * channels, labels=("a", "b"),
+        name="fuzz",
+        version="1",
+        model_file="model.py",
+        model_class="Net",
+        model_kwargs={},
+        weights="weights.pt",
+        input_shape=(channels, 8, 6),
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+        labels=("a", "b"),
     )
 
 

@@ -13,9 +13,8 @@ import pytest
 from PIL import Image
 
 from support.tiny_models import write_tiny_model_dir
-from xaiserve.handlers import worker_protocol
-from xaiserve.handlers.engine import Engine
-from xaiserve.handlers.errors import (
+from xaiserve.api import convert, worker_protocol
+from xaiserve.api.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -23,13 +22,13 @@ from xaiserve.handlers.errors import (
     NotFound,
     ResourceExhausted,
 )
-from xaiserve.handlers.limits import EngineLimits
-from xaiserve.handlers.model import load_model_dir
-from xaiserve.service import convert
-from xaiserve.v1 import explain_pb2 as pb
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.engine.engine import Engine
+from xaiserve.engine.limits import EngineLimits
+from xaiserve.runtime.model import load_model_dir
 
 ts_context = pytest.importorskip("ts.context")
-handler_module = pytest.importorskip("xaiserve.handlers.torchserve_handler")
+handler_module = pytest.importorskip("xaiserve.worker.torchserve_handler")
 
 
 class RecordingMetrics:
@@ -51,7 +50,12 @@ def _context(
     model_dir: Path, yaml_config: dict[str, Any] | None = None, gpu: int | None = None
 ) -> Any:
     context = ts_context.Context(
-        "tiny", str(model_dir), {"model": {"modelName": "tiny"}}, 8, gpu, "0.12.0",
+        "tiny",
+        str(model_dir),
+        {"model": {"modelName": "tiny"}},
+        8,
+        gpu,
+        "0.12.0",
         model_yaml_config=yaml_config or {},
     )
     context.metrics = RecordingMetrics()
@@ -86,20 +90,35 @@ def _inputs(request: pb.ExplainRequest, deadline: float | None = None) -> dict[s
 def _mixed_batch() -> list[pb.ExplainRequest]:
     return [
         pb.ExplainRequest(
-            model_name="tiny", image=pb.Image(encoded=_png(16, 16, 1)), target=0,
+            model_name="tiny",
+            image=pb.Image(encoded=_png(16, 16, 1)),
+            target=0,
             methods=[pb.MethodRequest(method=pb.SALIENCY), pb.MethodRequest(method=pb.GRAD_CAM)],
         ),
         pb.ExplainRequest(
-            model_name="tiny", image=pb.Image(encoded=_png(40, 24, 2)), target=2, top_k=2,
-            methods=[pb.MethodRequest(method=pb.OCCLUSION, stage=pb.RAW,
-                                      occlusion=pb.OcclusionParams(window=4, stride=4))],
+            model_name="tiny",
+            image=pb.Image(encoded=_png(40, 24, 2)),
+            target=2,
+            top_k=2,
+            methods=[
+                pb.MethodRequest(
+                    method=pb.OCCLUSION,
+                    stage=pb.RAW,
+                    occlusion=pb.OcclusionParams(window=4, stride=4),
+                )
+            ],
             map_encoding=pb.FLOAT32_AND_PNG,
         ),
         pb.ExplainRequest(model_name="tiny", image=_tensor(3), top_k=5),  # bad: 3 labels
         pb.ExplainRequest(
-            model_name="tiny", image=_tensor(4),
-            methods=[pb.MethodRequest(method=pb.INTEGRATED_GRADIENTS,
-                                      integrated_gradients=pb.IntegratedGradientsParams(steps=8))],
+            model_name="tiny",
+            image=_tensor(4),
+            methods=[
+                pb.MethodRequest(
+                    method=pb.INTEGRATED_GRADIENTS,
+                    integrated_gradients=pb.IntegratedGradientsParams(steps=8),
+                )
+            ],
             map_encoding=pb.PNG_OVERLAY,
         ),
     ]
@@ -142,29 +161,44 @@ def test_a_mixed_batch_answers_each_request_with_its_own_result(
         ({"command": bytearray(b"reboot")}, InvalidArgument, "command: unknown command"),
         ({"command": bytearray(b"explain")}, InvalidArgument, "body: required"),
         (
-            {"body": bytearray(pb.ExplainRequest(model_name="other", image=_tensor(0))
-                               .SerializeToString())},
+            {
+                "body": bytearray(
+                    pb.ExplainRequest(model_name="other", image=_tensor(0)).SerializeToString()
+                )
+            },
             NotFound,
             "model 'other' is not served",
         ),
         (
-            {"body": bytearray(pb.ExplainRequest(model_name="tiny", image=_tensor(0),
-                                                 methods=[pb.MethodRequest(method=pb.SALIENCY)] * 4)
-                               .SerializeToString())},
+            {
+                "body": bytearray(
+                    pb.ExplainRequest(
+                        model_name="tiny",
+                        image=_tensor(0),
+                        methods=[pb.MethodRequest(method=pb.SALIENCY)] * 4,
+                    ).SerializeToString()
+                )
+            },
             ResourceExhausted,
             "at most 3 per call",
         ),
         (
-            {"body": bytearray(pb.ExplainRequest(model_name="tiny", image=_tensor(0))
-                               .SerializeToString()),
-             "deadline": bytearray(b"soon")},
+            {
+                "body": bytearray(
+                    pb.ExplainRequest(model_name="tiny", image=_tensor(0)).SerializeToString()
+                ),
+                "deadline": bytearray(b"soon"),
+            },
             InvalidArgument,
             "deadline: must be Unix time",
         ),
         (
-            {"body": bytearray(pb.ExplainRequest(model_name="tiny", image=_tensor(0))
-                               .SerializeToString()),
-             "deadline": bytearray(repr(time.time() - 1).encode())},
+            {
+                "body": bytearray(
+                    pb.ExplainRequest(model_name="tiny", image=_tensor(0)).SerializeToString()
+                ),
+                "deadline": bytearray(repr(time.time() - 1).encode()),
+            },
             DeadlineExceeded,
             "deadline passed while the request was queued",
         ),
@@ -196,8 +230,9 @@ def test_a_bug_becomes_an_internal_error_answer_with_an_id(
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(handler.engine, "explain", broken)
-    answer = handler.handle([_inputs(pb.ExplainRequest(model_name="tiny", image=_tensor(0)))],
-                            _context(model_dir))[0]
+    answer = handler.handle(
+        [_inputs(pb.ExplainRequest(model_name="tiny", image=_tensor(0)))], _context(model_dir)
+    )[0]
     with pytest.raises(worker_protocol.WorkerError) as caught:
         worker_protocol.decode_answer(answer)
     assert caught.value.code == "INTERNAL"
@@ -225,8 +260,15 @@ def test_limits_default_to_the_engine_defaults() -> None:
 
 def test_forward_section_of_the_model_config() -> None:
     config = handler_module.forward_config(
-        {"xaiserve": {"forward": {"backend": "torch", "onnx_providers": ["CPUExecutionProvider"],
-                                  "incremental_occlusion": False}}}
+        {
+            "xaiserve": {
+                "forward": {
+                    "backend": "torch",
+                    "onnx_providers": ["CPUExecutionProvider"],
+                    "incremental_occlusion": False,
+                }
+            }
+        }
     )
     assert config.backend == "torch" and not config.incremental_occlusion
     assert config.onnx_providers == ("CPUExecutionProvider",)
@@ -247,11 +289,17 @@ def test_onnx_runtime_runs_on_the_gpu_torchserve_gives_the_worker(model_dir: Pat
 
 
 def test_an_archives_forward_section_reads_back() -> None:
-    from xaiserve.handlers.forward_config import ForwardConfig
     from xaiserve.model_store.archive import ArchiveSettings
+    from xaiserve.runtime.forward.config import ForwardConfig
 
-    forward = ForwardConfig(backend="torch", onnx_threads=2, memory_mb=64, max_batch=48,
-                            call_batch=8, incremental_occlusion=False)
+    forward = ForwardConfig(
+        backend="torch",
+        onnx_threads=2,
+        memory_mb=64,
+        max_batch=48,
+        call_batch=8,
+        incremental_occlusion=False,
+    )
     settings = ArchiveSettings(forward=forward)
     assert handler_module.forward_config(settings.model_config()) == forward
 

@@ -7,7 +7,7 @@ import threading
 import torch
 from torch import fx, nn
 
-from xaiserve.handlers.tracing import symbolic_trace
+from xaiserve.runtime.tracing import symbolic_trace
 
 
 class Pausing(nn.Module):
@@ -73,7 +73,8 @@ def test_traces_run_one_at_a_time():
     assert halfway.wait(30)
     done = threading.Event()
     second = threading.Thread(
-        target=lambda: (symbolic_trace(nn.Sequential(nn.Linear(2, 2))), done.set()))
+        target=lambda: (symbolic_trace(nn.Sequential(nn.Linear(2, 2))), done.set())
+    )
     second.start()
     assert not done.wait(0.5)  # waits for the first trace
     go_on.set()

@@ -6,15 +6,15 @@ import time
 
 import pytest
 
-from xaiserve.handlers import worker_protocol as wp
-from xaiserve.handlers.errors import (
+from xaiserve.api import worker_protocol as wp
+from xaiserve.api.errors import (
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
 )
-from xaiserve.v1 import explain_pb2 as pb
+from xaiserve.api.v1 import explain_pb2 as pb
 
 
 def test_success_answers_are_the_api_messages_unchanged() -> None:

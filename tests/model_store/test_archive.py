@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from support.tiny_models import write_tiny_model_dir
-from xaiserve.handlers.errors import ModelLoadError
-from xaiserve.handlers.limits import EngineLimits
+from xaiserve.api.errors import ModelLoadError
+from xaiserve.engine.limits import EngineLimits
+from xaiserve.gateway.torchserve_process import model_names
 from xaiserve.model_store import archive
-from xaiserve.service.torchserve_process import model_names
 
 pytest.importorskip("model_archiver")
 
@@ -28,8 +28,13 @@ def test_archive_holds_the_model_directory_handler_and_settings(tmp_path: Path) 
     (model_dir / "model.onnx").write_bytes(b"onnx graph")
     (model_dir / "notes.txt").write_text("not part of the model")
     settings = archive.ArchiveSettings(
-        batch_size=4, max_batch_delay_ms=20, response_timeout_s=30, min_workers=1,
-        max_workers=2, job_queue_size=10, limits=EngineLimits(max_methods=5),
+        batch_size=4,
+        max_batch_delay_ms=20,
+        response_timeout_s=30,
+        min_workers=1,
+        max_workers=2,
+        job_queue_size=10,
+        limits=EngineLimits(max_methods=5),
     )
 
     path = archive.build_archive(model_dir, tmp_path / "store", settings)
@@ -37,8 +42,13 @@ def test_archive_holds_the_model_directory_handler_and_settings(tmp_path: Path) 
     assert path == tmp_path / "store" / "tiny.mar"
     files = _contents(path)
     assert set(files) == {
-        "config.yaml", "model.py", "weights.pt", "model.onnx", "torchserve_handler.py",
-        "model-config.yaml", "MAR-INF/MANIFEST.json",
+        "config.yaml",
+        "model.py",
+        "weights.pt",
+        "model.onnx",
+        "torchserve_handler.py",
+        "model-config.yaml",
+        "MAR-INF/MANIFEST.json",
     }
     assert files["weights.pt"] == (model_dir / "weights.pt").read_bytes()
     assert files["torchserve_handler.py"] == archive.handler_file().read_bytes()
@@ -63,14 +73,27 @@ def test_command_line_builds_one_archive_per_directory(
     (second / "config.yaml").write_text(yaml.safe_dump(config))
 
     code = archive.main(
-        ["--model-dir", str(first), "--model-dir", str(second), "--out", str(tmp_path / "s"),
-         "--batch-size", "2", "--max-forward-passes", "500", "--forward-backend", "torch",
-         "--no-incremental-occlusion"]
+        [
+            "--model-dir",
+            str(first),
+            "--model-dir",
+            str(second),
+            "--out",
+            str(tmp_path / "s"),
+            "--batch-size",
+            "2",
+            "--max-forward-passes",
+            "500",
+            "--forward-backend",
+            "torch",
+            "--no-incremental-occlusion",
+        ]
     )
 
     assert code == 0
     assert capsys.readouterr().out.split() == [
-        str(tmp_path / "s" / "tiny.mar"), str(tmp_path / "s" / "tiny-two.mar")
+        str(tmp_path / "s" / "tiny.mar"),
+        str(tmp_path / "s" / "tiny-two.mar"),
     ]
     assert model_names(tmp_path / "s") == ["tiny", "tiny-two"]
     settings = yaml.safe_load(_contents(tmp_path / "s" / "tiny-two.mar")["model-config.yaml"])

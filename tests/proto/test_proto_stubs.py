@@ -26,7 +26,7 @@ def test_generated_stubs_are_current(proto: str, tmp_path: Path) -> None:
     well_known = Path(protoc.__file__).parent / "_proto"
     args = [
         "protoc",
-        f"-I{PROTO_ROOT}",
+        f"-Ixaiserve/api={PROTO_ROOT / 'xaiserve'}",
         f"-I{well_known}",
         f"--python_out={tmp_path}",
         f"--pyi_out={tmp_path}",
@@ -34,10 +34,10 @@ def test_generated_stubs_are_current(proto: str, tmp_path: Path) -> None:
         str(PROTO_ROOT / proto),
     ]
     assert protoc.main(args) == 0
-    package = Path(proto).parent
+    package = Path("xaiserve/api") / Path(proto).parent.relative_to("xaiserve")
     for name in GENERATED[proto]:
         fresh = (tmp_path / package / name).read_text()
-        committed = (PROTO_ROOT / package / name).read_text()
+        committed = (ROOT / "src" / package / name).read_text()
         assert fresh == committed, f"{package / name} is stale: run `make proto`"
 
 

@@ -9,9 +9,9 @@ import grpc
 import pytest
 from service_fakes import FakeEngine, LoopThread, Served
 
-from xaiserve.service.backends import LocalBackend
-from xaiserve.service.server import start_server
-from xaiserve.service.settings import Settings
+from xaiserve.gateway.backends import LocalBackend
+from xaiserve.gateway.server import start_server
+from xaiserve.gateway.settings import Settings
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from xaiserve.handlers.types import (
+from xaiserve.api.types import (
     ClassScore,
     ExplainRequest,
     ExplainResult,
@@ -20,7 +20,7 @@ from xaiserve.handlers.types import (
     ModelInfo,
     Prediction,
 )
-from xaiserve.v1 import explain_pb2_grpc
+from xaiserve.api.v1 import explain_pb2_grpc
 
 T = TypeVar("T")
 
@@ -56,7 +56,7 @@ def fake_map(index: int, stage: str) -> np.ndarray:
 
 @dataclass
 class FakeEngine:
-    """Stands in for ``xaiserve.handlers.engine.Engine``.
+    """Stands in for ``xaiserve.engine.engine.Engine``.
 
     ``behaviour(request, deadline)`` runs first on every call; it may sleep, wait or raise.
     """
@@ -69,8 +69,12 @@ class FakeEngine:
         if self.behaviour is not None:
             self.behaviour(request, deadline)
         score = ClassScore(index=1, label=LABELS[1], probability=0.75, logit=2.5)
-        target = score if request.target is None else ClassScore(
-            index=request.target, label=LABELS[request.target], probability=0.2, logit=0.5
+        target = (
+            score
+            if request.target is None
+            else ClassScore(
+                index=request.target, label=LABELS[request.target], probability=0.2, logit=0.5
+            )
         )
         explanations = tuple(
             Explanation(

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xaiserve.handlers.calibration import CALIBRATION_JSON, CALIBRATION_NPZ
-from xaiserve.handlers.model import load_model_dir
-from xaiserve.service import cli
+from xaiserve import cli
+from xaiserve.runtime.calibration import CALIBRATION_JSON, CALIBRATION_NPZ
+from xaiserve.runtime.model import load_model_dir
 
 
 def _npz(path: Path) -> dict[str, np.ndarray]:
@@ -30,8 +30,25 @@ def store(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     shutil.copytree(demo_model_dir, root / "demo")
     common = ["--model", "demo", "--model-store", str(root)]
     assert cli.main(["calibrate", *common, "--n", "48", "--batch-size", "16"]) == 0
-    assert cli.main(["gad-train", *common, "--classes", "circle,square", "--alphas", "0,4",
-                     "--n", "32", "--epochs", "1", "--batch-size", "16"]) == 0
+    assert (
+        cli.main(
+            [
+                "gad-train",
+                *common,
+                "--classes",
+                "circle,square",
+                "--alphas",
+                "0,4",
+                "--n",
+                "32",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -43,8 +60,22 @@ def test_calibrate_stores_a_deterministic_calibration(store: Path, capsys) -> No
     assert set(meta["cams"]) == {"grad_cam", "xgrad_cam", "grad_cam_plus_plus", "grad_cam_pixel"}
     first = _npz(directory / CALIBRATION_NPZ)
     assert first["grad_cam.importance"].shape == (64, 4)
-    assert cli.main(["calibrate", "--model", "demo", "--model-store", str(store),
-                     "--n", "48", "--batch-size", "16"]) == 0
+    assert (
+        cli.main(
+            [
+                "calibrate",
+                "--model",
+                "demo",
+                "--model-store",
+                str(store),
+                "--n",
+                "48",
+                "--batch-size",
+                "16",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "grad_cam_plus_plus" in out and "48 images" in out
     again = _npz(directory / CALIBRATION_NPZ)
@@ -67,9 +98,25 @@ def test_gad_train_stores_the_pair(store: Path) -> None:
 
 def test_evaluate_writes_the_seed_tables(store: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "eval"
-    status = cli.main(["evaluate", "--model", "demo", "--model-store", str(store), "--n", "4",
-                       "--sections", "ifa,gad", "--gad-methods", "saliency",
-                       "--principal-fractions", "0.05", "--out", str(out)])
+    status = cli.main(
+        [
+            "evaluate",
+            "--model",
+            "demo",
+            "--model-store",
+            str(store),
+            "--n",
+            "4",
+            "--sections",
+            "ifa,gad",
+            "--gad-methods",
+            "saliency",
+            "--principal-fractions",
+            "0.05",
+            "--out",
+            str(out),
+        ]
+    )
     assert status == 0
     printed = capsys.readouterr().out
     assert "seed 003 table I" in printed and "seed 002 table 2" in printed
@@ -80,8 +127,12 @@ def test_evaluate_writes_the_seed_tables(store: Path, tmp_path: Path, capsys) ->
     with open(out / "gad_table1_complexity.csv") as f:
         complexity = list(csv.DictReader(f))
     assert {row["method"] for row in complexity} == {"saliency"}
-    for name in ("ifa_table2_principal_accuracy.csv", "ifa_scatter.png",
-                 "gad_table2_sensitivity.csv", "gad_regions.csv"):
+    for name in (
+        "ifa_table2_principal_accuracy.csv",
+        "ifa_scatter.png",
+        "gad_table2_sensitivity.csv",
+        "gad_regions.csv",
+    ):
         assert (out / name).is_file(), name
 
 
@@ -91,15 +142,30 @@ def test_archives_carry_the_calibration_and_support_models(store: Path, tmp_path
 
     with zipfile.ZipFile(build_archive(store / "demo", tmp_path)) as packed:
         names = set(packed.namelist())
-    assert {CALIBRATION_JSON, CALIBRATION_NPZ, "gad/index.json", "gad/pair_0_1_alpha_4.pt",
-            "config.yaml", "weights.pt"} <= names
+    assert {
+        CALIBRATION_JSON,
+        CALIBRATION_NPZ,
+        "gad/index.json",
+        "gad/pair_0_1_alpha_4.pt",
+        "config.yaml",
+        "weights.pt",
+    } <= names
 
 
-def test_evaluate_sections_need_their_artifacts(demo_model_dir: Path, tmp_path: Path,
-                                                capsys) -> None:
+def test_evaluate_sections_need_their_artifacts(
+    demo_model_dir: Path, tmp_path: Path, capsys
+) -> None:
     shutil.copytree(demo_model_dir, tmp_path / "demo")
-    common = ["--model", "demo", "--model-store", str(tmp_path), "--n", "2", "--out",
-              str(tmp_path / "eval")]
+    common = [
+        "--model",
+        "demo",
+        "--model-store",
+        str(tmp_path),
+        "--n",
+        "2",
+        "--out",
+        str(tmp_path / "eval"),
+    ]
     assert cli.main(["evaluate", *common, "--sections", "ifa"]) == 2
     assert "run `xaiserve calibrate --model demo`" in capsys.readouterr().err
     assert cli.main(["evaluate", *common, "--sections", "gad"]) == 2
@@ -110,11 +176,15 @@ def test_evaluate_sections_need_their_artifacts(demo_model_dir: Path, tmp_path: 
     ("argv", "message"),
     [
         (["calibrate", "--model", "nope"], "model 'nope' not in"),
-        (["gad-train", "--model", "demo", "--classes", "circle,dog"],
-         "unknown class 'dog'; labels: circle, square, triangle, cross"),
+        (
+            ["gad-train", "--model", "demo", "--classes", "circle,dog"],
+            "unknown class 'dog'; labels: circle, square, triangle, cross",
+        ),
         (["gad-train", "--model", "demo", "--classes", "circle,circle"], "must differ"),
-        (["gad-train", "--model", "demo", "--classes", "circle,square", "--alphas", "0"],
-         "at least one > 0"),
+        (
+            ["gad-train", "--model", "demo", "--classes", "circle,square", "--alphas", "0"],
+            "at least one > 0",
+        ),
     ],
 )
 def test_command_errors(store: Path, capsys, argv: list[str], message: str) -> None:

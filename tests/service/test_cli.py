@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from service_fakes import FAKE_PNG, Served, fake_map
 
-from xaiserve.service import cli
-from xaiserve.service.client import XaiClient, build_request
-from xaiserve.v1 import explain_pb2 as pb
+from xaiserve import cli
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.gateway import cli as client_cli
+from xaiserve.gateway.client import XaiClient, build_request
 
 ServeFake = Callable[..., Served]
 
@@ -26,14 +27,32 @@ def test_explain_writes_overlays_maps_and_summary(
     image.write_bytes(b"not really a png")
     out = tmp_path / "out"
 
-    status = cli.main([
-        "explain", str(image), "--model", "demo", "--methods", "saliency,gradcam,ig,saliency",
-        "--out", str(out), "--server", served.target, "--target", "0", "--top-k", "1",
-        "--param", "ig.steps=8", "--param", "ig.baseline=0.5", "--reliability",
-    ])
+    status = cli.main(
+        [
+            "explain",
+            str(image),
+            "--model",
+            "demo",
+            "--methods",
+            "saliency,gradcam,ig,saliency",
+            "--out",
+            str(out),
+            "--server",
+            served.target,
+            "--target",
+            "0",
+            "--top-k",
+            "1",
+            "--param",
+            "ig.steps=8",
+            "--param",
+            "ig.baseline=0.5",
+            "--reliability",
+        ]
+    )
 
     assert status == 0
-    (request, _), = served.engine.calls
+    ((request, _),) = served.engine.calls
     assert [m.name for m in request.methods] == ["saliency", "grad_cam", "integrated_gradients"]
     assert request.methods[2].params == {"steps": 8, "baseline": 0.5}
     assert request.want_png and request.want_array and request.target == 0
@@ -46,7 +65,10 @@ def test_explain_writes_overlays_maps_and_summary(
     summary = json.loads((out / "cat.json").read_text())
     assert summary["prediction"]["target"]["label"] == "circle"
     assert [e["method"] for e in summary["explanations"]] == [
-        "saliency", "grad_cam", "integrated_gradients"]
+        "saliency",
+        "grad_cam",
+        "integrated_gradients",
+    ]
     assert summary["explanations"][0]["shape"] == [1, 4, 4]
     assert summary["explanations"][2]["forward_passes"] == 3
     assert summary["explanations"][0]["timings"] == {"attribute": 0.01}
@@ -139,16 +161,34 @@ def test_cli_params_nest_and_parse_values(
     served = serve_fake()
     image = tmp_path / "dog.png"
     image.write_bytes(b"png")
-    status = cli.main([
-        "explain", str(image), "--methods", "occlusion,auto", "--out", str(tmp_path),
-        "--server", served.target, "--param", "occlusion.adaptive.enabled=true",
-        "--param", "occlusion.adaptive.refine_fraction=0.5", "--param", "occlusion.window=6",
-        "--param", "auto.candidates=saliency,grad_cam", "--filter", "exact",
-    ])
+    status = cli.main(
+        [
+            "explain",
+            str(image),
+            "--methods",
+            "occlusion,auto",
+            "--out",
+            str(tmp_path),
+            "--server",
+            served.target,
+            "--param",
+            "occlusion.adaptive.enabled=true",
+            "--param",
+            "occlusion.adaptive.refine_fraction=0.5",
+            "--param",
+            "occlusion.window=6",
+            "--param",
+            "auto.candidates=saliency,grad_cam",
+            "--filter",
+            "exact",
+        ]
+    )
     assert status == 0, capsys.readouterr().err
-    (request, _), = served.engine.calls
+    ((request, _),) = served.engine.calls
     assert request.methods[0].params == {
-        "window": 6, "adaptive": {"enabled": True, "refine_fraction": 0.5}}
+        "window": 6,
+        "adaptive": {"enabled": True, "refine_fraction": 0.5},
+    }
     assert request.methods[1].params == {"candidates": ["saliency", "grad_cam"]}
     assert all(m.filter is not None and m.filter.mode == "exact" for m in request.methods)
 
@@ -158,7 +198,7 @@ def test_client_sends_arrays_as_tensors(serve_fake: ServeFake) -> None:
     array = np.random.default_rng(0).random((3, 5, 4))  # float64: sent as float32
     with XaiClient(served.target, timeout=10) as client:
         client.explain(array)
-    (request, _), = served.engine.calls
+    ((request, _),) = served.engine.calls
     assert request.image.shape == (3, 5, 4)
     np.testing.assert_array_equal(
         np.frombuffer(request.image.data, "<f4").reshape(3, 5, 4), array.astype(np.float32)
@@ -175,6 +215,9 @@ def test_a_method_answered_twice_gets_distinct_files(tmp_path: Path) -> None:
             for _ in range(2)
         ],
     )
-    summary = cli.write_outputs(tmp_path / "img.png", response, tmp_path)
+    summary = client_cli.write_outputs(tmp_path / "img.png", response, tmp_path)
     assert [Path(p).name for p in summary["files"]] == [
-        "img_saliency.npy", "img_saliency_2.npy", "img.json"]
+        "img_saliency.npy",
+        "img_saliency_2.npy",
+        "img.json",
+    ]

@@ -1,4 +1,4 @@
-"""Protobuf <-> plain types (xaiserve.service.convert), no server."""
+"""Protobuf <-> plain types (xaiserve.api.convert), no server."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from service_fakes import FAKE_PNG, MODELS
 
-from xaiserve.handlers.errors import InvalidArgument
-from xaiserve.handlers.types import (
+from xaiserve.api import convert
+from xaiserve.api.errors import InvalidArgument
+from xaiserve.api.types import (
     ClassScore,
     EncodedImage,
     ExplainResult,
@@ -19,9 +20,8 @@ from xaiserve.handlers.types import (
     ReliabilityRecord,
     ReliabilityRequest,
 )
-from xaiserve.service import convert
-from xaiserve.service.client import build_request
-from xaiserve.v1 import explain_pb2 as pb
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.gateway.client import build_request
 
 
 def _request(*methods: pb.MethodRequest, **fields: object) -> pb.ExplainRequest:
@@ -69,10 +69,14 @@ def test_full_request_converts_every_field() -> None:
 
 
 def test_unset_optionals_are_none_and_explicit_zeros_are_kept() -> None:
-    plain = convert.request_from_proto(_request(pb.MethodRequest(
-        method=pb.INTEGRATED_GRADIENTS,
-        integrated_gradients=pb.IntegratedGradientsParams(steps=0, baseline=0.0),
-    )))
+    plain = convert.request_from_proto(
+        _request(
+            pb.MethodRequest(
+                method=pb.INTEGRATED_GRADIENTS,
+                integrated_gradients=pb.IntegratedGradientsParams(steps=0, baseline=0.0),
+            )
+        )
+    )
     assert plain.target is None and plain.top_k is None
     assert plain.methods[0].params == {"steps": 0, "baseline": 0.0}
 
@@ -107,8 +111,12 @@ def test_filter_modes(mode: int, name: str) -> None:
 
 @pytest.mark.parametrize(
     ("stage", "name"),
-    [(pb.MAP_STAGE_UNSPECIFIED, "one_channel"), (pb.RAW, "raw"), (pb.ONE_CHANNEL, "one_channel"),
-     (pb.TIMES_IMAGE, "times_image")],
+    [
+        (pb.MAP_STAGE_UNSPECIFIED, "one_channel"),
+        (pb.RAW, "raw"),
+        (pb.ONE_CHANNEL, "one_channel"),
+        (pb.TIMES_IMAGE, "times_image"),
+    ],
 )
 def test_stages(stage: int, name: str) -> None:
     method = pb.MethodRequest(method=pb.SALIENCY, stage=stage)
@@ -117,8 +125,12 @@ def test_stages(stage: int, name: str) -> None:
 
 @pytest.mark.parametrize(
     ("encoding", "wanted"),
-    [(pb.MAP_ENCODING_UNSPECIFIED, (True, False)), (pb.FLOAT32, (True, False)),
-     (pb.PNG_OVERLAY, (False, True)), (pb.FLOAT32_AND_PNG, (True, True))],
+    [
+        (pb.MAP_ENCODING_UNSPECIFIED, (True, False)),
+        (pb.FLOAT32, (True, False)),
+        (pb.PNG_OVERLAY, (False, True)),
+        (pb.FLOAT32_AND_PNG, (True, True)),
+    ],
 )
 def test_map_encodings(encoding: int, wanted: tuple[bool, bool]) -> None:
     plain = convert.request_from_proto(_request(map_encoding=encoding))
@@ -126,9 +138,14 @@ def test_map_encodings(encoding: int, wanted: tuple[bool, bool]) -> None:
 
 
 def test_every_method_enum_maps_to_its_registry_name() -> None:
-    names = {"SALIENCY": "saliency", "INPUT_X_GRADIENT": "input_x_gradient",
-             "SMOOTHGRAD": "smoothgrad", "INTEGRATED_GRADIENTS": "integrated_gradients",
-             "GRAD_CAM": "grad_cam", "OCCLUSION": "occlusion"}
+    names = {
+        "SALIENCY": "saliency",
+        "INPUT_X_GRADIENT": "input_x_gradient",
+        "SMOOTHGRAD": "smoothgrad",
+        "INTEGRATED_GRADIENTS": "integrated_gradients",
+        "GRAD_CAM": "grad_cam",
+        "OCCLUSION": "occlusion",
+    }
     for enum_name, registry_name in names.items():
         method = pb.MethodRequest(method=pb.Method.Value(enum_name))
         assert convert.request_from_proto(_request(method)).methods[0].name == registry_name
@@ -162,7 +179,13 @@ def test_nested_enum_and_repeated_params() -> None:
         {"adaptive": {}},  # set, with defaults
     ]
     assert [m.name for m in plain.methods] == [
-        "occlusion", "lrp", "lrp", "auto", "vargrad", "occlusion"]
+        "occlusion",
+        "lrp",
+        "lrp",
+        "auto",
+        "vargrad",
+        "occlusion",
+    ]
 
 
 @pytest.mark.parametrize("candidate", [99, pb.METHOD_UNSPECIFIED])
@@ -248,17 +271,37 @@ def _result() -> ExplainResult:
         version="1",
         prediction=Prediction(top_k=(score, ClassScore(0, "circle", 0.25, 0.5)), target=score),
         explanations=(
-            Explanation(method="integrated_gradients", stage="raw", map=raw, forward_passes=32,
-                        timings={"attribute": 0.5, "apem": 0.25}, png=FAKE_PNG),
             Explanation(
-                method="grad_cam", stage="one_channel", map=one.astype(np.float64),
-                forward_passes=1, timings={},
+                method="integrated_gradients",
+                stage="raw",
+                map=raw,
+                forward_passes=32,
+                timings={"attribute": 0.5, "apem": 0.25},
+                png=FAKE_PNG,
+            ),
+            Explanation(
+                method="grad_cam",
+                stage="one_channel",
+                map=one.astype(np.float64),
+                forward_passes=1,
+                timings={},
                 reliability=ReliabilityRecord(
-                    eps_minus=1.0, eps_plus=3.0, apem=2.0, resolution=0.01,
-                    eps_minus_censored=False, eps_plus_censored=True, forward_passes=40,
+                    eps_minus=1.0,
+                    eps_plus=3.0,
+                    apem=2.0,
+                    resolution=0.01,
+                    eps_minus_censored=False,
+                    eps_plus_censored=True,
+                    forward_passes=40,
                 ),
-                filtered=FilteredRecord(map=one * 0, kept_fraction=0.5, apem_before=2.0,
-                                        apem_after=2.5, forward_passes=9, png=FAKE_PNG),
+                filtered=FilteredRecord(
+                    map=one * 0,
+                    kept_fraction=0.5,
+                    apem_before=2.0,
+                    apem_after=2.5,
+                    forward_passes=9,
+                    png=FAKE_PNG,
+                ),
             ),
         ),
         timings={"decode": 0.125, "predict": 0.25, "total": 1.0},
@@ -275,7 +318,10 @@ def test_response_carries_maps_records_and_timings() -> None:
     scores = (target.index, target.label, target.probability, target.logit)
     assert scores == (2, "triangle", 0.5, 1.25)
     assert [(t.stage, t.seconds) for t in response.timings] == [
-        ("decode", 0.125), ("predict", 0.25), ("total", 1.0)]
+        ("decode", 0.125),
+        ("predict", 0.25),
+        ("total", 1.0),
+    ]
 
     ig, cam = response.explanations
     assert (ig.method, ig.stage, ig.forward_passes) == (pb.INTEGRATED_GRADIENTS, pb.RAW, 32)
@@ -306,15 +352,30 @@ def test_png_only_response_has_shapes_but_no_data() -> None:
 
 
 def test_apem_norm_is_set_when_computed() -> None:
-    record = ReliabilityRecord(eps_minus=1, eps_plus=2, apem=1, resolution=0.1,
-                               eps_minus_censored=False, eps_plus_censored=False,
-                               forward_passes=3, apem_norm=0.0, undefined_reason="")
+    record = ReliabilityRecord(
+        eps_minus=1,
+        eps_plus=2,
+        apem=1,
+        resolution=0.1,
+        eps_minus_censored=False,
+        eps_plus_censored=False,
+        forward_passes=3,
+        apem_norm=0.0,
+        undefined_reason="",
+    )
     result = _result()
-    explanation = Explanation(method="saliency", stage="one_channel", map=np.zeros((1, 2, 2)),
-                              forward_passes=1, timings={}, reliability=record)
+    explanation = Explanation(
+        method="saliency",
+        stage="one_channel",
+        map=np.zeros((1, 2, 2)),
+        forward_passes=1,
+        timings={},
+        reliability=record,
+    )
     response = convert.response_to_proto(
         ExplainResult(result.model, result.version, result.prediction, (explanation,), {}),
-        want_array=True, want_png=False,
+        want_array=True,
+        want_png=False,
     )
     assert response.explanations[0].reliability.HasField("apem_norm")
     assert response.explanations[0].reliability.apem_norm == 0.0

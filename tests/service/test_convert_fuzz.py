@@ -1,4 +1,4 @@
-"""Property tests of the request converter (xaiserve.service.convert) on arbitrary messages.
+"""Property tests of the request converter (xaiserve.api.convert) on arbitrary messages.
 
 Whatever the field values (huge or unicode strings, ints at their extremes, unknown enum
 values, repeated fields, parameter messages of the wrong method, tensors whose shape and
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.fuzz import messages, method_requests, tensors
 
-from xaiserve.handlers.errors import InvalidArgument, XaiError
-from xaiserve.service import convert
-from xaiserve.service.reverse_convert import request_to_proto
-from xaiserve.v1 import explain_pb2 as pb
+from support.fuzz import messages, method_requests, tensors
+from xaiserve.api import convert
+from xaiserve.api.errors import InvalidArgument, XaiError
+from xaiserve.api.reverse_convert import request_to_proto
+from xaiserve.api.v1 import explain_pb2 as pb
 
 FUZZ = settings(
     max_examples=200,

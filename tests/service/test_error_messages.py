@@ -7,10 +7,10 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from support.gateway import Gateway, running_gateway, tiny_png
 
-from xaiserve.handlers import worker_protocol
-from xaiserve.handlers.errors import (
+from support.gateway import Gateway, running_gateway, tiny_png
+from xaiserve.api import worker_protocol
+from xaiserve.api.errors import (
     MAX_MESSAGE_CHARS,
     MAX_QUOTED_CHARS,
     DeadlineExceeded,
@@ -23,9 +23,9 @@ from xaiserve.handlers.errors import (
     listing,
     quote,
 )
-from xaiserve.service.status import to_status
-from xaiserve.v1 import explain_pb2 as pb
-from xaiserve.v1 import explain_pb2_grpc
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.api.v1 import explain_pb2_grpc
+from xaiserve.gateway.status import to_status
 
 TIMEOUT = 60
 MAX_MESSAGE_BYTES = 1024 * 1024
@@ -119,8 +119,11 @@ def _refusal(gateway: Gateway, request: pb.ExplainRequest) -> grpc.RpcError:
     ("fields", "code", "start"),
     [
         ({"model_name": LONG}, grpc.StatusCode.NOT_FOUND, "model_name: model 'mmm"),
-        ({"model_name": "tiny", "model_version": LONG}, grpc.StatusCode.NOT_FOUND,
-         "model_version: model 'tiny' version 'mmm"),
+        (
+            {"model_name": "tiny", "model_version": LONG},
+            grpc.StatusCode.NOT_FOUND,
+            "model_version: model 'tiny' version 'mmm",
+        ),
         ({"model_name": "é" * 9000}, grpc.StatusCode.NOT_FOUND, "model_name: model 'ééé"),
     ],
     ids=["model_name", "model_version", "non_ascii_name"],
@@ -140,10 +143,14 @@ def test_a_huge_name_is_not_found_in_a_short_message_through_the_real_server(
     assert details.startswith(start) and "characters)" in details
     assert "served: tiny" in details or "serving version" in details
     # the server still answers a valid call
-    answer = _explain(gateway, pb.ExplainRequest(
-        model_name="tiny", image=pb.Image(encoded=tiny_png()),
-        methods=[pb.MethodRequest(method=pb.SALIENCY)],
-    ))
+    answer = _explain(
+        gateway,
+        pb.ExplainRequest(
+            model_name="tiny",
+            image=pb.Image(encoded=tiny_png()),
+            methods=[pb.MethodRequest(method=pb.SALIENCY)],
+        ),
+    )
     assert answer.model_name == "tiny" and len(answer.explanations) == 1
 
 

@@ -16,10 +16,10 @@ from service_fakes import Served
 
 from support.broken_models import BROKEN, GOOD, write_store
 from support.gateway import tiny_png
-from xaiserve.handlers.engine import Engine
-from xaiserve.handlers.forward_config import ForwardConfig
-from xaiserve.handlers.limits import EngineLimits
-from xaiserve.v1 import explain_pb2 as pb
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.engine.engine import Engine
+from xaiserve.engine.limits import EngineLimits
+from xaiserve.runtime.forward.config import ForwardConfig
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +71,8 @@ def test_explain_on_failed_models_and_the_good_one(
 def test_the_server_starts_on_a_store_with_one_good_model(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from xaiserve.service.server import build_backend
-    from xaiserve.service.settings import Settings
+    from xaiserve.gateway.server import build_backend
+    from xaiserve.gateway.settings import Settings
 
     write_store(tmp_path)
     settings = Settings(
@@ -92,7 +92,7 @@ def test_the_server_starts_on_a_store_with_one_good_model(
 def test_the_models_command_prints_why_a_model_failed(
     serve_fake: Callable[..., Served], engine: Engine, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from xaiserve.service import cli
+    from xaiserve import cli
 
     served = serve_fake(engine)
     assert cli.main(["models", "--server", served.target]) == 0

@@ -6,21 +6,21 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from xaiserve.handlers.types import (
+from xaiserve.api.types import (
     ClassScore,
     ExplainResult,
     Explanation,
     Prediction,
     ReliabilityRecord,
 )
-from xaiserve.service.metrics import CODES, METHODS, RPCS, Metrics
-from xaiserve.v1 import explain_pb2 as pb
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.gateway.metrics import CODES, METHODS, RPCS, Metrics
 
 
 def test_vocabularies_are_the_api_catalog_and_grpc_codes() -> None:
-    assert METHODS == {n.lower() for n in pb.Method.keys()} - {"method_unspecified"}
+    assert {n.lower() for n in pb.Method.keys()} - {"method_unspecified"} == METHODS
     assert len(CODES) == 17 and {"OK", "NOT_FOUND", "RESOURCE_EXHAUSTED"} <= CODES
-    assert RPCS == {"Explain", "ListModels"}
+    assert {"Explain", "ListModels"} == RPCS
 
 
 @pytest.mark.parametrize(
@@ -40,8 +40,10 @@ def test_each_method_of_a_call_is_counted_once(names: list[str], counted: dict[s
     r = metrics.registry
     seen = {
         s.labels["method"]: s.value
-        for family in r.collect() if family.name == "xaiserve_method_requests"
-        for s in family.samples if s.name == "xaiserve_method_requests_total"
+        for family in r.collect()
+        if family.name == "xaiserve_method_requests"
+        for s in family.samples
+        if s.name == "xaiserve_method_requests_total"
     }
     assert seen == counted
     assert _value(r, "xaiserve_request_duration_seconds_count", model="demo", code="OK") == 1
@@ -59,9 +61,15 @@ def test_codes_and_rpcs_outside_the_vocabulary_are_other() -> None:
 
 def _record(apem: float, norm: float | None = None, undefined: str = "") -> ReliabilityRecord:
     return ReliabilityRecord(
-        eps_minus=1.0, eps_plus=1.0 + apem, apem=apem, resolution=0.01,
-        eps_minus_censored=False, eps_plus_censored=False, forward_passes=9,
-        apem_norm=norm, undefined_reason=undefined,
+        eps_minus=1.0,
+        eps_plus=1.0 + apem,
+        apem=apem,
+        resolution=0.01,
+        eps_minus_censored=False,
+        eps_plus_censored=False,
+        forward_passes=9,
+        apem_norm=norm,
+        undefined_reason=undefined,
     )
 
 
@@ -79,8 +87,12 @@ def _result(*explanations: Explanation) -> ExplainResult:
 
 def _explanation(method: str, **fields) -> Explanation:
     return Explanation(
-        method=method, stage="one_channel", map=np.zeros((1, 2, 2), np.float32),
-        forward_passes=0, timings=fields.pop("timings", {"attribute": 0.1}), **fields,
+        method=method,
+        stage="one_channel",
+        map=np.zeros((1, 2, 2), np.float32),
+        forward_passes=0,
+        timings=fields.pop("timings", {"attribute": 0.1}),
+        **fields,
     )
 
 
@@ -107,28 +119,44 @@ def test_a_result_records_stages_passes_and_apem() -> None:
     for method in ("saliency", "grad_cam", "occlusion"):
         assert _value(r, "xaiserve_method_requests_total", model="demo", method=method) == 1
     assert _value(r, "xaiserve_request_errors_total", rpc="Explain", code="OK") == 0
-    for stage, seconds in (("decode", 0.001), ("predict", 0.002), ("engine", 0.5),
-                           ("backend", 0.55)):
-        assert _value(r, "xaiserve_stage_duration_seconds_sum",
-                      model="demo", stage=stage) == pytest.approx(seconds)
-    assert _value(r, "xaiserve_stage_duration_seconds_count", model="demo",
-                  stage="made_up_stage") == 0
+    for stage, seconds in (
+        ("decode", 0.001),
+        ("predict", 0.002),
+        ("engine", 0.5),
+        ("backend", 0.55),
+    ):
+        assert _value(
+            r, "xaiserve_stage_duration_seconds_sum", model="demo", stage=stage
+        ) == pytest.approx(seconds)
+    assert (
+        _value(r, "xaiserve_stage_duration_seconds_count", model="demo", stage="made_up_stage") == 0
+    )
     for stage in ("attribute", "postprocess", "apem", "filter"):
-        assert _value(r, "xaiserve_method_stage_duration_seconds_count",
-                      model="demo", method="saliency", stage=stage) == 1
-    passes = {s: _value(r, "xaiserve_forward_passes_total", model="demo", stage=s)
-              for s in ("predict", "attribute", "apem", "apem_filter", "other")}
+        assert (
+            _value(
+                r,
+                "xaiserve_method_stage_duration_seconds_count",
+                model="demo",
+                method="saliency",
+                stage=stage,
+            )
+            == 1
+        )
+    passes = {
+        s: _value(r, "xaiserve_forward_passes_total", model="demo", stage=s)
+        for s in ("predict", "attribute", "apem", "apem_filter", "other")
+    }
     assert passes == {"predict": 1, "attribute": 20, "apem": 40, "apem_filter": 5, "other": 2}
 
     # negative buckets: the client exposes no _sum (it would not be a counter)
-    assert r.get_sample_value("xaiserve_apem_score_sum", {"model": "demo", "method": "saliency"}) is None
+    assert (
+        r.get_sample_value("xaiserve_apem_score_sum", {"model": "demo", "method": "saliency"})
+        is None
+    )
     assert _value(r, "xaiserve_apem_score_count", model="demo", method="saliency") == 1
-    assert _value(r, "xaiserve_apem_score_bucket", model="demo", method="saliency",
-                  le="10.0") == 0
-    assert _value(r, "xaiserve_apem_score_bucket", model="demo", method="saliency",
-                  le="20.0") == 1
-    assert _value(r, "xaiserve_apem_score_bucket", model="demo", method="grad_cam",
-                  le="-1.0") == 1
+    assert _value(r, "xaiserve_apem_score_bucket", model="demo", method="saliency", le="10.0") == 0
+    assert _value(r, "xaiserve_apem_score_bucket", model="demo", method="saliency", le="20.0") == 1
+    assert _value(r, "xaiserve_apem_score_bucket", model="demo", method="grad_cam", le="-1.0") == 1
     assert _value(r, "xaiserve_apem_norm_score_count", model="demo", method="saliency") == 1
     assert _value(r, "xaiserve_apem_norm_score_count", model="demo", method="grad_cam") == 0
     # an undefined record is not a score
@@ -160,6 +188,15 @@ def test_rpc_errors_and_default_registry_has_process_metrics() -> None:
     r = metrics.registry
     assert _value(r, "xaiserve_request_errors_total", rpc="ListModels", code="UNAVAILABLE") == 1
     assert r.get_sample_value("process_cpu_seconds_total") is not None
-    assert r.get_sample_value("python_info", {
-        k: v for s in r.collect() if s.name == "python_info" for k, v in s.samples[0].labels.items()
-    }) == 1
+    assert (
+        r.get_sample_value(
+            "python_info",
+            {
+                k: v
+                for s in r.collect()
+                if s.name == "python_info"
+                for k, v in s.samples[0].labels.items()
+            },
+        )
+        == 1
+    )

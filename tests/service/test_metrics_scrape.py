@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
-from support.gateway import Gateway, running_gateway, tiny_png
 
-from xaiserve.v1 import explain_pb2 as pb
-from xaiserve.v1 import explain_pb2_grpc
+from support.gateway import Gateway, running_gateway, tiny_png
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.api.v1 import explain_pb2_grpc
 
 TIMEOUT = 60
 
@@ -135,11 +134,13 @@ def test_counts_move_by_exactly_the_calls_made(gateway: Gateway) -> None:
     assert scored.HasField("reliability")
     apem_buckets = {
         float(dict(k)["le"]): v
-        for k, v in _select(after["xaiserve_apem_score_bucket"], model="tiny",
-                            method="saliency").items()
+        for k, v in _select(
+            after["xaiserve_apem_score_bucket"], model="tiny", method="saliency"
+        ).items()
     }
-    assert all(v == (1.0 if le >= scored.reliability.apem else 0.0)
-               for le, v in apem_buckets.items()), (scored.reliability.apem, apem_buckets)
+    assert all(
+        v == (1.0 if le >= scored.reliability.apem else 0.0) for le, v in apem_buckets.items()
+    ), (scored.reliability.apem, apem_buckets)
     norm_count = after.get("xaiserve_apem_norm_score_count", {})
     expected = 1.0 if scored.reliability.HasField("apem_norm") else 0.0
     assert sum(_select(norm_count, model="tiny", method="saliency").values()) == expected

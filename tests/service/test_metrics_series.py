@@ -14,15 +14,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 from service_fakes import MODELS, FakeEngine, LoopThread
 
-from xaiserve.handlers.errors import NotFound
-from xaiserve.handlers.types import ExplainRequest
-from xaiserve.service import metrics as metrics_module
-from xaiserve.service.backends import LocalBackend
-from xaiserve.service.metrics import METHODS, Metrics
-from xaiserve.service.server import RunningServer, start
-from xaiserve.service.settings import Settings
-from xaiserve.v1 import explain_pb2 as pb
-from xaiserve.v1 import explain_pb2_grpc
+from xaiserve.api.errors import NotFound
+from xaiserve.api.types import ExplainRequest
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.api.v1 import explain_pb2_grpc
+from xaiserve.gateway import metrics as metrics_module
+from xaiserve.gateway.backends import LocalBackend
+from xaiserve.gateway.metrics import METHODS, Metrics
+from xaiserve.gateway.server import RunningServer, start
+from xaiserve.gateway.settings import Settings
 
 CALLS = 1000
 #: Sample lines these calls can leave, whatever names and method sets they draw: request
@@ -39,9 +39,9 @@ VOCABULARY: dict[str, frozenset[str]] = {
     "method": METHODS | {metrics_module.OTHER},
     "rpc": frozenset({"Explain", "ListModels"}),
     "stage": frozenset(
-        metrics_module.REQUEST_STAGES + metrics_module.METHOD_STAGES
-        + metrics_module.FORWARD_STAGES
-    ) | {metrics_module.OTHER},
+        metrics_module.REQUEST_STAGES + metrics_module.METHOD_STAGES + metrics_module.FORWARD_STAGES
+    )
+    | {metrics_module.OTHER},
 }
 
 
@@ -120,7 +120,9 @@ def test_random_calls_create_a_bounded_number_of_series(server: Server) -> None:
             codes.add(error.code())
     # the calls did reach every path: answered, unknown model, unknown method
     assert codes == {
-        grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT
+        grpc.StatusCode.OK,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.INVALID_ARGUMENT,
     }
 
     series, lines = _series(server.running.metrics.registry)

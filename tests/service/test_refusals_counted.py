@@ -16,13 +16,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from service_fakes import FakeEngine, LoopThread
 
-from xaiserve.handlers.types import ExplainRequest
-from xaiserve.service.backends import LocalBackend
-from xaiserve.service.metrics import Metrics
-from xaiserve.service.server import RunningServer, start
-from xaiserve.service.settings import Settings
-from xaiserve.v1 import explain_pb2 as pb
-from xaiserve.v1 import explain_pb2_grpc
+from xaiserve.api.types import ExplainRequest
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.api.v1 import explain_pb2_grpc
+from xaiserve.gateway.backends import LocalBackend
+from xaiserve.gateway.metrics import Metrics
+from xaiserve.gateway.server import RunningServer, start
+from xaiserve.gateway.settings import Settings
 
 TOKEN = "token-of-the-refusal-tests"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -93,7 +93,8 @@ def test_oversized_messages_are_counted(serve: Callable[..., Server]) -> None:
         grpc.StatusCode.RESOURCE_EXHAUSTED
     )
     assert server.errors() == {
-        ("Explain", "RESOURCE_EXHAUSTED"): 1.0, ("ListModels", "RESOURCE_EXHAUSTED"): 1.0
+        ("Explain", "RESOURCE_EXHAUSTED"): 1.0,
+        ("ListModels", "RESOURCE_EXHAUSTED"): 1.0,
     }
 
 
@@ -110,7 +111,8 @@ def test_calls_without_a_token_are_counted_once(
         grpc.StatusCode.UNAUTHENTICATED
     )
     assert server.errors() == {
-        ("Explain", "UNAUTHENTICATED"): 1.0, ("ListModels", "UNAUTHENTICATED"): 1.0
+        ("Explain", "UNAUTHENTICATED"): 1.0,
+        ("ListModels", "UNAUTHENTICATED"): 1.0,
     }
     # too big and without a token: the client sees the size refusal, counted as that alone
     assert _code(lambda: server.stub.Explain(_request(2 * LIMIT), timeout=10)) == (

@@ -1,5 +1,5 @@
-"""Plain request -> protobuf and protobuf response -> plain (xaiserve.service.reverse_convert):
-exact inverses of xaiserve.service.convert, so the TorchServe path drops nothing."""
+"""Plain request -> protobuf and protobuf response -> plain (xaiserve.api.reverse_convert):
+exact inverses of xaiserve.api.convert, so the TorchServe path drops nothing."""
 
 from __future__ import annotations
 
@@ -9,20 +9,30 @@ import numpy as np
 import pytest
 from google.protobuf.descriptor import Descriptor
 
-from xaiserve.service import convert, reverse_convert
-from xaiserve.v1 import explain_pb2 as pb
+from xaiserve.api import convert, reverse_convert
+from xaiserve.api.v1 import explain_pb2 as pb
 
 # Every field of the request messages, as set by _full_requests. A field added to the API
 # fails test_every_request_field_is_covered until reverse_convert (and this list) handle it.
 COVERED_FIELDS = {
     "ExplainRequest": {
-        "model_name", "model_version", "image", "target", "methods", "top_k", "map_encoding",
+        "model_name",
+        "model_version",
+        "image",
+        "target",
+        "methods",
+        "top_k",
+        "map_encoding",
         "forward_backend",
     },
     "Image": {"encoded", "tensor"},
     "Tensor": {"shape", "data"},
     "MethodRequest": {
-        "method", "stage", "reliability", "filter", "gad",
+        "method",
+        "stage",
+        "reliability",
+        "filter",
+        "gad",
         *(f.name for f in pb.MethodRequest.DESCRIPTOR.oneofs_by_name["params"].fields),
     },
     "ReliabilityOptions": {"enabled", "eps_max", "resolution", "shuffles", "clamp"},
@@ -80,7 +90,9 @@ def _full_requests() -> list[pb.ExplainRequest]:
             map_encoding=pb.FLOAT32_AND_PNG,
             forward_backend=pb.ONNXRUNTIME,
         ),
-        pb.ExplainRequest(model_name="demo", image=pb.Image(tensor=tensor), map_encoding=pb.PNG_OVERLAY),
+        pb.ExplainRequest(
+            model_name="demo", image=pb.Image(tensor=tensor), map_encoding=pb.PNG_OVERLAY
+        ),
         pb.ExplainRequest(model_name="m", image=pb.Image(encoded=b"x"), forward_backend=pb.TORCH),
     ]
 
@@ -95,8 +107,14 @@ def test_plain_request_survives_the_trip_through_protobuf(index: int) -> None:
 def _full_response() -> pb.ExplainResponse:
     data = np.linspace(-1, 1, 12, dtype="<f4").reshape(3, 2, 2)
     reliability = pb.Reliability(
-        eps_minus=0.1, eps_plus=3.3, apem=3.2, resolution=0.01, eps_minus_censored=False,
-        eps_plus_censored=True, forward_passes=40, undefined_reason="",
+        eps_minus=0.1,
+        eps_plus=3.3,
+        apem=3.2,
+        resolution=0.01,
+        eps_minus_censored=False,
+        eps_plus_censored=True,
+        forward_passes=40,
+        undefined_reason="",
     )
     reliability.apem_norm = 0.7
     return pb.ExplainResponse(
@@ -114,7 +132,10 @@ def _full_response() -> pb.ExplainResponse:
                 reliability=reliability,
                 filtered=pb.FilteredMap(
                     map=pb.AttributionMap(shape=[3, 2, 2], data=(data * 0).tobytes()),
-                    kept_fraction=0.25, apem_before=3.2, apem_after=3.5, forward_passes=9,
+                    kept_fraction=0.25,
+                    apem_before=3.2,
+                    apem_after=3.5,
+                    forward_passes=9,
                 ),
                 forward_passes=25,
                 timings=[pb.StageTiming(stage="attribute", seconds=0.123456789)],
@@ -127,7 +148,10 @@ def _full_response() -> pb.ExplainResponse:
                 forward_passes=1,
             ),
         ],
-        timings=[pb.StageTiming(stage="decode", seconds=0.01), pb.StageTiming(stage="total", seconds=1.5)],
+        timings=[
+            pb.StageTiming(stage="decode", seconds=0.01),
+            pb.StageTiming(stage="total", seconds=1.5),
+        ],
         forward_passes={"predict": 1, "attribute": 26, "apem_filter": 9},
     )
 
@@ -161,14 +185,23 @@ def test_models_survive_the_trip() -> None:
     message = pb.ListModelsResponse(
         models=[
             pb.ModelInfo(
-                name="broken", version="1", status=pb.MODEL_FAILED,
+                name="broken",
+                version="1",
+                status=pb.MODEL_FAILED,
                 status_reason="broken/weights.pt: weights file not found",
             ),
             pb.ModelInfo(
-                name="demo", version="2", input_shape=[3, 64, 64], labels=["a", "b"],
-                methods=[pb.SALIENCY, pb.GRAD_CAM], cam_layer="features.3",
-                forward_backend="onnxruntime", onnx_status="", calibrated=True,
-                gad_class_pairs=["a,b"], unsupported_methods=["lime: no"],
+                name="demo",
+                version="2",
+                input_shape=[3, 64, 64],
+                labels=["a", "b"],
+                methods=[pb.SALIENCY, pb.GRAD_CAM],
+                cam_layer="features.3",
+                forward_backend="onnxruntime",
+                onnx_status="",
+                calibrated=True,
+                gad_class_pairs=["a,b"],
+                unsupported_methods=["lime: no"],
                 onnx_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
                 status=pb.MODEL_AVAILABLE,
             ),
@@ -176,7 +209,8 @@ def test_models_survive_the_trip() -> None:
     )
     plain = reverse_convert.models_from_proto(message)
     assert [(m.status, m.status_reason) for m in plain] == [
-        ("FAILED", "broken/weights.pt: weights file not found"), ("AVAILABLE", "")
+        ("FAILED", "broken/weights.pt: weights file not found"),
+        ("AVAILABLE", ""),
     ]
     assert convert.models_to_proto(plain) == message
 

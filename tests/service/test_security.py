@@ -14,13 +14,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_fakes import FakeEngine, Served
-from support.certs import Pki, make_pki
 
-from xaiserve.handlers.types import ExplainRequest
-from xaiserve.service import security
-from xaiserve.service.client import XaiClient, tls_credentials
-from xaiserve.v1 import explain_pb2 as pb
-from xaiserve.v1 import explain_pb2_grpc
+from support.certs import Pki, make_pki
+from xaiserve.api.types import ExplainRequest
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.api.v1 import explain_pb2_grpc
+from xaiserve.gateway import security
+from xaiserve.gateway.client import XaiClient, tls_credentials
 
 ServeFake = Callable[..., Served]
 TOKEN = "s3cret-token-for-tests"
@@ -128,7 +128,9 @@ def test_calls_beyond_the_in_flight_limit_are_refused_at_once(serve_fake: ServeF
             assert entered.acquire(timeout=10)
         started = time.monotonic()
         with ThreadPoolExecutor(5) as pool:
-            codes = list(pool.map(lambda _: _code(lambda: stub.Explain(_request(), timeout=20)), range(5)))
+            codes = list(
+                pool.map(lambda _: _code(lambda: stub.Explain(_request(), timeout=20)), range(5))
+            )
         assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 5
         assert time.monotonic() - started < 5  # refused at once, not queued
     finally:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -21,20 +20,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from service_fakes import LoopThread
+
 from support.fuzz import image_bytes, messages, method_requests, strings, tensors
 from support.gateway import tiny_png
 from support.tiny_models import write_tiny_model_dir
-
-from xaiserve.handlers.engine import Engine
-from xaiserve.handlers.errors import XaiError
-from xaiserve.handlers.limits import EngineLimits
-from xaiserve.handlers.model import load_model_dir
-from xaiserve.service import convert
-from xaiserve.service.backends import LocalBackend
-from xaiserve.service.server import start_server
-from xaiserve.service.settings import Settings
-from xaiserve.v1 import explain_pb2 as pb
-from xaiserve.v1 import explain_pb2_grpc
+from xaiserve.api import convert
+from xaiserve.api.errors import XaiError
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.api.v1 import explain_pb2_grpc
+from xaiserve.engine.engine import Engine
+from xaiserve.engine.limits import EngineLimits
+from xaiserve.gateway.backends import LocalBackend
+from xaiserve.gateway.server import start_server
+from xaiserve.gateway.settings import Settings
+from xaiserve.runtime.model import load_model_dir
 
 # A small forward-pass limit keeps every accepted call short on the tiny model.
 LIMITS = EngineLimits(max_forward_passes=4096)

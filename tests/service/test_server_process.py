@@ -15,9 +15,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from xaiserve.service import server
-from xaiserve.v1 import explain_pb2 as pb
-from xaiserve.v1 import explain_pb2_grpc
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.api.v1 import explain_pb2_grpc
+from xaiserve.gateway import server
 
 HERE = Path(__file__).resolve().parent
 
@@ -26,9 +26,9 @@ SCRIPT = textwrap.dedent(
     import asyncio, sys
     sys.path.insert(0, {str(HERE)!r})
     from service_fakes import FakeEngine, sleep_for
-    from xaiserve.service.backends import LocalBackend
-    from xaiserve.service.server import serve
-    from xaiserve.service.settings import Settings, configure_logging
+    from xaiserve.gateway.backends import LocalBackend
+    from xaiserve.gateway.server import serve
+    from xaiserve.gateway.settings import Settings, configure_logging
 
     configure_logging("INFO")
     engine = FakeEngine(behaviour=sleep_for(1.0))
@@ -45,9 +45,7 @@ def _read_lines(stream, lines: list[str], found: threading.Event) -> None:
 
 
 def test_sigterm_lets_calls_in_flight_finish() -> None:
-    process = subprocess.Popen(
-        [sys.executable, "-c", SCRIPT], stderr=subprocess.PIPE, text=True
-    )
+    process = subprocess.Popen([sys.executable, "-c", SCRIPT], stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     listening = threading.Event()
     reader = threading.Thread(target=_read_lines, args=(process.stderr, lines, listening))

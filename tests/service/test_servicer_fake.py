@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from service_fakes import FAKE_PNG, FakeEngine, Served, fake_map, raise_error, sleep_for
 
-from xaiserve.handlers.errors import (
+from xaiserve.api.errors import (
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
@@ -23,9 +23,9 @@ from xaiserve.handlers.errors import (
     Unavailable,
     XaiError,
 )
-from xaiserve.handlers.types import ExplainRequest
-from xaiserve.service.client import XaiClient, map_to_array
-from xaiserve.v1 import explain_pb2 as pb
+from xaiserve.api.types import ExplainRequest
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.gateway.client import XaiClient, map_to_array
 
 ServeFake = Callable[..., Served]
 
@@ -55,7 +55,7 @@ def test_explain_round_trip(serve_fake: ServeFake) -> None:
             reliability={"eps_max": 4.0},
         )
 
-    (request, deadline), = served.engine.calls
+    ((request, deadline),) = served.engine.calls
     assert request.image.data == b"png-bytes" and request.target == 2 and request.top_k == 1
     assert [m.name for m in request.methods] == ["saliency", "occlusion"]
     assert request.methods[1].params == {"window": 3, "baseline": 0.0}
@@ -120,11 +120,15 @@ def test_missing_image_is_invalid(serve_fake: ServeFake) -> None:
 @pytest.mark.parametrize(
     ("error", "code"),
     [
-        (InvalidArgument("methods[0].smoothgrad.samples", "must be between 1 and 1024, got 0"),
-         grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            InvalidArgument("methods[0].smoothgrad.samples", "must be between 1 and 1024, got 0"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
         (NotFound("model_name", "no model 'nope'"), grpc.StatusCode.NOT_FOUND),
-        (ResourceExhausted("image.encoded", "9000000 bytes, limit 8388608"),
-         grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (
+            ResourceExhausted("image.encoded", "9000000 bytes, limit 8388608"),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ),
         (DeadlineExceeded("methods[2]", "deadline passed"), grpc.StatusCode.DEADLINE_EXCEEDED),
         (Unavailable("model_name", "worker down"), grpc.StatusCode.UNAVAILABLE),
     ],
@@ -203,7 +207,7 @@ def test_client_deadline_is_honoured(serve_fake: ServeFake) -> None:
         elapsed = time.monotonic() - start
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert elapsed < 1.5
-    (_, deadline), = served.engine.calls
+    ((_, deadline),) = served.engine.calls
     # the engine got the client's 0.3 s, not the 60-s default (one second allowed for wall
     # clock adjustments, as in test_explain_round_trip)
     assert deadline is not None and deadline - start < 1.3
@@ -255,7 +259,7 @@ def test_one_log_line_per_call_without_the_image(
 ) -> None:
     served = serve_fake()
     secret_image = b"IMAGE-BYTES-NOT-FOR-LOGS"
-    with caplog.at_level(logging.INFO, logger="xaiserve.service.servicer"):
+    with caplog.at_level(logging.INFO, logger="xaiserve.gateway.servicer"):
         served.stub.Explain(
             pb.ExplainRequest(
                 model_name="demo",
@@ -268,7 +272,7 @@ def test_one_log_line_per_call_without_the_image(
             timeout=10,
         )
         _rpc_error(lambda: served.stub.Explain(_request(pb.MethodRequest(method=99)), timeout=10))
-    lines = [r.getMessage() for r in caplog.records if r.name == "xaiserve.service.servicer"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "xaiserve.gateway.servicer"]
     assert len(lines) == 2
     assert "model=demo" in lines[0] and "methods=SALIENCY,GRAD_CAM" in lines[0]
     assert "status=OK" in lines[0] and "seconds=" in lines[0]

@@ -1,4 +1,4 @@
-"""Settings from flags, XAISERVE_* variables and defaults (xaiserve.service.settings)."""
+"""Settings from flags, XAISERVE_* variables and defaults (xaiserve.gateway.settings)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from dataclasses import FrozenInstanceError, fields
 
 import pytest
 
-from xaiserve.handlers.limits import EngineLimits
-from xaiserve.service.settings import Settings, build_parser, env_var, parse_settings
+from xaiserve.engine.limits import EngineLimits
+from xaiserve.gateway.settings import Settings, build_parser, env_var, parse_settings
 
 
 def test_defaults() -> None:
@@ -38,8 +38,17 @@ def test_environment_then_flags() -> None:
 
 def test_engine_limits_come_from_settings() -> None:
     settings = parse_settings(
-        ["--max-image-bytes", "10", "--max-image-pixels", "20", "--max-methods", "2",
-         "--max-forward-passes", "30"], {}
+        [
+            "--max-image-bytes",
+            "10",
+            "--max-image-pixels",
+            "20",
+            "--max-methods",
+            "2",
+            "--max-forward-passes",
+            "30",
+        ],
+        {},
     )
     assert settings.engine_limits() == EngineLimits(
         max_image_bytes=10, max_image_pixels=20, max_methods=2, max_forward_passes=30
@@ -48,8 +57,17 @@ def test_engine_limits_come_from_settings() -> None:
 
 def test_forward_settings_reach_the_forward_config() -> None:
     settings = parse_settings(
-        ["--forward-backend", "torch", "--onnx-threads", "3", "--no-incremental-occlusion",
-         "--forward-call-batch", "16", "--forward-max-batch", "32"],
+        [
+            "--forward-backend",
+            "torch",
+            "--onnx-threads",
+            "3",
+            "--no-incremental-occlusion",
+            "--forward-call-batch",
+            "16",
+            "--forward-max-batch",
+            "32",
+        ],
         {"XAISERVE_FORWARD_MEMORY_MB": "64"},
     )
     config = settings.forward_config()
@@ -61,11 +79,14 @@ def test_forward_settings_reach_the_forward_config() -> None:
     assert parse_settings([], {}).forward_config().incremental_occlusion
     environ = {"XAISERVE_INCREMENTAL_OCCLUSION": "false"}
     assert not parse_settings([], environ).forward_config().incremental_occlusion
-    gpu = parse_settings(["--onnx-providers", "CUDAExecutionProvider"],
-                         {"XAISERVE_ONNX_DEVICE_ID": "2"}).forward_config()
+    gpu = parse_settings(
+        ["--onnx-providers", "CUDAExecutionProvider"], {"XAISERVE_ONNX_DEVICE_ID": "2"}
+    ).forward_config()
     assert (gpu.onnx_providers, gpu.onnx_device_id) == (("CUDAExecutionProvider",), 2)
     assert parse_settings([], {}).forward_config().onnx_providers == (
-        "CUDAExecutionProvider", "CPUExecutionProvider")
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    )
 
 
 @pytest.mark.parametrize(

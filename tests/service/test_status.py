@@ -1,4 +1,4 @@
-"""Domain errors -> gRPC status codes (xaiserve.service.status)."""
+"""Domain errors -> gRPC status codes (xaiserve.gateway.status)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import grpc
 import pytest
 
-from xaiserve.handlers.errors import (
+from xaiserve.api.errors import (
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
@@ -16,14 +16,16 @@ from xaiserve.handlers.errors import (
     Unavailable,
     XaiError,
 )
-from xaiserve.service.status import to_status
+from xaiserve.gateway.status import to_status
 
 
 @pytest.mark.parametrize(
     ("error", "code"),
     [
-        (InvalidArgument("methods[1].occlusion.window", "must be >= 1, got 0"),
-         grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            InvalidArgument("methods[1].occlusion.window", "must be >= 1, got 0"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
         (NotFound("model_name", "no model 'x'"), grpc.StatusCode.NOT_FOUND),
         (ResourceExhausted("image.encoded", "too big"), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (DeadlineExceeded(None, "late"), grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -51,7 +53,7 @@ def test_unexpected_errors_are_internal_and_logged_not_sent(
     try:
         raise error
     except KeyError:
-        with caplog.at_level(logging.ERROR, logger="xaiserve.service.status"):
+        with caplog.at_level(logging.ERROR, logger="xaiserve.gateway.status"):
             code, message = to_status(error)
     assert code == grpc.StatusCode.INTERNAL
     match = re.fullmatch(r"internal error \(id ([0-9a-f]{12})\)", message)

@@ -15,19 +15,12 @@ import grpc
 import pytest
 from service_fakes import LoopThread
 
-from xaiserve.handlers import worker_protocol
-from xaiserve.handlers.errors import (
-    DeadlineExceeded,
-    InvalidArgument,
-    NotFound,
-    Unavailable,
-    XaiError,
-)
-from xaiserve.handlers.types import EncodedImage, ExplainRequest, MethodRequest
-from xaiserve.service import convert
-from xaiserve.service.torchserve_backend import TorchServeBackend
-from xaiserve.torchserve import inference_pb2, inference_pb2_grpc
-from xaiserve.v1 import explain_pb2 as pb
+from xaiserve.api import convert, worker_protocol
+from xaiserve.api.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable, XaiError
+from xaiserve.api.torchserve import inference_pb2, inference_pb2_grpc
+from xaiserve.api.types import EncodedImage, ExplainRequest, MethodRequest
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.gateway.torchserve_backend import TorchServeBackend
 
 KEY = "right-key"
 
@@ -38,8 +31,11 @@ def _answer_for(request: pb.ExplainRequest) -> bytes:
         model_version="1",
         prediction=pb.Prediction(target=pb.ClassScore(index=request.target, label="x")),
         explanations=[
-            pb.Explanation(method=m.method, stage=pb.ONE_CHANNEL,
-                           map=pb.AttributionMap(shape=[1, 1, 1], data=b"\x00\x00\x80\x3f"))
+            pb.Explanation(
+                method=m.method,
+                stage=pb.ONE_CHANNEL,
+                map=pb.AttributionMap(shape=[1, 1, 1], data=b"\x00\x00\x80\x3f"),
+            )
             for m in request.methods
         ],
         forward_passes={"predict": 1},
@@ -123,10 +119,15 @@ def setup(aio_loop: LoopThread, tmp_path: Path) -> Iterator[Setup]:
 
 
 def _plain(**changes: Any) -> ExplainRequest:
-    base = dict(model="demo", image=EncodedImage(b"png"), target=1,
-                methods=(MethodRequest(name="saliency", params_field="saliency"),
-                         MethodRequest(name="grad_cam", field="methods[1]",
-                                       params_field="grad_cam")))
+    base = dict(
+        model="demo",
+        image=EncodedImage(b"png"),
+        target=1,
+        methods=(
+            MethodRequest(name="saliency", params_field="saliency"),
+            MethodRequest(name="grad_cam", field="methods[1]", params_field="grad_cam"),
+        ),
+    )
     base.update(changes)
     return ExplainRequest(**base)
 
@@ -152,24 +153,42 @@ def test_explain_sends_the_request_the_key_and_the_deadline(setup: Setup) -> Non
 
 
 def test_handler_errors_and_missing_models_keep_their_codes(setup: Setup) -> None:
-    error = _raises(setup, setup.backend.explain(_plain(top_k=99), time.monotonic() + 5), InvalidArgument)
+    error = _raises(
+        setup, setup.backend.explain(_plain(top_k=99), time.monotonic() + 5), InvalidArgument
+    )
     assert str(error) == "top_k: too many"
-    error = _raises(setup, setup.backend.explain(_plain(model="nope"), time.monotonic() + 5), NotFound)
+    error = _raises(
+        setup, setup.backend.explain(_plain(model="nope"), time.monotonic() + 5), NotFound
+    )
     assert str(error) == "model_name: model 'nope' is not served"
 
 
 @pytest.mark.parametrize(
     ("failure", "error", "message"),
     [
-        ((grpc.StatusCode.INTERNAL,
-          'Model "demo" has no worker to serve inference request. Please use scale workers API'),
-         Unavailable, "no free capacity for model 'demo'"),
-        ((grpc.StatusCode.INTERNAL, "Model version: 3 does not exist for model: demo\n"
-          "org.pytorch.serve.archive.model.ModelVersionNotFoundException"),
-         NotFound, "version '' is not served"),
+        (
+            (
+                grpc.StatusCode.INTERNAL,
+                'Model "demo" has no worker to serve inference request. Please use scale workers API',
+            ),
+            Unavailable,
+            "no free capacity for model 'demo'",
+        ),
+        (
+            (
+                grpc.StatusCode.INTERNAL,
+                "Model version: 3 does not exist for model: demo\n"
+                "org.pytorch.serve.archive.model.ModelVersionNotFoundException",
+            ),
+            NotFound,
+            "version '' is not served",
+        ),
         ((grpc.StatusCode.UNAVAILABLE, "worker restarting"), Unavailable, "unavailable"),
-        ((grpc.StatusCode.INTERNAL, "java.lang.NullPointerException at org.pytorch..."),
-         XaiError, "TorchServe error (id "),
+        (
+            (grpc.StatusCode.INTERNAL, "java.lang.NullPointerException at org.pytorch..."),
+            XaiError,
+            "TorchServe error (id ",
+        ),
     ],
 )
 def test_torchserve_failures_are_mapped(

@@ -48,8 +48,10 @@ def _raising_class(root: Path, name: str, where: str) -> None:
     code = (directory / "model.py").read_text()
     marker = "def forward(self, x: torch.Tensor) -> torch.Tensor:\n"
     if where == "init":
-        code += "\n\nclass Raising(TinyNet):\n    def __init__(self):\n" \
-                "        raise ValueError('no GPU found')\n"
+        code += (
+            "\n\nclass Raising(TinyNet):\n    def __init__(self):\n"
+            "        raise ValueError('no GPU found')\n"
+        )
     else:
         code = code.replace(marker, marker + "        raise RuntimeError('shape trouble')\n")
     (directory / "model.py").write_text(code)

@@ -7,8 +7,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from xaiserve.api.v1 import explain_pb2 as pb
 from xaiserve.model_store import synthetic
-from xaiserve.v1 import explain_pb2 as pb
 
 SEED = 12345  # neither the training nor the test set's seed
 

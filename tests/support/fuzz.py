@@ -13,7 +13,7 @@ from google.protobuf.message_factory import GetMessageClass
 from hypothesis import strategies as st
 from PIL import Image
 
-from xaiserve.v1 import explain_pb2 as pb
+from xaiserve.api.v1 import explain_pb2 as pb
 
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)

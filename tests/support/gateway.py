@@ -41,7 +41,9 @@ class Gateway:
 
     def samples(self) -> list[Sample]:
         """Every sample of a scrape, parsed."""
-        return [s for family in text_string_to_metric_families(self.scrape()) for s in family.samples]
+        return [
+            s for family in text_string_to_metric_families(self.scrape()) for s in family.samples
+        ]
 
 
 def free_port() -> int:
@@ -69,18 +71,24 @@ def _read_lines(stream, lines: list[str], found: threading.Event) -> None:
 
 @contextmanager
 def running_gateway(model_store: Path, extra_args: Sequence[str] = ()) -> Iterator[Gateway]:
-    """Starts ``python -m xaiserve.service.server`` over the tiny model; SIGTERM at the end.
+    """Starts ``python -m xaiserve.gateway.server`` over the tiny model; SIGTERM at the end.
 
     extra_args: more ``xaiserve-server`` flags (``--max-message-bytes``, ...).
     """
     write_tiny_model_dir(model_store / "tiny")
     metrics_port = free_port()
     command = [
-        sys.executable, "-m", "xaiserve.service.server",
-        "--model-store", str(model_store),
-        "--port", "0",
-        "--metrics-port", str(metrics_port),
-        "--workers", "1",
+        sys.executable,
+        "-m",
+        "xaiserve.gateway.server",
+        "--model-store",
+        str(model_store),
+        "--port",
+        "0",
+        "--metrics-port",
+        str(metrics_port),
+        "--workers",
+        "1",
         *extra_args,
     ]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)

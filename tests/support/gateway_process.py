@@ -26,8 +26,8 @@ class GatewayProcess:
 
 @contextmanager
 def gateway_process(*flags: str) -> Iterator[GatewayProcess]:
-    """Starts ``python -m xaiserve.service.server FLAGS --port 0``; SIGTERM at the end."""
-    command = [sys.executable, "-m", "xaiserve.service.server", "--port", "0", *flags]
+    """Starts ``python -m xaiserve.gateway.server FLAGS --port 0``; SIGTERM at the end."""
+    command = [sys.executable, "-m", "xaiserve.gateway.server", "--port", "0", *flags]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     listening = threading.Event()

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from xaiserve.handlers.forward import Budget, TorchForward
-from xaiserve.handlers.methods.base import MethodContext
-from xaiserve.handlers.model import ModelConfig, PixelSpaceModel, ServedModel
+from xaiserve.methods.base import MethodContext
+from xaiserve.runtime.forward.counted import Budget, TorchForward
+from xaiserve.runtime.model import ModelConfig, PixelSpaceModel, ServedModel
 
 LABELS = ("a", "b", "c")
 

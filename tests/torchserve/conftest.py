@@ -23,14 +23,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from support.gateway import free_port
 from support.tiny_models import write_tiny_model_dir
-from xaiserve.handlers.engine import Engine
-from xaiserve.handlers.limits import EngineLimits
-from xaiserve.handlers.model import load_model_dir
-from xaiserve.service.backends import Backend, LocalBackend
-from xaiserve.service.server import start_server
-from xaiserve.service.settings import Settings
-from xaiserve.service.torchserve_backend import TorchServeBackend
-from xaiserve.service.torchserve_process import TorchServeConfig, TorchServeProcess
+from xaiserve.engine.engine import Engine
+from xaiserve.engine.limits import EngineLimits
+from xaiserve.gateway.backends import Backend, LocalBackend
+from xaiserve.gateway.server import start_server
+from xaiserve.gateway.settings import Settings
+from xaiserve.gateway.torchserve_backend import TorchServeBackend
+from xaiserve.gateway.torchserve_process import TorchServeConfig, TorchServeProcess
+from xaiserve.runtime.model import load_model_dir
 
 T = TypeVar("T")
 MODELS = ("demo", "tiny")
@@ -65,9 +65,7 @@ class TorchServeStack:
 
     def backend(self, key_file: Path | None = None) -> TorchServeBackend:
         """A gateway backend over this TorchServe."""
-        return TorchServeBackend(
-            self.config.grpc_target, key_file or self.config.key_file, MODELS
-        )
+        return TorchServeBackend(self.config.grpc_target, key_file or self.config.key_file, MODELS)
 
     def stop(self) -> None:
         self.process.stop()
@@ -84,9 +82,10 @@ class TorchServeStack:
         counts: dict[int, float] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name.startswith("XaiserveBatches") and sample.labels.get(
-                    "ModelName"
-                ) == "demo":
+                if (
+                    sample.name.startswith("XaiserveBatches")
+                    and sample.labels.get("ModelName") == "demo"
+                ):
                     size = int(sample.labels["BatchSize"])
                     counts[size] = counts.get(size, 0.0) + sample.value
         return counts

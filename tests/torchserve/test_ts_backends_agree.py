@@ -7,12 +7,12 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from support.demo_images import demo_png, demo_tensor
 
-from xaiserve.service.backends import LocalBackend
-from xaiserve.service.client import XaiClient, map_to_array
-from xaiserve.v1 import explain_pb2 as pb
-from xaiserve.v1 import explain_pb2_grpc
+from support.demo_images import demo_png, demo_tensor
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.api.v1 import explain_pb2_grpc
+from xaiserve.gateway.backends import LocalBackend
+from xaiserve.gateway.client import XaiClient, map_to_array
 
 pytestmark = pytest.mark.torchserve
 
@@ -25,17 +25,29 @@ def _requests() -> list[pb.ExplainRequest]:
             methods=[
                 pb.MethodRequest(method=pb.SALIENCY),
                 pb.MethodRequest(method=pb.GRAD_CAM, stage=pb.RAW),
-                pb.MethodRequest(method=pb.OCCLUSION,
-                                 occlusion=pb.OcclusionParams(window=8, stride=8)),
-                pb.MethodRequest(method=pb.INTEGRATED_GRADIENTS, stage=pb.TIMES_IMAGE,
-                                 integrated_gradients=pb.IntegratedGradientsParams(steps=16)),
+                pb.MethodRequest(
+                    method=pb.OCCLUSION, occlusion=pb.OcclusionParams(window=8, stride=8)
+                ),
+                pb.MethodRequest(
+                    method=pb.INTEGRATED_GRADIENTS,
+                    stage=pb.TIMES_IMAGE,
+                    integrated_gradients=pb.IntegratedGradientsParams(steps=16),
+                ),
             ],
             map_encoding=pb.FLOAT32_AND_PNG,
         ),
         pb.ExplainRequest(
-            model_name="demo", image=demo_tensor(6), target=3, top_k=2,
-            methods=[pb.MethodRequest(method=pb.SMOOTHGRAD, stage=pb.RAW,
-                                      smoothgrad=pb.SmoothGradParams(samples=4, seed=1))],
+            model_name="demo",
+            image=demo_tensor(6),
+            target=3,
+            top_k=2,
+            methods=[
+                pb.MethodRequest(
+                    method=pb.SMOOTHGRAD,
+                    stage=pb.RAW,
+                    smoothgrad=pb.SmoothGradParams(samples=4, seed=1),
+                )
+            ],
         ),
     ]
 
@@ -54,7 +66,11 @@ def test_local_and_torchserve_answer_the_same(
             assert dict(mine.forward_passes) == dict(theirs.forward_passes)
             assert len(mine.explanations) == len(request.methods) == len(theirs.explanations)
             for x, y in zip(mine.explanations, theirs.explanations, strict=True):
-                assert (x.method, x.stage, list(x.map.shape)) == (y.method, y.stage, list(y.map.shape))
+                assert (x.method, x.stage, list(x.map.shape)) == (
+                    y.method,
+                    y.stage,
+                    list(y.map.shape),
+                )
                 difference = np.abs(map_to_array(x.map) - map_to_array(y.map)).max()
                 assert difference <= 1e-5
                 assert x.map.png_overlay == y.map.png_overlay

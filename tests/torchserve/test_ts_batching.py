@@ -13,13 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from support.demo_images import demo_png, demo_tensor
 
-from xaiserve.handlers.engine import Engine
-from xaiserve.service import convert
-from xaiserve.service.client import XaiClient, map_to_array
-from xaiserve.v1 import explain_pb2 as pb
-from xaiserve.v1 import explain_pb2_grpc
+from support.demo_images import demo_png, demo_tensor
+from xaiserve.api import convert
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.api.v1 import explain_pb2_grpc
+from xaiserve.engine.engine import Engine
+from xaiserve.gateway.client import XaiClient, map_to_array
 
 pytestmark = pytest.mark.torchserve
 
@@ -29,8 +29,10 @@ METHOD_SETS = (
     (pb.MethodRequest(method=pb.SALIENCY),),
     (pb.MethodRequest(method=pb.GRAD_CAM),),
     (pb.MethodRequest(method=pb.OCCLUSION, occlusion=pb.OcclusionParams(window=32, stride=32)),),
-    (pb.MethodRequest(method=pb.INPUT_X_GRADIENT, stage=pb.RAW),
-     pb.MethodRequest(method=pb.GRAD_CAM)),
+    (
+        pb.MethodRequest(method=pb.INPUT_X_GRADIENT, stage=pb.RAW),
+        pb.MethodRequest(method=pb.GRAD_CAM),
+    ),
 )
 
 
@@ -84,7 +86,9 @@ def test_concurrent_mixed_requests_are_answered_correctly_in_batches(
         assert answer.prediction == want.prediction, f"request {index}"
         if requests[index].HasField("target"):
             assert answer.prediction.target.index == requests[index].target
-        assert [e.method for e in answer.explanations] == [m.method for m in requests[index].methods]
+        assert [e.method for e in answer.explanations] == [
+            m.method for m in requests[index].methods
+        ]
         for got, ref in zip(answer.explanations, want.explanations, strict=True):
             assert np.abs(map_to_array(got.map) - map_to_array(ref.map)).max() <= 1e-5
 

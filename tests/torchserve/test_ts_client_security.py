@@ -11,12 +11,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from support.certs import make_pki
 from support.demo_images import demo_png
-
-from xaiserve.service.client import XaiClient, tls_credentials
-from xaiserve.v1 import explain_pb2 as pb
-from xaiserve.v1 import explain_pb2_grpc
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.api.v1 import explain_pb2_grpc
+from xaiserve.gateway.client import XaiClient, tls_credentials
 
 pytestmark = pytest.mark.torchserve
 TOKEN = "token-of-the-torchserve-tests"
@@ -52,16 +52,20 @@ def test_tls_token_and_in_flight_limit(torchserve, start_gateway: Callable, tmp_
             params = pb.OcclusionParams(window=4, stride=2, baseline=0.5 + 0.01 * i)
             return pb.MethodRequest(method=pb.OCCLUSION, occlusion=params)
 
-        piece = pb.ExplainRequest(model_name="demo", image=pb.Image(encoded=demo_png(1)),
-                                  methods=[occlusion(0)])
+        piece = pb.ExplainRequest(
+            model_name="demo", image=pb.Image(encoded=demo_png(1)), methods=[occlusion(0)]
+        )
         stub = explain_pb2_grpc.ExplanationServiceStub(client._channel)
         metadata = (("authorization", f"Bearer {TOKEN}"),)
         stub.Explain(piece, timeout=120, metadata=metadata)
         started = time.monotonic()
         stub.Explain(piece, timeout=120, metadata=metadata)
         repeats = min(16, math.ceil(1.5 / (time.monotonic() - started)))
-        slow = pb.ExplainRequest(model_name="demo", image=pb.Image(encoded=demo_png(1)),
-                                 methods=[occlusion(i) for i in range(repeats)])
+        slow = pb.ExplainRequest(
+            model_name="demo",
+            image=pb.Image(encoded=demo_png(1)),
+            methods=[occlusion(i) for i in range(repeats)],
+        )
 
         def admitted(_: int) -> pb.ExplainResponse:
             return stub.Explain(slow, timeout=300, metadata=metadata)

@@ -13,13 +13,13 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import empty_pb2
-from support.demo_images import demo_png, demo_tensor
 
-from xaiserve.handlers import worker_protocol
-from xaiserve.service.client import XaiClient
-from xaiserve.torchserve import inference_pb2, inference_pb2_grpc
-from xaiserve.v1 import explain_pb2 as pb
-from xaiserve.v1 import explain_pb2_grpc
+from support.demo_images import demo_png
+from xaiserve.api import worker_protocol
+from xaiserve.api.torchserve import inference_pb2, inference_pb2_grpc
+from xaiserve.api.v1 import explain_pb2 as pb
+from xaiserve.api.v1 import explain_pb2_grpc
+from xaiserve.gateway.client import XaiClient
 
 pytestmark = pytest.mark.torchserve
 
@@ -97,9 +97,13 @@ def test_torchserve_failures_become_grpc_codes(torchserve, start_gateway: Callab
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert error.details().startswith("top_k: must be between 1 and 4")
         slow = pb.ExplainRequest(
-            model_name="demo", image=image,
-            methods=[pb.MethodRequest(method=pb.OCCLUSION,
-                                      occlusion=pb.OcclusionParams(window=4, stride=1))],
+            model_name="demo",
+            image=image,
+            methods=[
+                pb.MethodRequest(
+                    method=pb.OCCLUSION, occlusion=pb.OcclusionParams(window=4, stride=1)
+                )
+            ],
         )
         started = time.monotonic()
         error = explain(slow, timeout=0.3)
@@ -117,8 +121,10 @@ def test_a_full_torchserve_queue_is_unavailable_not_a_hang(
     request = pb.ExplainRequest(
         model_name="tiny",
         image=pb.Image(tensor=pb.Tensor(shape=[3, 16, 16], data=bytes(3 * 16 * 16 * 4))),
-        methods=[pb.MethodRequest(method=pb.SMOOTHGRAD,
-                                  smoothgrad=pb.SmoothGradParams(samples=1024))] * 2,
+        methods=[
+            pb.MethodRequest(method=pb.SMOOTHGRAD, smoothgrad=pb.SmoothGradParams(samples=1024))
+        ]
+        * 2,
     )
     with grpc.insecure_channel(gateway.target) as channel:
         stub = explain_pb2_grpc.ExplanationServiceStub(channel)

@@ -9,10 +9,10 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from support.demo_images import demo_png
 from support.gateway_process import gateway_process
-
-from xaiserve.service.client import XaiClient
+from xaiserve.gateway.client import XaiClient
 
 pytestmark = pytest.mark.torchserve
 
@@ -39,11 +39,16 @@ def _wait_for(channel: grpc.Channel, status: int, timeout: float) -> float:
 def test_gateway_survives_a_torchserve_restart(torchserve) -> None:
     config = torchserve.config
     flags = [
-        "--backend", "torchserve",
-        "--torchserve-target", config.grpc_target,
-        "--torchserve-key-file", str(config.key_file),
-        "--torchserve-models", "demo,tiny",
-        "--metrics-port", "0",
+        "--backend",
+        "torchserve",
+        "--torchserve-target",
+        config.grpc_target,
+        "--torchserve-key-file",
+        str(config.key_file),
+        "--torchserve-models",
+        "demo,tiny",
+        "--metrics-port",
+        "0",
     ]
     with gateway_process(*flags) as gateway, XaiClient(gateway.target, timeout=30) as client:
         channel = client._channel

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from xaiserve.handlers.model import ModelConfig, PixelSpaceModel, ServedModel
-from xaiserve.model_store.resnets import RESNET_CAM_LAYER, TINY3D_CAM_LAYER, Tiny3dNet, resnet18
+from support.resnets import RESNET_CAM_LAYER, TINY3D_CAM_LAYER, Tiny3dNet, resnet18
+from xaiserve.runtime.model import ModelConfig, PixelSpaceModel, ServedModel
 
 
 def served_from_net(
@@ -23,10 +23,17 @@ def served_from_net(
     """``net`` served with the same mean/std on every channel (0 and 1: no normalization)."""
     channels = input_shape[0]
     cfg = ModelConfig(
-        name="net", version="1", model_file="model.py", model_class=type(net).__name__,
-        model_kwargs={}, weights="weights.pt", input_shape=input_shape,
-        mean=(mean,) * channels, std=(std,) * channels,
-        labels=tuple(f"class{i}" for i in range(labels)), cam_layer=cam_layer,
+        name="net",
+        version="1",
+        model_file="model.py",
+        model_class=type(net).__name__,
+        model_kwargs={},
+        weights="weights.pt",
+        input_shape=input_shape,
+        mean=(mean,) * channels,
+        std=(std,) * channels,
+        labels=tuple(f"class{i}" for i in range(labels)),
+        cam_layer=cam_layer,
     )
     module = PixelSpaceModel(net, cfg.mean, cfg.std).eval()
     for p in module.parameters():

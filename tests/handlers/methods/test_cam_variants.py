@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from method_models import served_from_net
 from torch import nn
 
-from method_models import served_from_net
 from support.tiny_models import make_context
-from xaiserve.handlers.methods.grad_cam import layer_activations_and_gradients
-from xaiserve.handlers.methods.registry import get_method
+from xaiserve.methods.cam.grad_cam import layer_activations_and_gradients
+from xaiserve.methods.registry import get_method
 
 X = torch.tensor([[0.2, 0.4], [0.6, 0.8]]).view(1, 1, 2, 2)
 G = torch.tensor([[[1.0, -1.0], [2.0, 0.0]], [[0.5, 0.5], [-1.0, 2.0]]])

@@ -16,8 +16,8 @@ import torch
 from captum._utils.models.model import Model
 from captum.attr import (
     LRP,
-    DeepLift,
     Deconvolution,
+    DeepLift,
     GuidedBackprop,
     GuidedGradCam,
     KernelShap,
@@ -25,13 +25,13 @@ from captum.attr import (
     NoiseTunnel,
     Saliency,
 )
+from method_models import resnet_served, served_from_net, volume_served
 from torch import nn
 
-from method_models import resnet_served, served_from_net, volume_served
 from support.tiny_models import make_context, tiny_served
-from xaiserve.handlers.methods.registry import get_method
-from xaiserve.handlers.methods.superpixels import grid_segments
-from xaiserve.handlers.postprocess import apply_stage
+from xaiserve.engine.postprocess import apply_stage
+from xaiserve.methods.perturbation.superpixels import grid_segments
+from xaiserve.methods.registry import get_method
 
 TOL = 1e-5
 
@@ -143,8 +143,12 @@ class PlainNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(3, 6, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
         )
         self.head = nn.Linear(8, 3)
 
@@ -180,8 +184,12 @@ def test_vargrad_same_noise_as_captum(served):
     samples, level, seed = 6, 0.1, 11
     torch.manual_seed(seed)
     ref = NoiseTunnel(Saliency(served.module)).attribute(
-        x, nt_type="vargrad", nt_samples=samples, stdevs=float((x.max() - x.min()) * level),
-        target=target, abs=False,
+        x,
+        nt_type="vargrad",
+        nt_samples=samples,
+        stdevs=float((x.max() - x.min()) * level),
+        target=target,
+        abs=False,
     )
     got = ours(served, "vargrad", x, target, samples=samples, noise_level=level, seed=seed)
     assert_close(got, ref, x)
@@ -222,7 +230,8 @@ def test_surrogates_with_the_same_masks(served, images, name):
 
     if name == "lime":
         captum = Lime(
-            served.module, ExactWeightedLeastSquares(),
+            served.module,
+            ExactWeightedLeastSquares(),
             similarity_func=lambda _x, _p, sample, **_k: method.weights(sample.long()),
             perturb_func=masks,
         )
@@ -234,9 +243,21 @@ def test_surrogates_with_the_same_masks(served, images, name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = captum.attribute(
-            images, target=target, baselines=baseline, n_samples=samples,
-            feature_mask=labels.view(1, 1, 16, 16), perturbations_per_eval=16,
+            images,
+            target=target,
+            baselines=baseline,
+            n_samples=samples,
+            feature_mask=labels.view(1, 1, 16, 16),
+            perturbations_per_eval=16,
         )
-    got = ours(served, name, images, target, samples=samples, segments=segments,
-               baseline=baseline, seed=seed)
+    got = ours(
+        served,
+        name,
+        images,
+        target,
+        samples=samples,
+        segments=segments,
+        baseline=baseline,
+        seed=seed,
+    )
     assert_close(got, ref, images)

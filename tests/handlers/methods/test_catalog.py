@@ -15,13 +15,13 @@ import math
 
 import pytest
 import torch
-
 from method_models import resnet_served, volume_served
+
 from support.tiny_models import make_context, tiny_served
-from xaiserve.handlers.apem import apem, relevance_from_map
-from xaiserve.handlers.methods.registry import METHODS, get_method
-from xaiserve.handlers.postprocess import apply_stage
-from xaiserve.handlers.types import ReliabilityRequest
+from xaiserve.api.types import ReliabilityRequest
+from xaiserve.engine.postprocess import apply_stage
+from xaiserve.methods.registry import METHODS, get_method
+from xaiserve.reliability.apem import apem, relevance_from_map
 
 SMALL_PARAMS: dict[str, dict[str, float]] = {
     "smoothgrad": {"samples": 3},
@@ -82,16 +82,22 @@ def test_method(served, name):
     assert ctx.budget.spent > 0, "forward passes must be counted"
 
     one_by_one = torch.cat(
-        [method.attribute(make_context(served), x[i : i + 1], target[i : i + 1], params)
-         for i in range(2)]
+        [
+            method.attribute(make_context(served), x[i : i + 1], target[i : i + 1], params)
+            for i in range(2)
+        ]
     )
     scale = raw.abs().max().clamp(min=1e-12)
     assert (one_by_one - raw).abs().max() <= 1e-4 * scale
 
     one_channel = apply_stage(raw, x, "one_channel")
     record = apem(
-        ctx.forward, served.module, x[0], int(target[0]),
-        relevance_from_map(one_channel[0]), ReliabilityRequest(resolution=0.5),
+        ctx.forward,
+        served.module,
+        x[0],
+        int(target[0]),
+        relevance_from_map(one_channel[0]),
+        ReliabilityRequest(resolution=0.5),
         budget=ctx.budget,
     )
     assert record.undefined_reason or math.isfinite(record.apem)
@@ -99,10 +105,11 @@ def test_method(served, name):
 
 def test_catalog_covers_the_proto():
     """Every proto method except AUTO and the S-CAM family is registered and in the table."""
-    from xaiserve.v1 import explain_pb2 as pb
+    from xaiserve.api.v1 import explain_pb2 as pb
 
     wanted = {
-        v.name.lower() for v in pb.Method.DESCRIPTOR.values
+        v.name.lower()
+        for v in pb.Method.DESCRIPTOR.values
         if v.number != 0 and v.name != "AUTO" and not v.name.startswith("S_")
     }
     assert wanted <= set(catalog())

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from method_models import resnet_served, served_from_net, volume_served
 from torch import nn
 
-from method_models import resnet_served, served_from_net, volume_served
+from support.resnets import resnet50
 from support.tiny_models import make_context
-from xaiserve.handlers.errors import InvalidArgument
-from xaiserve.handlers.methods.lrp_graph import lrp_graph
-from xaiserve.handlers.methods.registry import get_method
-from xaiserve.model_store.resnets import resnet50
+from xaiserve.api.errors import InvalidArgument
+from xaiserve.methods.lrp.graph import lrp_graph
+from xaiserve.methods.registry import get_method
 
 
 def lrp(served, x, target, **params) -> torch.Tensor:
@@ -86,8 +86,11 @@ def resnet50_served():
 def test_conservation_without_biases(model):
     """Bias-free network, epsilon 1e-9: sum_i R_i = f_y(x) to 1e-4 relative (the input
     normalization's mean shift is a relabeling, not a bias)."""
-    served = {"resnet18": lambda: resnet_served(side=32), "resnet50": resnet50_served,
-              "volume": volume_served}[model]()
+    served = {
+        "resnet18": lambda: resnet_served(side=32),
+        "resnet50": resnet50_served,
+        "volume": volume_served,
+    }[model]()
     zero_biases(served.module.net)
     x = torch.rand(2, *served.config.input_shape, generator=torch.Generator().manual_seed(1))
     target = torch.tensor([1, 2])
@@ -203,8 +206,12 @@ class FunctionalRelu(nn.Module):
     "net,words",
     [
         (WithGelu(), "LRP has no rule for layer type GELU (act)"),
-        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 6, 6]), nn.Flatten(),
-                       nn.Linear(144, 3)), "LRP has no rule for layer type LayerNorm (1)"),
+        (
+            nn.Sequential(
+                nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 6, 6]), nn.Flatten(), nn.Linear(144, 3)
+            ),
+            "LRP has no rule for layer type LayerNorm (1)",
+        ),
         (Gated(), "LRP has no rule for operator.mul"),
     ],
 )

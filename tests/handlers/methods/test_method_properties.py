@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from method_models import resnet_served, served_from_net
 from torch import nn
 
-from method_models import resnet_served, served_from_net
 from support.tiny_models import TinyNet, make_context, tiny_served
-from xaiserve.handlers.methods.fullgrad import fullgrad_parts
-from xaiserve.handlers.methods.registry import get_method
-from xaiserve.handlers.methods.rise import rise_masks
-from xaiserve.handlers.methods.superpixels import grid_segments
+from xaiserve.methods.gradient.fullgrad import fullgrad_parts
+from xaiserve.methods.perturbation.rise import rise_masks
+from xaiserve.methods.perturbation.superpixels import grid_segments
+from xaiserve.methods.registry import get_method
 
 
 def run(served, name, x, target, **params):
@@ -62,8 +62,9 @@ def test_deeplift_summation_to_delta(model):
     target = torch.tensor([1, 0])
     attr, ctx = run(served, "deeplift", x, target, baseline=0.2)
     gap = logits(served, x) - logits(served, torch.full_like(x, 0.2))
-    assert torch.allclose(attr.flatten(1).sum(1), gap.gather(1, target.view(-1, 1)).squeeze(1),
-                          atol=1e-4)
+    assert torch.allclose(
+        attr.flatten(1).sum(1), gap.gather(1, target.view(-1, 1)).squeeze(1), atol=1e-4
+    )
     assert ctx.budget.spent == 4  # x and the reference, per image
 
 
@@ -72,7 +73,9 @@ class LinearModel(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(3, 3 * 16 * 16, generator=torch.Generator().manual_seed(0)))
+        self.weight = nn.Parameter(
+            torch.randn(3, 3 * 16 * 16, generator=torch.Generator().manual_seed(0))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1) @ self.weight.T
@@ -85,8 +88,9 @@ def test_surrogates_are_exact_on_a_model_linear_in_the_cells(name):
     served = served_from_net(LinearModel(), (3, 16, 16))
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     baseline = 0.3
-    attr, ctx = run(served, name, x, torch.tensor([2]), samples=64, segments=16,
-                    baseline=baseline, seed=1)
+    attr, ctx = run(
+        served, name, x, torch.tensor([2]), samples=64, segments=16, baseline=baseline, seed=1
+    )
     labels, cells = grid_segments((16, 16), 16)
     effect = (served.module.net.weight[2].view(3, 16, 16) * (x[0] - baseline)).sum(0)
     expected = torch.stack([effect[labels == m].sum() for m in range(cells)])
@@ -97,8 +101,16 @@ def test_surrogates_are_exact_on_a_model_linear_in_the_cells(name):
 
 def test_kernel_shap_efficiency(served, images):
     """sum of the cells' values = f_y(x) - f_y(baseline image) (the end points' weight)."""
-    attr, _ = run(served, "kernel_shap", images, torch.tensor([0, 2]), samples=80,
-                  segments=16, baseline=0.5, seed=0)
+    attr, _ = run(
+        served,
+        "kernel_shap",
+        images,
+        torch.tensor([0, 2]),
+        samples=80,
+        segments=16,
+        baseline=0.5,
+        seed=0,
+    )
     labels, cells = grid_segments((16, 16), 16)
     values = torch.stack([attr[:, 0][:, labels == m][:, 0] for m in range(cells)], 1)
     gap = logits(served, images) - logits(served, torch.full_like(images, 0.5))
@@ -136,8 +148,9 @@ def test_rise_normalization():
     served = served_from_net(Constant(), (3, 16, 16))
     x = torch.rand(1, 3, 16, 16)
     n, cells, p, seed = 40, 4, 0.3, 5
-    attr, ctx = run(served, "rise", x, torch.tensor([1]), masks=n, cells=cells,
-                    keep_probability=p, seed=seed)
+    attr, ctx = run(
+        served, "rise", x, torch.tensor([1]), masks=n, cells=cells, keep_probability=p, seed=seed
+    )
     g = torch.Generator().manual_seed(seed)
     grids = (torch.rand(n, 1, cells, cells, generator=g) < p).float()
     shifts = torch.stack([torch.randint(0, 4, (n,), generator=g) for _ in range(2)], 1)
@@ -156,8 +169,7 @@ def test_rise_masks_are_the_shifted_crops(spatial, cells):
     steps = [math.ceil(s / cells) for s in spatial]
     shifts = torch.stack([torch.randint(0, c, (n,), generator=g) for c in steps], 1)
     mode = "bilinear" if len(spatial) == 2 else "trilinear"
-    up = F.interpolate(grids, size=[(cells + 1) * c for c in steps], mode=mode,
-                       align_corners=False)
+    up = F.interpolate(grids, size=[(cells + 1) * c for c in steps], mode=mode, align_corners=False)
     masks = rise_masks(grids, shifts, spatial, cells)
     assert masks.shape == (n, 1, *spatial)
     for i in range(n):
@@ -168,14 +180,21 @@ def test_rise_masks_are_the_shifted_crops(spatial, cells):
 
 @pytest.mark.parametrize(
     "spatial,segments,count,side",
-    [((16, 16), 64, 64, 2), ((64, 64), 64, 64, 8), ((16, 16), 10, 16, 5), ((8, 12, 12), 64, 48, 3),
-     ((5, 7), 4, 6, 3)],
+    [
+        ((16, 16), 64, 64, 2),
+        ((64, 64), 64, 64, 8),
+        ((16, 16), 10, 16, 5),
+        ((8, 12, 12), 64, 48, 3),
+        ((5, 7), 4, 6, 3),
+    ],
 )
 def test_grid_segments(spatial, segments, count, side):
     labels, cells = grid_segments(spatial, segments)
     assert cells == count and labels.shape == spatial
     assert sorted(labels.unique().tolist()) == list(range(count))
-    assert int((labels == 0).sum()) == min(side, spatial[0]) * math.prod(min(side, d) for d in spatial[1:])
+    assert int((labels == 0).sum()) == min(side, spatial[0]) * math.prod(
+        min(side, d) for d in spatial[1:]
+    )
 
 
 def test_vargrad_is_a_variance(served, images):

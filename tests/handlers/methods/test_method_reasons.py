@@ -6,16 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from method_models import served_from_net, volume_served
 from torch import nn
 
-from method_models import served_from_net, volume_served
 from support.tiny_models import write_tiny_model_dir
-from xaiserve.handlers.engine import Engine
-from xaiserve.handlers.errors import InvalidArgument
-from xaiserve.handlers.limits import EngineLimits
-from xaiserve.handlers.methods.base import AttributionMethod
-from xaiserve.handlers.methods.registry import METHODS, get_method
-from xaiserve.handlers.types import ExplainRequest, MethodRequest, RawTensor
+from xaiserve.api.errors import InvalidArgument
+from xaiserve.api.types import ExplainRequest, MethodRequest, RawTensor
+from xaiserve.engine.engine import Engine
+from xaiserve.engine.limits import EngineLimits
+from xaiserve.methods.base import AttributionMethod
+from xaiserve.methods.registry import METHODS, get_method
 
 
 class FunctionalRelu(nn.Module):
@@ -58,17 +58,26 @@ def test_relu_override_needs_relu_modules(name):
 def test_deeplift_reasons():
     gelu = get_method("deeplift").unsupported_reason(served_from_net(WithGelu(), (3, 8, 8)))
     assert gelu == "deeplift has no rescale rule for layer type GELU (act)"
-    functional = get_method("deeplift").unsupported_reason(served_from_net(FunctionalRelu(), (3, 8, 8)))
+    functional = get_method("deeplift").unsupported_reason(
+        served_from_net(FunctionalRelu(), (3, 8, 8))
+    )
     assert "applies a nonlinearity as a function (torch.relu)" in functional
     assert get_method("deeplift").unsupported_reason(served_from_net(TANH_NET, (3, 8, 8))) is None
 
 
 def test_layer_methods_without_a_cam_layer():
-    served = served_from_net(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),
-                                           nn.Linear(144, 3)), (3, 8, 8))
+    served = served_from_net(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)), (3, 8, 8)
+    )
     needing = {name for name, cls in METHODS.items() if cls.needs_layer}
-    assert {"grad_cam_plus_plus", "xgrad_cam", "hires_cam", "layer_cam", "score_cam",
-            "guided_grad_cam"} <= needing
+    assert {
+        "grad_cam_plus_plus",
+        "xgrad_cam",
+        "hires_cam",
+        "layer_cam",
+        "score_cam",
+        "guided_grad_cam",
+    } <= needing
     for name in needing:
         assert get_method(name).unsupported_reason(served) == "the model configures no cam_layer"
 
@@ -126,13 +135,18 @@ def test_engine_refuses_cam_methods_without_a_layer(engine):
     with pytest.raises(InvalidArgument) as err:
         explain(engine, MethodRequest("layer_cam", field="methods[0]", params_field="layer_cam"))
     assert err.value.field == "methods[0].method"
-    assert "layer_cam cannot run on model 'tiny': the model configures no cam_layer" in str(err.value)
+    assert "layer_cam cannot run on model 'tiny': the model configures no cam_layer" in str(
+        err.value
+    )
 
 
 def test_engine_names_the_lrp_field(engine):
     with pytest.raises(InvalidArgument) as err:
-        explain(engine, MethodRequest("saliency", field="methods[0]"),
-                MethodRequest("lrp", {"epsilon": -1.0}, field="methods[1]", params_field="lrp"))
+        explain(
+            engine,
+            MethodRequest("saliency", field="methods[0]"),
+            MethodRequest("lrp", {"epsilon": -1.0}, field="methods[1]", params_field="lrp"),
+        )
     assert err.value.field == "methods[1].lrp.epsilon"
     assert "must be >= 0, got -1" in str(err.value)
 
@@ -141,8 +155,9 @@ def test_engine_runs_the_catalog_on_a_served_model(engine):
     """One call with several of the new methods, through the engine."""
     result = explain(
         engine,
-        MethodRequest("lrp", {"rule": "alpha_beta", "alpha": 2.0}, field="methods[0]",
-                      params_field="lrp"),
+        MethodRequest(
+            "lrp", {"rule": "alpha_beta", "alpha": 2.0}, field="methods[0]", params_field="lrp"
+        ),
         MethodRequest("deeplift", field="methods[1]"),
         MethodRequest("rise", {"masks": 16, "cells": 4}, field="methods[2]", params_field="rise"),
     )

@@ -1,0 +1,1 @@
+"""Class activation maps: a layer's activations weighted per channel."""

@@ -1,0 +1,72 @@
+"""Grad-CAM (Selvaraju et al., 2017) at the model's configured CAM layer.
+
+With activations A (N x K x *s) and gradients G = d f_y / d A: channel weights
+w_k = mean over positions of G_k, map = ReLU(sum_k w_k A_k), upsampled (bi/trilinear,
+align_corners=False) to the input size: N x 1 x *spatial. Variants of the CAM family
+override ``channel_weights`` (or ``combine``) only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from xaiserve.methods.base import AttributionMethod, MethodContext, target_logits
+from xaiserve.runtime.forward.counted import batches
+
+
+def layer_activations_and_gradients(
+    ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, stage: str = "attribute"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations of the CAM layer and the target logit's gradients there, batched.
+
+    x: N x C x *spatial -> (A, G), both N x K x *s.
+    """
+    layer = ctx.cam_layer
+    if layer is None:
+        raise RuntimeError("no CAM layer")  # unsupported_reason() stops this earlier
+    acts, grads = [], []
+    for part in batches(x.shape[0], ctx.max_batch):
+        ctx.budget.charge(part.stop - part.start, stage)
+        captured: list[torch.Tensor] = []
+        handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            with torch.enable_grad():
+                xb = x[part].detach().requires_grad_(True)
+                logits = ctx.model(xb)
+                (grad,) = torch.autograd.grad(
+                    target_logits(logits, target[part]).sum(), captured[0]
+                )
+        finally:
+            handle.remove()
+        acts.append(captured[0].detach())
+        grads.append(grad)
+    return torch.cat(acts), torch.cat(grads)
+
+
+def upsample(cam: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """N x 1 x *s -> N x 1 x *spatial (bilinear for 2-D, trilinear for 3-D)."""
+    mode = "bilinear" if cam.dim() == 4 else "trilinear"
+    return F.interpolate(cam, size=spatial, mode=mode, align_corners=False)
+
+
+class GradCam(AttributionMethod):
+    name = "grad_cam"
+    needs_layer = True
+
+    def channel_weights(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """Grad-CAM: gradients averaged over positions. -> N x K x 1 x ... x 1."""
+        return grads.mean(dim=tuple(range(2, grads.dim())), keepdim=True)
+
+    def combine(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """The layer-resolution map before upsampling: N x 1 x *s."""
+        weighted = (self.channel_weights(acts, grads) * acts).sum(dim=1, keepdim=True)
+        return torch.relu(weighted)
+
+    def attribute(
+        self, ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, params: dict[str, Any]
+    ) -> torch.Tensor:
+        acts, grads = layer_activations_and_gradients(ctx, x, target)
+        return upsample(self.combine(acts, grads), tuple(x.shape[2:]))

@@ -1,0 +1,1 @@
+"""Methods that differentiate the model with respect to its input."""

@@ -1,0 +1,112 @@
+"""FullGrad (Srinivas and Fleuret, 2019, "Full-gradient representation for neural network
+visualization").
+
+For a network with ReLU-like activations the full-gradient decomposition is exact:
+
+    f_y(x) = <grad_x f_y, x> + sum_layers sum <grad_{z_l} f_y, b_l>
+
+with b_l the bias of layer l broadcast over its output z_l (a BatchNorm's implicit bias
+beta - mean * gamma / sqrt(var + eps) included). The saliency map aggregates the parts:
+
+    map = sum_c psi(grad_x f_y * x) + sum_{l spatial} sum_c up(psi(grad_{z_l} f_y * b_l))
+
+psi: absolute value, then per sample min-max scaled to [0, 1] (max + 1e-6); up: bilinear
+(trilinear) with align_corners=True, as the authors' code. Only convolution and BatchNorm
+outputs with the input's number of dimensions enter the map (linear layers are in the
+decomposition only). Shapes: x N x C x *spatial -> N x 1 x *spatial. One forward and one
+backward per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xaiserve.methods.base import AttributionMethod, MethodContext, target_logits
+from xaiserve.methods.numerics import batchnorm_scale_shift
+from xaiserve.runtime.forward.counted import batches
+
+CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def layer_bias(module: nn.Module) -> torch.Tensor | None:
+    """The bias a layer adds to its output (per output channel), or None."""
+    if isinstance(module, CONV + (nn.Linear,)):
+        return None if module.bias is None else module.bias.detach()
+    if isinstance(module, BATCHNORM) and module.running_mean is not None:
+        return batchnorm_scale_shift(module)[1]
+    return None
+
+
+def fullgrad_parts(
+    ctx: MethodContext, x: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """grad_x f_y (N x C x *spatial) and, per call of a biased layer in forward order,
+    grad_{z_l} f_y * b_l (N x K_l x *s_l)."""
+    biased = [(m, b) for m in ctx.model.modules() if (b := layer_bias(m)) is not None]
+    input_grads: list[torch.Tensor] = []
+    per_batch: list[list[torch.Tensor]] = []
+    for part in batches(x.shape[0], ctx.max_batch):
+        ctx.budget.charge(part.stop - part.start, "attribute")
+        calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (output, bias) per call
+        handles = [m.register_forward_hook(_recorder(calls, b)) for m, b in biased]
+        try:
+            with torch.enable_grad():
+                xb = x[part].detach().requires_grad_(True)
+                score = target_logits(ctx.model(xb), target[part]).sum()
+                grads = torch.autograd.grad(
+                    score, [xb, *(out for out, _ in calls)], allow_unused=True
+                )
+        finally:
+            for handle in handles:
+                handle.remove()
+        input_grads.append(grads[0])
+        per_batch.append(
+            [
+                (torch.zeros_like(out) if g is None else g)
+                * b.view(1, -1, *([1] * (out.dim() - 2)))
+                for (out, b), g in zip(calls, grads[1:])
+            ]
+        )
+    return torch.cat(input_grads), [torch.cat(terms) for terms in zip(*per_batch)]
+
+
+def _recorder(
+    calls: list[tuple[torch.Tensor, torch.Tensor]], bias: torch.Tensor
+) -> Callable[..., None]:
+    def hook(_module: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
+        calls.append((out, bias))
+
+    return hook
+
+
+def psi(t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """|t| min-max scaled per sample (all channels and positions together) to [0, 1]."""
+    t = t.abs()
+    low = t.flatten(1).amin(1).view(-1, *([1] * (t.dim() - 1)))
+    t = t - low
+    high = t.flatten(1).amax(1).view(-1, *([1] * (t.dim() - 1)))
+    return t / (high + eps)
+
+
+class FullGrad(AttributionMethod):
+    name = "fullgrad"
+
+    def attribute(
+        self, ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, params: dict[str, Any]
+    ) -> torch.Tensor:
+        input_grad, bias_terms = fullgrad_parts(ctx, x, target)
+        spatial = tuple(x.shape[2:])
+        mode = "bilinear" if x.dim() == 4 else "trilinear"
+        cam = psi(input_grad * x).sum(dim=1, keepdim=True)
+        for term in bias_terms:
+            if term.dim() == x.dim():
+                # interpolation is linear per channel: sum the channels first
+                summed = psi(term).sum(dim=1, keepdim=True)
+                cam = cam + F.interpolate(summed, size=spatial, mode=mode, align_corners=True)
+        return cam

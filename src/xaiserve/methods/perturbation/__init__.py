@@ -1,0 +1,1 @@
+"""Forward-only methods: occlusion, RISE and surrogate fits (LIME, KernelSHAP)."""

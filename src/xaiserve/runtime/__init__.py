@@ -1,0 +1,1 @@
+"""What every method, APEM and the engine run on: the served model (configuration, loading, calibration, GAD support models) and its counted forward passes (forward/)."""

@@ -1,0 +1,98 @@
+"""Configuration of forward-only batches (torch-free, so the server parses it cheaply).
+
+See :mod:`.forward_backends` for how it is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TORCH = "torch"
+ONNXRUNTIME = "onnxruntime"
+BACKENDS = (TORCH, ONNXRUNTIME)
+FALLBACK = "torch_fallback"
+"""The label (and timing ``forward.torch_fallback``) of torch running a request that asked
+for ONNX Runtime where it is unavailable."""
+DEFAULT_TOLERANCE = 1e-4
+_MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """How forward-only batches run (server flags ``--forward-backend``, ``--onnx-threads``,
+    ``--onnx-providers``, ``--forward-memory-mb``, ``--forward-max-batch``,
+    ``--forward-call-batch``; env ``XAISERVE_*``).
+
+    backend: the default of models whose ONNX forward passed its check: "onnxruntime", or
+        "torch" (ONNX Runtime then only for requests that ask for it).
+    onnx_threads: intra-op threads of each ONNX Runtime session; 0: onnxruntime's default
+        (one per physical core).
+    onnx_providers: execution providers in order of preference; those the installed
+        onnxruntime lacks are skipped. The default takes CUDA where onnxruntime-gpu and a
+        GPU are there (the GPU image on GPU nodes) and the CPU everywhere else.
+    onnx_device_id: the GPU of GPU providers (CUDA, TensorRT, ROCm); a TorchServe worker
+        uses the GPU TorchServe gave it.
+    memory_mb: the memory budget of one forward-only batch: bytes per image x batch <= it
+        (bytes per image: the input and every activation, ``forward.image_bytes``). Gradient
+        batches keep about that much per image for their backward pass, so they follow it
+        too (at most ``EngineLimits.max_batch`` images).
+    max_batch: images per forward-only batch, at most, however many the memory budget
+        allows: a small model would otherwise get batches of tens of thousands of images,
+        which buy no throughput (calls past a few hundred images of a small model leave
+        the CPU's caches) and hold the whole budget for every request.
+    call_batch: images per backend call, at most; 0: on ONNX Runtime the batch size with
+        the best throughput, measured when the model loads (``forward.fastest_batch``,
+        about a second), on torch the memory budget's batch.
+    onnx_tolerance: the largest |torch - onnxruntime| logit difference the check accepts.
+    export_on_load: export a model without ``model.onnx`` when it is loaded (in memory).
+    incremental_occlusion: occlusion recomputes only the region of the early layers a
+        window changes (see :mod:`.incremental`), on the request's backend, where the
+        model's graph allows it; off: every occluded image is a full forward pass.
+    """
+
+    backend: str = ONNXRUNTIME
+    onnx_threads: int = 0
+    onnx_providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    onnx_device_id: int = 0
+    memory_mb: int = 1024
+    max_batch: int = 256
+    call_batch: int = 0
+    onnx_tolerance: float = DEFAULT_TOLERANCE
+    export_on_load: bool = True
+    incremental_occlusion: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.onnx_threads < 0:
+            raise ValueError(f"onnx_threads must be >= 0, got {self.onnx_threads}")
+        if self.onnx_device_id < 0:
+            raise ValueError(f"onnx_device_id must be >= 0, got {self.onnx_device_id}")
+        if not self.onnx_providers:
+            raise ValueError("onnx_providers must name at least one provider")
+        if self.memory_mb < 1:
+            raise ValueError(f"memory_mb must be >= 1, got {self.memory_mb}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.call_batch < 0:
+            raise ValueError(f"call_batch must be >= 0, got {self.call_batch}")
+        if not isinstance(self.incremental_occlusion, bool):
+            raise ValueError(
+                f"incremental_occlusion must be true or false, got {self.incremental_occlusion!r}"
+            )
+        if not self.onnx_tolerance > 0:
+            raise ValueError(f"onnx_tolerance must be > 0, got {self.onnx_tolerance}")
+
+    @property
+    def session_options(self) -> dict[str, object]:
+        """Keyword arguments of ``onnx_export.new_session``: providers, threads, GPU."""
+        return {
+            "providers": self.onnx_providers,
+            "threads": self.onnx_threads,
+            "device_id": self.onnx_device_id,
+        }
+
+    @property
+    def memory_budget(self) -> int:
+        """The memory budget in bytes."""
+        return self.memory_mb * _MIB

@@ -1,0 +1,403 @@
+"""Model directories: ``config.yaml`` + model code + weights, loaded into a servable model.
+
+A model directory holds::
+
+    config.yaml   name, version, model code and class, weights, input size, normalization,
+                  labels, CAM layer (see ModelConfig)
+    model.py      the network's code (trusted, as in any model archive); it may import
+                  the files next to it (``from helpers import Block`` or
+                  ``from .helpers import Block``)
+    weights.pt    a state dict, loaded with torch.load(weights_only=True): no arbitrary
+                  objects are unpickled (a pickled module or TorchScript file is refused)
+    calibration.json, calibration.npz   optional: the data-set calibration of the CAM
+                  methods (``xaiserve calibrate``, see ``calibration``)
+    gad/          optional: GAD support models (``xaiserve gad-train``, see ``gad_store``)
+
+The engine works in pixel space [0, 1]: ``ServedModel.module`` applies the configured
+mean/std itself, so every attribution is with respect to the pixels the client sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import itertools
+import logging
+import pickle
+import re
+import sys
+import threading
+import types
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from xaiserve.api.errors import ModelLoadError
+from xaiserve.runtime.artifacts import file_sha256
+from xaiserve.runtime.calibration import Calibration, load_calibration
+from xaiserve.runtime.gad_store import GadSupport, load_gad_support
+
+log = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The contents of ``config.yaml``."""
+
+    name: str
+    version: str
+    model_file: str
+    model_class: str
+    model_kwargs: dict[str, Any]
+    weights: str
+    input_shape: tuple[int, ...]  # C x H x W (C x D x H x W for volumetric models)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    labels: tuple[str, ...]
+    cam_layer: str = ""
+
+    @property
+    def channels(self) -> int:
+        return self.input_shape[0]
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        return self.input_shape[1:]
+
+
+def _require(raw: dict[str, Any], key: str, path: Path) -> Any:
+    if key not in raw:
+        raise ModelLoadError(f"{path}: missing key '{key}'")
+    return raw[key]
+
+
+def _mapping(raw: dict[str, Any], key: str, path: Path, required: bool = True) -> dict[str, Any]:
+    """``raw[key]`` as a mapping ({} when absent and not required)."""
+    value = _require(raw, key, path) if required else raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path}: '{key}' must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _numbers(values: Any, kind: type, key: str, path: Path) -> tuple[Any, ...]:
+    """``values`` (a list) as a tuple of ``kind``; ModelLoadError naming ``key`` otherwise."""
+    if not isinstance(values, list):
+        raise ModelLoadError(f"{path}: '{key}' must be a list, got {type(values).__name__}")
+    try:
+        if kind is int and not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError("not whole numbers")
+        return tuple(kind(v) for v in values)
+    except (TypeError, ValueError) as err:
+        raise ModelLoadError(f"{path}: '{key}' must hold {kind.__name__} values: {err}") from None
+
+
+def read_config(path: Path) -> ModelConfig:
+    """Parses and validates ``config.yaml``; raises ModelLoadError with the file and key."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ModelLoadError(f"{path}: {err}") from err
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path}: expected a mapping")
+    name = str(_require(raw, "name", path))
+    if not _NAME_RE.match(name):
+        raise ModelLoadError(f"{path}: invalid model name {name!r}")
+    model = _mapping(raw, "model", path)
+    inp = _mapping(raw, "input", path)
+    norm = _mapping(raw, "normalize", path, required=False)
+    (channels,) = _numbers([_require(inp, "channels", path)], int, "input.channels", path)
+    axes = [k for k in ("depth", "height", "width") if k in inp]
+    spatial = _numbers([inp[k] for k in axes], int, f"input.{'/'.join(axes)}", path)
+    if channels < 1 or min(spatial, default=1) < 1:
+        raise ModelLoadError(f"{path}: input sizes must be >= 1")
+    mean = _numbers(norm.get("mean", [0.0] * channels), float, "normalize.mean", path)
+    std = _numbers(norm.get("std", [1.0] * channels), float, "normalize.std", path)
+    if len(mean) != channels or len(std) != channels or min(std) <= 0:
+        raise ModelLoadError(f"{path}: normalize.mean/std need {channels} values, std > 0")
+    labels = _require(raw, "labels", path)
+    if not isinstance(labels, list) or len(labels) < 2:
+        raise ModelLoadError(f"{path}: 'labels' must be a list of at least two labels")
+    return ModelConfig(
+        name=name,
+        version=str(raw.get("version", "1")),
+        model_file=str(model.get("file", "model.py")),
+        model_class=str(_require(model, "class", path)),
+        model_kwargs=_mapping(model, "kwargs", path, required=False),
+        weights=str(raw.get("weights", "weights.pt")),
+        input_shape=(channels, *spatial),
+        mean=mean,
+        std=std,
+        labels=tuple(str(v) for v in labels),
+        cam_layer=str(raw.get("cam_layer") or ""),
+    )
+
+
+class PixelSpaceModel(nn.Module):
+    """Wraps a network so it takes pixel-space input: ``net((x - mean) / std)``.
+
+    x: N x C x H x W (or N x C x D x H x W) in [0, 1]; returns logits N x K.
+    """
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return self.net((x - self.mean.view(shape)) / self.std.view(shape))
+
+
+@dataclass
+class ServedModel:
+    """A loaded model: its configuration, pixel-space module and CAM layer (if any).
+
+    calibration: the data-set calibration of the CAM methods (seed 003), when stored.
+    gad: the GAD support models (seed 002), when stored.
+    """
+
+    config: ModelConfig
+    module: PixelSpaceModel
+    cam_layer: nn.Module | None
+    directory: Path
+    calibration: Calibration | None = None
+    gad: GadSupport | None = None
+
+
+@dataclass(frozen=True)
+class FailedModel:
+    """A model directory that could not be loaded, listed (ListModels) but not served.
+
+    name: its config's name when that could be read, else the directory's name.
+    version: its config's version, or "" when the config could not be read.
+    reason: why, with paths given relative to the model store (clients see it).
+    """
+
+    name: str
+    version: str
+    directory: Path
+    reason: str
+
+
+#: Longest reason a FailedModel keeps (the whole error is logged).
+MAX_REASON_CHARS = 400
+
+
+def failed_model(directory: Path, error: Exception) -> FailedModel:
+    """The FailedModel of ``directory``, whose load raised ``error``."""
+    directory = Path(directory)
+    shown = directory.resolve().name
+    name, version = shown, ""
+    try:
+        raw = yaml.safe_load((directory / "config.yaml").read_text())
+        if isinstance(raw, dict) and _NAME_RE.match(str(raw.get("name", ""))):
+            name, version = str(raw["name"]), str(raw.get("version", "1"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        pass  # the error itself says what is wrong with the file
+    reason = str(error) or type(error).__name__
+    if not isinstance(error, ModelLoadError):  # the model's own code raised it
+        reason = f"{type(error).__name__}: {reason}"
+    prefixes = {str(directory.resolve()), str(directory)} - {"."}
+    for prefix in sorted(prefixes, key=len, reverse=True):  # the absolute path first
+        reason = reason.replace(prefix, shown)
+    if len(reason) > MAX_REASON_CHARS:
+        reason = reason[: MAX_REASON_CHARS - 1] + "\u2026"
+    return FailedModel(name, version, directory, reason)
+
+
+_IMPORT_LOCK = threading.Lock()  # sys.path and sys.modules are process-wide
+_PACKAGES = itertools.count()
+
+
+def _import_model_class(directory: Path, cfg: ModelConfig) -> type[nn.Module]:
+    """The class ``cfg.model_class`` of the directory's model file.
+
+    The directory is imported as a package of its own, under a name no other load uses,
+    so the model file may import the files next to it either way: ``from .helpers import
+    Block`` (relative to that package) or ``from helpers import Block`` (the directory is
+    first on ``sys.path`` while the file runs; see :func:`_sibling_imports`).
+    """
+    root = directory.resolve()
+    file = (root / cfg.model_file).resolve()
+    if root not in file.parents or not file.is_file():
+        raise ModelLoadError(f"{directory}: model file {cfg.model_file!r} not found inside it")
+    package = f"xaiserve_model_{next(_PACKAGES)}_" + re.sub(r"\W", "_", cfg.name)
+    module_name = ".".join((package, *file.relative_to(root).with_suffix("").parts))
+    spec = importlib.util.spec_from_file_location(module_name, file)
+    if spec is None or spec.loader is None:
+        raise ModelLoadError(f"{file}: cannot import")
+    with _IMPORT_LOCK, _sibling_imports(root):
+        parent = types.ModuleType(package, f"model directory {directory}")
+        parent.__path__ = [str(root)]
+        sys.modules[package] = parent
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:  # the model's own code failed
+            for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
+                del sys.modules[name]
+            raise ModelLoadError(f"{file}: import failed: {type(err).__name__}: {err}") from err
+    cls = getattr(module, cfg.model_class, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ModelLoadError(f"{file}: no nn.Module class {cfg.model_class!r}")
+    return cls
+
+
+@contextlib.contextmanager
+def _sibling_imports(root: Path) -> Iterator[None]:
+    """While the block runs, ``import helpers`` finds ``root/helpers.py`` (or a package
+    ``root/helpers/``) first, and only that. Afterwards the modules imported from ``root``
+    this way are dropped from ``sys.modules`` and the modules they shadowed are put back,
+    so the next directory's ``helpers`` is its own. Modules under the directory's package
+    name (relative imports) stay: that name is unique to the load."""
+    provided = {p.stem for p in root.glob("*.py")} | {
+        p.parent.name for p in root.glob("*/__init__.py")
+    }
+    shadowed = {name: sys.modules.pop(name) for name in provided if name in sys.modules}
+    before = set(sys.modules)
+    sys.path.insert(0, str(root))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(root))
+        for name in set(sys.modules) - before:
+            origin = getattr(sys.modules[name], "__file__", None) or ""
+            if not name.startswith("xaiserve_model_") and Path(origin).is_relative_to(root):
+                del sys.modules[name]
+        sys.modules.update(shadowed)
+
+
+def _load_weights(directory: Path, cfg: ModelConfig, net: nn.Module) -> Path:
+    """Loads the state dict of ``cfg.weights`` into ``net``; returns the file's path.
+
+    Only tensors are read (``torch.load(weights_only=True)``): a pickled module or a
+    TorchScript archive is refused with what to save instead.
+    """
+    weights = directory / cfg.weights
+    advice = (
+        f"save the weights with torch.save(model.state_dict(), {cfg.weights!r}) and give "
+        f"the class in {cfg.model_file} (config.yaml model.class)"
+    )
+    if not weights.is_file():
+        raise ModelLoadError(f"{weights}: weights file not found (config.yaml 'weights')")
+    if _is_torchscript(weights):
+        raise ModelLoadError(
+            f"{weights}: a TorchScript archive, which is not loaded (it carries code); {advice}"
+        )
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # an object other than tensors, refused unrun
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        raise ModelLoadError(
+            f"{weights}: holds a pickled object{what}, not a state dict; objects are not "
+            f"unpickled (torch.load weights_only=True): {advice}"
+        ) from None
+    except Exception as err:
+        raise ModelLoadError(
+            f"{weights}: unreadable, not a torch.save file ({type(err).__name__}: {err})"
+        ) from None
+    if not isinstance(state, dict):
+        raise ModelLoadError(
+            f"{weights}: holds a {type(state).__name__}, not a state dict; {advice}"
+        )
+    try:
+        net.load_state_dict(state)
+    except Exception as err:
+        raise ModelLoadError(f"{weights}: does not fit {cfg.model_class}: {err}") from None
+    return weights
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip with the ``code/`` of its modules
+    and ``constants.pkl``), which torch.save's zip files do not hold."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+def _check_forward(module: nn.Module, cfg: ModelConfig, directory: Path) -> None:
+    """Runs one zero image (1 x C x H x W) through ``module``: its code must run and
+    return logits 1 x K, one per label, or the model is not served."""
+    shape = " x ".join(str(d) for d in (1, *cfg.input_shape))
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(1, *cfg.input_shape))
+    except Exception as err:
+        raise ModelLoadError(
+            f"{directory}: a forward pass of a {shape} image failed: {type(err).__name__}: {err}"
+        ) from None
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got != (1, len(cfg.labels)):
+        raise ModelLoadError(
+            f"{directory}: a {shape} image gave {got}, not logits (1, {len(cfg.labels)}), "
+            f"one per label of config.yaml"
+        )
+
+
+def load_model_dir(directory: Path) -> ServedModel:
+    """Loads one model directory (config, code, weights) into eval mode on the CPU.
+
+    Raises:
+        ModelLoadError: whatever fails, with the file and the reason; the model's own
+            code's exceptions (import, constructor, a first forward pass) included.
+    """
+    directory = Path(directory)
+    cfg = read_config(directory / "config.yaml")
+    cls = _import_model_class(directory, cfg)
+    try:
+        net = cls(**cfg.model_kwargs)
+    except Exception as err:
+        raise ModelLoadError(
+            f"{directory}: constructing {cfg.model_class} failed: {type(err).__name__}: {err}"
+        ) from err
+    weights = _load_weights(directory, cfg, net)
+    cam = None
+    if cfg.cam_layer:
+        try:
+            cam = net.get_submodule(cfg.cam_layer)
+        except AttributeError as err:
+            raise ModelLoadError(f"{directory}: cam_layer {cfg.cam_layer!r} not found") from err
+    module = _pixel_space(net, cfg)
+    _check_forward(module, cfg, directory)
+    sha = file_sha256(weights)
+    calibration = load_calibration(directory, cfg.cam_layer, sha)
+
+    def support_module(support_state: dict[str, torch.Tensor]) -> nn.Module:
+        support = cls(**cfg.model_kwargs)
+        support.load_state_dict(support_state)
+        return _pixel_space(support, cfg)
+
+    gad = load_gad_support(directory, support_module, sha, len(cfg.labels))
+    log.info("loaded model %s version %s from %s", cfg.name, cfg.version, directory)
+    return ServedModel(
+        config=cfg,
+        module=module,
+        cam_layer=cam,
+        directory=directory,
+        calibration=calibration,
+        gad=gad,
+    )
+
+
+def _pixel_space(net: nn.Module, cfg: ModelConfig) -> PixelSpaceModel:
+    """``net`` wrapped for pixel-space input, in eval mode, parameters frozen."""
+    module = PixelSpaceModel(net, cfg.mean, cfg.std).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
