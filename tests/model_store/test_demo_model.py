@@ -25,6 +25,11 @@ from xaiserve.model_store.build_demo import (
 from xaiserve.model_store.train import train_demo
 
 FRESH_SEED = 3  # neither the training nor the held-out seed
+MIN_ACCURACY = 0.94
+"""Over eight independently trained demo models (other training seeds, other CPU kernels:
+training is bit-for-bit deterministic on one CPU only) the held-out accuracy was
+0.970-0.993 (mean 0.981, sd 0.008) and on 500 fresh images 0.968-0.984 (mean 0.976, sd
+0.005): 0.94 is 5 standard deviations below either mean."""
 
 
 def _import_file(path: Path, name: str) -> ModuleType:
@@ -121,7 +126,7 @@ def test_tiny_build_writes_a_complete_directory_and_skips_a_rebuild(tmp_path: Pa
 @pytest.mark.slow
 def test_demo_model_reports_held_out_accuracy(demo_model_dir: Path) -> None:
     report = json.loads((demo_model_dir / "training.json").read_text())
-    assert report["test_accuracy"] >= 0.95
+    assert report["test_accuracy"] >= MIN_ACCURACY
     assert report["n_test"] >= 1000 and report["train_seed"] != report["test_seed"]
     config, _ = _load(demo_model_dir)
     _check_config(config, report)
@@ -130,7 +135,7 @@ def test_demo_model_reports_held_out_accuracy(demo_model_dir: Path) -> None:
 @pytest.mark.slow
 def test_demo_model_loads_and_classifies_fresh_images(demo_model_dir: Path) -> None:
     config, model = _load(demo_model_dir)
-    assert _accuracy(config, model, n=500, seed=FRESH_SEED) >= 0.95
+    assert _accuracy(config, model, n=500, seed=FRESH_SEED) >= MIN_ACCURACY
     with torch.no_grad():
         logits = model(torch.zeros(2, 3, 64, 64))
     assert logits.shape == (2, 4) and np.isfinite(logits.numpy()).all()
