@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+from support.tiny_models import tiny_served
+from xaiserve.runtime.model import ServedModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,3 +28,14 @@ def demo_model_dir() -> Path:
     from xaiserve.model_store.build_demo import ensure_demo_model
 
     return ensure_demo_model(REPO_ROOT / "var" / "test-cache" / "demo")
+
+
+@pytest.fixture
+def served() -> ServedModel:
+    return tiny_served()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    """Two pixel-space images, 2 x 3 x 16 x 16 in [0, 1]."""
+    return torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))

@@ -22,7 +22,7 @@ sends can create new series:
     ``Explain`` or ``ListModels`` (:data:`RPCS`).
 
 So a family's series are at most the product of its labels' vocabularies, whatever the
-number of calls (``tests/service/test_metrics_series.py`` checks it over 1,000 random
+number of calls (``tests/gateway/test_metrics_series.py`` checks it over 1,000 random
 calls).
 
 Who records what: the engine measures its own stages and returns them in

@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "peak_rss.py"
+SCRIPT = Path(__file__).resolve().parents[3] / "bench" / "peak_rss.py"
 MIB = 1024 * 1024
 BUDGET_MIB = 1024  # ForwardConfig().memory_mb
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
-from service_fakes import LoopThread
+from support.service_fakes import LoopThread
 
 from xaiserve.api import convert, worker_protocol
 from xaiserve.api.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable, XaiError

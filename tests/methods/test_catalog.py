@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from method_models import resnet_served, volume_served
+from support.method_models import resnet_served, volume_served
 
 from support.tiny_models import make_context, tiny_served
 from xaiserve.api.types import ReliabilityRequest

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from service_fakes import LoopThread
+from support.service_fakes import LoopThread
 
 from support.fuzz import image_bytes, messages, method_requests, strings, tensors
 from support.gateway import tiny_png

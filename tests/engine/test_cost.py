@@ -1,4 +1,4 @@
-"""Worst-case forward passes known before work starts (``handlers/cost.py``).
+"""Worst-case forward passes known before work starts (``xaiserve/engine/cost.py``).
 
 Each part of a request states the most forward passes it may spend; the engine adds them
 up in its plan and refuses a request whose sum exceeds the limit before any forward pass.

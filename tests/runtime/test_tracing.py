@@ -1,4 +1,4 @@
-"""torch.fx tracing while other threads run modules (handlers/tracing.py)."""
+"""torch.fx tracing while other threads run modules (xaiserve/runtime/tracing.py)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_other_threads_run_their_modules_untouched_while_one_traces():
 
 
 def test_plain_torch_fx_would_record_the_other_threads_calls():
-    """Why handlers/tracing.py exists: with fx.symbolic_trace the other thread's call is
+    """Why runtime/tracing.py exists: with fx.symbolic_trace the other thread's call is
     intercepted (it gets a proxy, or fails)."""
     got, _, _ = trace_while_another_thread_runs(fx.symbolic_trace)
     assert not isinstance(got, torch.Tensor)

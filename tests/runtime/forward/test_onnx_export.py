@@ -311,9 +311,7 @@ def test_a_gpu_provider_that_cannot_start_is_logged(
             return [CUDA, CPU]
 
         @staticmethod
-        def InferenceSession(
-            source: Any, options: Any, providers: list
-        ) -> FakeSession:
+        def InferenceSession(source: Any, options: Any, providers: list) -> FakeSession:
             asked.append(providers)
             return FakeSession([CPU])
 

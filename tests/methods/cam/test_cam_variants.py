@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from method_models import served_from_net
+from support.method_models import served_from_net
 from torch import nn
 
 from support.tiny_models import make_context

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from method_models import resnet_served, served_from_net
+from support.method_models import resnet_served, served_from_net
 from torch import nn
 
 from support.tiny_models import TinyNet, make_context, tiny_served

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from service_fakes import Served
+from support.service_fakes import Served
 
 from support.broken_models import BROKEN, GOOD, write_store
 from support.gateway import tiny_png

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from service_fakes import FAKE_PNG, Served, fake_map
+from support.service_fakes import FAKE_PNG, Served, fake_map
 
 from xaiserve import cli
 from xaiserve.api.v1 import explain_pb2 as pb

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from method_models import served_from_net, volume_served
+from support.method_models import served_from_net, volume_served
 from torch import nn
 
 from support.tiny_models import write_tiny_model_dir

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry
-from service_fakes import MODELS, FakeEngine, LoopThread
+from support.service_fakes import MODELS, FakeEngine, LoopThread
 
 from xaiserve.api.errors import NotFound
 from xaiserve.api.types import ExplainRequest

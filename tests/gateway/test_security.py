@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from service_fakes import FakeEngine, Served
+from support.service_fakes import FakeEngine, Served
 
 from support.certs import Pki, make_pki
 from xaiserve.api.types import ExplainRequest

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from method_models import resnet_served, served_from_net, volume_served
+from support.method_models import resnet_served, served_from_net, volume_served
 from torch import nn
 
 from support.resnets import resnet50

@@ -2,7 +2,7 @@
 
 Max abs difference <= 1e-5 on the raw map and the one-channel map. Methods Captum does not
 have are checked by hand-computed values and properties elsewhere: Grad-CAM++, XGrad-CAM,
-HiResCAM, LayerCAM (Captum has only LayerGradCam, compared in tests/handlers), FullGrad,
+HiResCAM, LayerCAM (Captum has only LayerGradCam, compared in tests/methods/test_methods_captum.py), FullGrad,
 Score-CAM and RISE.
 """
 
@@ -25,7 +25,7 @@ from captum.attr import (
     NoiseTunnel,
     Saliency,
 )
-from method_models import resnet_served, served_from_net, volume_served
+from support.method_models import resnet_served, served_from_net, volume_served
 from torch import nn
 
 from support.tiny_models import make_context, tiny_served

@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 import pytest
-from service_fakes import FakeEngine, LoopThread, Served
+from support.service_fakes import FakeEngine, LoopThread, Served
 
 from xaiserve.gateway.backends import LocalBackend
 from xaiserve.gateway.server import start_server
