@@ -128,6 +128,9 @@ def test_the_model_files_helper_modules_go_into_the_archive(tmp_path: Path) -> N
     (model_dir / "blocks" / "conv.py").write_text("KERNEL = 3\n")
     (model_dir / ".venv").mkdir()
     (model_dir / ".venv" / "site.py").write_text("")
-    files = archive._model_files(model_dir)
+    (model_dir / "model.onnx").write_bytes(b"onnx graph")
+    path = archive.build_archive(model_dir, tmp_path / "store")
+    with zipfile.ZipFile(path) as packed:
+        files = packed.namelist()
     assert {"helpers.py", "blocks/__init__.py", "blocks/conv.py", "model.py"} <= set(files)
     assert ".venv/site.py" not in files and len(files) == len(set(files))

@@ -257,7 +257,7 @@ class _TargetScores:
         nothing: it keeps the original's logit exactly (crops sum in another order than
         the whole image, so the occluder's logit would differ in the last digits, and a
         flat image's map would be noise instead of zero)."""
-        changes = _changes(self.xi[0], corners, self.window, self.baseline).tolist()
+        changes = windows_that_change(self.xi[0], corners, self.window, self.baseline).tolist()
         scores = self.base.expand(len(corners)).clone()
         moved = [c for c, change in zip(corners, changes) if change]
         if moved:
@@ -282,7 +282,7 @@ class _TargetScores:
         return torch.from_numpy(occluded)
 
 
-def _changes(
+def windows_that_change(
     xi: torch.Tensor, corners: list[tuple[int, ...]], window: int, baseline: float
 ) -> torch.Tensor:
     """Whether occluding the window at each corner changes xi (C x *spatial): some value in

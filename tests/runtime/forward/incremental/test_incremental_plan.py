@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,6 @@ from xaiserve.methods.perturbation.occlusion import Occlusion, window_starts
 from xaiserve.runtime.forward.backends import prepare_forwards
 from xaiserve.runtime.forward.config import ForwardConfig
 from xaiserve.runtime.forward.counted import Budget
-from xaiserve.runtime.forward.incremental import run as incremental_run
 from xaiserve.runtime.forward.incremental.plan import (
     CONSTANT,
     Span,
@@ -360,10 +360,14 @@ def test_onnx_occluder_runs_the_whole_image_in_onnx_runtime(monkeypatch):
 
 
 def test_whole_image_stages_fall_back_to_torch_when_their_export_fails(monkeypatch, caplog):
-    def fails(*_args: object) -> None:
-        raise incremental_run.OnnxUnavailable("export failed: for the test")
+    export = torch.onnx.export
 
-    monkeypatch.setattr(incremental_run, "_onnx_whole", fails)
+    def fails_on_whole_images(module: nn.Module, args: tuple, *rest, **kwargs) -> None:
+        if tuple(args[0].shape[1:]) == (3, 64, 64):  # the stages on crops export
+            raise RuntimeError("for the test")
+        export(module, args, *rest, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", fails_on_whole_images)
     module = small_resnet18()
     axes, corners = all_corners((3, 64, 64), 9, 4)
     with caplog.at_level("WARNING"):
@@ -489,8 +493,6 @@ def test_a_build_blocks_neither_other_windows_nor_builds_twice(monkeypatch):
     """While one window's plan is being built, a request for another window gets its own
     (here: already cached) occluder at once; two requests for the building window share the
     one build."""
-    import threading
-
     import xaiserve.runtime.forward.backends as backends
 
     served = resnet_served((3, 32, 32))
@@ -524,26 +526,6 @@ def test_a_build_blocks_neither_other_windows_nor_builds_twice(monkeypatch):
     assert len(results) == 2 and results[0] is results[1] and results[0] is not None
 
 
-@pytest.mark.parametrize("shape,window", [((3, 20, 17), 4), ((2, 9), 3), ((1, 6, 7, 5), 2)])
-def test_windows_that_change_nothing_are_found_by_summed_areas(shape, window):
-    """_changes (a summed-area table) against looking at every window, in 1 to 3 spatial
-    dimensions: an occluded window changes the image unless all its values already equal
-    the baseline."""
-    from xaiserve.methods.perturbation.occlusion import _changes
-
-    generator = torch.Generator().manual_seed(len(shape))
-    x = torch.full(shape, 0.5)
-    spots = torch.randperm(x.numel(), generator=generator)[: max(2, x.numel() // 60)]
-    x.view(-1)[spots] = 0.8
-    corners = list(itertools.product(*[range(n - window + 1) for n in shape[1:]]))
-    expected = [
-        not bool((x[(slice(None), *[slice(c, c + window) for c in corner])] == 0.5).all())
-        for corner in corners
-    ]
-    got = _changes(x, corners, window, 0.5).tolist()
-    assert got == expected and 0 < sum(expected) < len(expected)
-
-
 @pytest.mark.parametrize("incremental", [True, False])
 def test_warm_up_builds_the_default_windows_plan_that_requests_then_use(monkeypatch, incremental):
     import xaiserve.runtime.forward.backends as backends
@@ -562,20 +544,34 @@ def test_warm_up_builds_the_default_windows_plan_that_requests_then_use(monkeypa
     config = ForwardConfig(incremental_occlusion=incremental)
     served = resnet_served((3, 32, 32))
     engine = Engine({served.config.name: served}, EngineLimits(), config)
-    with engine._locks[served.config.name]:  # a request running: the build waits for it
-        warming = engine.warm_up()
-        warming.join(1.0)
-        assert built == []
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1)).numpy()
+    raw = RawTensor(image.shape, image.astype("<f4").tobytes())
+
+    def request(method: str) -> ExplainRequest:
+        item = MethodRequest(method, {}, field="methods[0]", params_field=method)
+        return ExplainRequest(model=served.config.name, image=raw, methods=(item,))
+
+    # a request running (held inside its model's lock): the build waits for it
+    running, release = threading.Event(), threading.Event()
+    real_forward = engine.forward
+
+    def held_forward(*args, **kwargs):
+        running.set()
+        release.wait(60)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "forward", held_forward)
+    first = threading.Thread(target=engine.explain, args=(request("saliency"),))
+    first.start()
+    assert running.wait(60)
+    warming = engine.warm_up()
+    warming.join(1.0)
+    assert built == []
+    release.set()
+    first.join(60)
     warming.join(60)
     default = Occlusion().resolve_params({}, (3, 32, 32), "occlusion")["window"]
     assert built == ([(default, "onnxruntime")] if incremental else [])
-    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1)).numpy()
-    result = engine.explain(
-        ExplainRequest(
-            model=served.config.name,
-            image=RawTensor(image.shape, image.astype("<f4").tobytes()),
-            methods=(MethodRequest("occlusion", {}, field="methods[0]", params_field="occlusion"),),
-        )
-    )
+    result = engine.explain(request("occlusion"))
     assert result.explanations[0].forward_passes > 1
     assert len(built) == (1 if incremental else 0)  # the request used the warm plan
