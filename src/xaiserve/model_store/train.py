@@ -37,8 +37,8 @@ WARMUP_FRACTION = 0.15
 TORCH_SEED = 0
 TRAIN_THREADS = 1
 """Intra-op threads while training. One thread makes the run independent of the core count
-and immune to OpenMP stalls on a shared, oversubscribed machine (where two threads ran 3-6
-times slower than one); on an idle core the default run takes about 90 s."""
+and immune to OpenMP stalls on a shared, oversubscribed machine, where more threads ran
+slower than one (docs/performance.md)."""
 WEIGHTS_FILE = "weights.pt"
 _STATS_DECIMALS = 4
 

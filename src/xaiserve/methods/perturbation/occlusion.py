@@ -271,9 +271,8 @@ class _TargetScores:
     def _occluded_images(self, corners: list[tuple[int, ...]]) -> torch.Tensor:
         """Copies of xi with the window at each corner set to the baseline, built with
         numpy on one thread: torch's copy of a whole batch wakes its OpenMP threads,
-        which then spin and slowed the ONNX Runtime calls that follow (the demo model's
-        full occlusion, 10 interleaved runs: 0.217 s against 0.237 s, of which 0.194 s
-        against 0.210 s in the forward calls)."""
+        which then spin and slow the ONNX Runtime calls that follow
+        (docs/performance.md)."""
         original = self.xi.detach().numpy()
         occluded = np.empty((len(corners), *original.shape[1:]), dtype=original.dtype)
         occluded[...] = original

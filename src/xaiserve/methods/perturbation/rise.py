@@ -35,8 +35,8 @@ def rise_masks(
     step = [math.ceil(s / cells) for s in spatial]
     mode = "bilinear" if len(spatial) == 2 else "trilinear"
     up = F.interpolate(grids, size=[(cells + 1) * c for c in step], mode=mode, align_corners=False)
-    # every mask's crop in one copy (675 masks of 64 x 64: 3.1 ms against 8.1 ms with a
-    # slice per mask)
+    # every mask's crop in one copy of a strided view, not a slice per mask
+    # (docs/performance.md)
     return torch.from_numpy(boxes_at(up.numpy(), shifts.numpy(), spatial))
 
 

@@ -27,9 +27,9 @@ budget too). Gradients always run in torch (``ServedModel.module``), in batches 
 
 Occlusion also asks the forward for an incremental occluder (``ModelForwards.occluder``,
 :mod:`.incremental_run`): built on first use per backend, window side and window
-positions (a few seconds for a ResNet-18 on ONNX Runtime, then cached, at most
-``MAX_OCCLUDERS`` per model), checked against full forward passes, and None (full forward
-passes) where the model's graph does not allow it or ``incremental_occlusion`` is off.
+positions (then cached, at most ``MAX_OCCLUDERS`` per model), checked against full forward
+passes, and None (full forward passes) where the model's graph does not allow it or
+``incremental_occlusion`` is off.
 Incremental stages run on the CPU: a session on a GPU provider (CUDA on GPU nodes, the
 default where onnxruntime-gpu finds a GPU) runs full passes, which a GPU batches well,
 rather than move every stage's crops through host memory.
@@ -288,8 +288,7 @@ def prepare_forwards(served: ServedModel, config: ForwardConfig | None = None) -
         log.warning("model %s serves forward-only batches on torch: %s", served.config.name, status)
     # images per call: the configured cap (within the memory batch), else on torch the
     # memory batch (torch's first calls at each new batch shape are slow, so a probe this
-    # short misjudges it: the demo model measured 1,100-1,500 images/s in it against
-    # 2,200-2,400 once warm) and on ONNX Runtime the fastest batch measured
+    # short misjudges it; docs/performance.md) and on ONNX Runtime the fastest batch measured
     cap = min(config.call_batch, batch) if config.call_batch else 0
     calls = {TORCH: cap or batch}
     if session is not None:

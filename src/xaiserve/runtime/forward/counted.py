@@ -8,14 +8,13 @@ Forward-only work (occlusion, APEM searches, filtering, Score-CAM, RISE, LIME/Ke
 calls one interface, :class:`CountedForward`: ``forward(x, stage) -> logits``, batched and
 counted the same way whatever runs the batches. Two implementations: :class:`TorchForward`
 (torch eager, no grad) and ``OnnxForward`` (an ONNX Runtime session, in
-:mod:`.forward_backends`, which also chooses between them per model and request). The
-batch size comes from a memory budget and a count cap (:func:`memory_batch_size`): bytes
-per image x batch <= budget and batch <= ``ForwardConfig.max_batch``; methods build at most
-that many images at once, and gradient batches take no more than it either. Each backend call takes
+:mod:`.backends`, which also chooses between them per model and request). The batch size
+comes from a memory budget and a count cap (:func:`memory_batch_size`): bytes per image x
+batch <= budget and batch <= ``ForwardConfig.max_batch``; methods build at most that many
+images at once, and gradient batches take no more than it either. Each backend call takes
 at most ``call_batch`` of them: the batch size with the best measured throughput
-(:func:`fastest_batch`, at load), often smaller than what memory allows (the demo model on
-ONNX Runtime: 9,000-9,600 images/s in calls of 64, 7,900-8,100 in calls of 512, whose
-activations no longer stay in the CPU's caches).
+(:func:`fastest_batch`, at load), often smaller than what memory allows, since a large
+batch's activations no longer stay in the CPU's caches (figures: docs/performance.md).
 """
 
 from __future__ import annotations
@@ -218,11 +217,10 @@ def fastest_batch(
     the powers of two below it, largest first, until ``seconds`` have passed; each size is
     the fastest of PROBE_CALLS calls after a warm-up call, on random images in [0, 1].
     Largest first, so that a slow model, whose first size alone takes the time, keeps the
-    memory budget's batch: a half-second probe from the smallest size reached only 1 to 4
-    images of ResNet-18 on ONNX Runtime and chose 4, which gained nothing (its full
-    occlusion at 92% of the best throughput in that benchmark run, 98% in calls of 32 in
-    the next). ``limit`` is the model's batch (memory budget and count cap), so the largest call the
-    probe makes, which is the most it holds at once, stays within the budget.
+    memory budget's batch: a probe from the smallest size runs out of time on a few tiny
+    batches of such a model and picks one of them (docs/performance.md). ``limit`` is the
+    model's batch (memory budget and count cap), so the largest call the probe makes, which
+    is the most it holds at once, stays within the budget.
     """
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
