@@ -7,10 +7,10 @@ border is added, so every pixel is covered. A pixel's attribution is the mean dr
 f_y(x) - f_y(x with window occluded) over the windows covering it; all channels get the same
 value. Forward-only: occluded copies go through the model in counted batches
 (``ctx.forward``: torch or ONNX Runtime), built ``ctx.forward.batch_size`` at a time, and
-incrementally where the forward offers an occluder (:mod:`..incremental`): the early
-layers are recomputed only around each window, exactly, one forward pass still counted per
-occluded image (ResNet-18 at 224 x 224, window 15: about half the arithmetic of a full
-pass).
+incrementally where the forward offers an occluder
+(:mod:`xaiserve.runtime.forward.incremental`): the early layers are recomputed only around
+each window, exactly, one forward pass still counted per occluded image (ResNet-18 at
+224 x 224, window 15: about half the arithmetic of a full pass).
 
 Adaptive mode (``adaptive: {enabled: true, coarse_window, refine_fraction}``, see
 :mod:`.occlusion_adaptive`): windows of the same side on a coarse grid of positions

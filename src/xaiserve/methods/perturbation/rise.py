@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from xaiserve.api.errors import InvalidArgument
 from xaiserve.methods.base import AttributionMethod, MethodContext, Param
 from xaiserve.runtime.forward.counted import batches
-from xaiserve.runtime.forward.incremental.run import boxes_at
+from xaiserve.runtime.forward.incremental.boxes import boxes_at
 from xaiserve.runtime.model import ServedModel
 
 

@@ -26,7 +26,7 @@ budget too). Gradients always run in torch (``ServedModel.module``), in batches 
 ``gradient_batch`` images.
 
 Occlusion also asks the forward for an incremental occluder (``ModelForwards.occluder``,
-:mod:`.incremental_run`): built on first use per backend, window side and window
+:mod:`.incremental.build`): built on first use per backend, window side and window
 positions (then cached, at most ``MAX_OCCLUDERS`` per model), checked against full forward
 passes, and None (full forward passes) where the model's graph does not allow it or
 ``incremental_occlusion`` is off.
@@ -58,7 +58,9 @@ from xaiserve.runtime.forward.counted import (
     image_bytes,
     memory_batch_size,
 )
-from xaiserve.runtime.forward.incremental.run import IncrementalOcclusion, build_occluder, describe
+from xaiserve.runtime.forward.incremental.build import build_occluder
+from xaiserve.runtime.forward.incremental.plan import describe
+from xaiserve.runtime.forward.incremental.run import IncrementalOcclusion
 from xaiserve.runtime.forward.onnx_export import (
     INPUT_NAME,
     ONNX_FILE,

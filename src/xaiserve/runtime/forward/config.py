@@ -46,7 +46,7 @@ class ForwardConfig:
     onnx_tolerance: the largest |torch - onnxruntime| logit difference the check accepts.
     export_on_load: export a model without ``model.onnx`` when it is loaded (in memory).
     incremental_occlusion: occlusion recomputes only the region of the early layers a
-        window changes (see :mod:`.incremental`), on the request's backend, where the
+        window changes (see :mod:`.incremental.plan`), on the request's backend, where the
         model's graph allows it; off: every occluded image is a full forward pass.
     """
 

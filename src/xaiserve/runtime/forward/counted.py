@@ -104,7 +104,7 @@ class CountedForward:
         self.occluders: OccluderSource | None = None
 
     def occluder(self, window: int, starts: Sequence[Sequence[int]]) -> Any | None:
-        """The incremental occluder (:class:`~.incremental_run.IncrementalOcclusion`) of
+        """The incremental occluder (:class:`~.incremental.run.IncrementalOcclusion`) of
         this forward's model and backend for windows of side ``window`` at every
         combination of ``starts`` (per spatial axis), or None: occluded images then run
         full forward passes."""

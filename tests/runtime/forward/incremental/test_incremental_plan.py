@@ -18,18 +18,16 @@ from xaiserve.methods.perturbation.occlusion import Occlusion, window_starts
 from xaiserve.runtime.forward.backends import prepare_forwards
 from xaiserve.runtime.forward.config import ForwardConfig
 from xaiserve.runtime.forward.counted import Budget
-from xaiserve.runtime.forward.incremental.plan import (
+from xaiserve.runtime.forward.incremental.build import build_occluder
+from xaiserve.runtime.forward.incremental.geometry import (
     CONSTANT,
     Span,
     analyze,
-    changed_fraction,
-    cut_points,
     join_shortcuts,
-    plan_stages,
-    stage_module,
     trace,
 )
-from xaiserve.runtime.forward.incremental.run import build_occluder
+from xaiserve.runtime.forward.incremental.plan import changed_fraction, cut_points, plan_stages
+from xaiserve.runtime.forward.incremental.rewrite import stage_module
 from xaiserve.runtime.model import ModelConfig, PixelSpaceModel, ServedModel
 
 BACKENDS = ("torch", "onnxruntime")

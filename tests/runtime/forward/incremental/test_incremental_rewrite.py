@@ -14,16 +14,10 @@ from torch import fx, nn
 from support import resnets
 from support.tiny_models import tiny_served
 from xaiserve.methods.perturbation.occlusion import window_starts
-from xaiserve.runtime.forward.incremental.plan import (
-    Span,
-    Stage,
-    join_shortcuts,
-    plan_stages,
-    stage_module,
-    trace,
-)
-from xaiserve.runtime.forward.incremental.rewrite import make_valid
-from xaiserve.runtime.forward.incremental.run import build_occluder
+from xaiserve.runtime.forward.incremental.build import build_occluder
+from xaiserve.runtime.forward.incremental.geometry import Span, join_shortcuts, trace
+from xaiserve.runtime.forward.incremental.plan import Stage, plan_stages
+from xaiserve.runtime.forward.incremental.rewrite import make_valid, stage_module
 from xaiserve.runtime.model import PixelSpaceModel
 
 

@@ -1,1 +1,2 @@
-"""Incremental occlusion: the stage plan of a traced model (plan), the window rewrite of a stage (rewrite) and its exact run (run)."""
+"""Incremental occlusion: what a window changes (geometry), where to cut the network (plan),
+the stage modules (rewrite), the occluder that runs them (run, boxes) and its making (build)."""

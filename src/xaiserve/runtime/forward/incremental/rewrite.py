@@ -1,6 +1,10 @@
-"""Stages without a ring: valid convolutions on crops of padded activations.
+"""A plan's stages as modules of their own, and their rewrite without a ring.
 
-A stage of an incremental plan (:mod:`.incremental`) run on a crop with the network's own
+``stage_module`` cuts the nodes of one stage (:mod:`.plan`) out of the traced graph into a
+graph module of one input, undoing the shortcut joins (:func:`.geometry.join_shortcuts`)
+that the stage does not need at its output.
+
+A stage run on a crop with the network's own
 padding computes an output at every crop position, but only the region ``Stage.rect``
 holds positions the window changed; the rest, a ring as wide as the layers' reach, is
 recomputed for nothing and then cut away (a 3 x 3 convolution on a 12 x 12 crop keeps
@@ -24,11 +28,102 @@ import copy
 import math
 import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
 
-from xaiserve.runtime.forward.incremental.plan import WINDOW_MODULES, Stage, window_params
+from xaiserve.runtime.forward.incremental.geometry import (
+    WINDOW_MODULES,
+    shape_of,
+    submodule,
+    tensor_shape,
+    window_params,
+)
+from xaiserve.runtime.forward.incremental.plan import Stage
+
+# ----------------------------------------------------------------------------- stage modules
+
+
+def _undo_joins(graph: fx.Graph) -> int:
+    """Undoes, inside one stage, the joins of ``join_shortcuts`` that are not its output:
+    a z = cat(parts, dim=1) read back only as channel slices that are exactly its parts.
+    Only a join at a cut the plan uses needs the one tensor; elsewhere it copies both
+    parts for nothing, and on ONNX Runtime it keeps the convolutions from fusing with the
+    sums after them (figures: docs/performance.md). Returns the joins undone."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    undone = 0
+    for node in list(graph.nodes):
+        if node.target is not torch.cat or node in output.all_input_nodes:
+            continue
+        parts = node.args[0]
+        dim = node.kwargs["dim"] if "dim" in node.kwargs else (node.args[1:2] or (0,))[0]
+        shapes = [shape_of(part) for part in parts]
+        if dim != 1 or None in shapes:
+            continue
+        bounds: dict[tuple[int, int] | None, fx.Node] = {}  # None: not a channel slice
+        total = 0
+        for part in parts:
+            channels = tensor_shape(part)[1]
+            bounds[(total, total + channels)] = part
+            total += channels
+        reads = {user: _channel_range(user, total) for user in node.users}
+        if not reads or any(r not in bounds for r in reads.values()):
+            continue
+        for user, read in reads.items():
+            user.replace_all_uses_with(bounds[read])
+            graph.erase_node(user)
+        graph.erase_node(node)
+        undone += 1
+    return undone
+
+
+def _channel_range(node: fx.Node, channels: int) -> tuple[int, int] | None:
+    """(first, end) when ``node`` is ``z[:, first:end]`` of a tensor with ``channels``
+    channels, else None."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return None
+    index = node.args[1]
+    if not (
+        isinstance(index, tuple)
+        and len(index) == 2
+        and index[0] == slice(None)
+        and isinstance(index[1], slice)
+        and index[1].step in (None, 1)
+    ):
+        return None
+    first, end, _ = index[1].indices(channels)
+    return first, end
+
+
+def stage_module(gm: fx.GraphModule, start: int, end: int | None) -> fx.GraphModule:
+    """The nodes after graph index ``start`` up to ``end`` (None: to the output) as a
+    module of one input, the value of node ``start``. Constants the stage uses (parameters,
+    buffers and what is computed from them) are copied into it."""
+    nodes = list(gm.graph.nodes)
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {nodes[start]: graph.placeholder("x")}
+    own = nodes[start + 1 : (len(nodes) - 1 if end is None else end + 1)]
+
+    def copy(node: fx.Node) -> fx.Node:
+        if node not in env:  # a constant computed before the stage
+            env[node] = graph.node_copy(node, copy)
+        return env[node]
+
+    for node in own:
+        env[node] = graph.node_copy(node, copy)
+    if end is None:
+        graph.output(fx.map_arg(nodes[-1].args[0], copy))
+    else:
+        graph.output(env[nodes[end]])
+    _undo_joins(graph)
+    stage = fx.GraphModule(gm, graph)
+    stage.graph.eliminate_dead_code()
+    stage.recompile()
+    return stage.eval()
+
+
+# ------------------------------------------------------------------------------ valid windows
 
 _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
@@ -58,14 +153,16 @@ class _Reject(Exception):
 
 def make_valid(module: fx.GraphModule, stage: Stage) -> tuple[ValidStage | None, str]:
     """(the stage rewritten, "") or (None, why not). ``module``: the stage's graph module
-    (``incremental.stage_module``); it is not changed (the rewrite shares its weights)."""
+    (``stage_module``); it is not changed (the rewrite shares its weights)."""
     if any(s.lo > 0 for s in stage.span):
         return None, "the stage reads no input before its output position"
-    length = tuple((r - 1) * s.stride + (s.hi - s.lo) + 1 for s, r in zip(stage.span, stage.rect))
+    length = tuple(
+        (r - 1) * s.stride + (s.hi - s.lo) + 1 for s, r in zip(stage.span, stage.rect, strict=True)
+    )
     front = tuple(-s.lo for s in stage.span)
     back = tuple(
         max(0, (n_out - 1) * s.stride + s.hi - (n_in - 1))
-        for s, n_in, n_out in zip(stage.span, stage.grid_in, stage.grid_out)
+        for s, n_in, n_out in zip(stage.span, stage.grid_in, stage.grid_out, strict=True)
     )
     rewritten = fx.GraphModule(module, copy.deepcopy(module.graph))
     try:
@@ -116,9 +213,7 @@ class _Rewriter:
         tensors = [n for n in node.all_input_nodes if n in self.kind]
         if not tensors:
             return  # a constant computed in the stage
-        if node.op == "call_module" and isinstance(
-            self.gm.get_submodule(node.target), WINDOW_MODULES
-        ):
+        if node.op == "call_module" and isinstance(submodule(self.gm, node), WINDOW_MODULES):
             self._window(node, tensors)
             return
         kinds = {self.kind[n] for n in tensors}
@@ -142,7 +237,7 @@ class _Rewriter:
         (source,) = tensors
         if self.kind[source] != "in":
             raise _Reject("a window reads another window's output")
-        module = self.gm.get_submodule(node.target)
+        module = submodule(self.gm, node)
         kernel, stride, padding, dilation = window_params(module, self.dims)
         if any(p > 0 for p in padding):
             if source not in self.raw:
@@ -158,11 +253,11 @@ class _Rewriter:
             if offset < 0 or offset + needed > self.length[axis]:
                 raise _Reject("a window reaches outside the stage's span")
             slices.append(slice(offset, offset + needed))
-        if any(s != slice(0, n) for s, n in zip(slices, self.length)):
+        if any(s != slice(0, n) for s, n in zip(slices, self.length, strict=True)):
             with self.graph.inserting_before(node):
-                cropped = self.graph.call_function(operator.getitem, (source, (..., *slices)))
+                cropped = self.graph.call_function(operator.getitem, (source, _index(slices)))
             node.replace_input_with(source, cropped)
-        valid = copy.copy(module)  # shares the weights
+        valid: Any = copy.copy(module)  # shares the weights; torch types padding loosely
         valid.padding = (0,) * self.dims
         name = f"valid_{self.windows}"
         self.gm.add_submodule(name, valid)
@@ -175,10 +270,16 @@ class _Rewriter:
         if self.strided:
             raise _Reject("a strided stage passes its input through")
         slices = [
-            slice(-span.lo, -span.lo + r) for span, r in zip(self.stage.span, self.stage.rect)
+            slice(-span.lo, -span.lo + r)
+            for span, r in zip(self.stage.span, self.stage.rect, strict=True)
         ]
         with self.graph.inserting_before(user):
-            return self.graph.call_function(operator.getitem, (node, (..., *slices)))
+            return self.graph.call_function(operator.getitem, (node, _index(slices)))
+
+
+def _index(slices: list[slice]) -> Any:
+    """``x[..., *slices]``'s subscript: ``slices`` over the last axes (the spatial ones)."""
+    return (..., *slices)
 
 
 def _fill(module: nn.Module) -> float:
