@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from support.service_fakes import LoopThread
 from support.tiny_models import tiny_served
 from xaiserve.runtime.model import ServedModel
 
@@ -28,6 +30,14 @@ def demo_model_dir() -> Path:
     from xaiserve.model_store.build_demo import ensure_demo_model
 
     return ensure_demo_model(REPO_ROOT / "var" / "test-cache" / "demo")
+
+
+@pytest.fixture(scope="session")
+def aio_loop() -> Iterator[LoopThread]:
+    """An asyncio loop in a daemon thread, for grpc.aio servers under synchronous tests."""
+    loop = LoopThread()
+    yield loop
+    loop.close()
 
 
 @pytest.fixture

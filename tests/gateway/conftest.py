@@ -7,18 +7,11 @@ from typing import Any
 
 import grpc
 import pytest
-from support.service_fakes import FakeEngine, LoopThread, Served
 
+from support.service_fakes import FakeEngine, LoopThread, Served
 from xaiserve.gateway.backends import LocalBackend
 from xaiserve.gateway.server import start_server
 from xaiserve.gateway.settings import Settings
-
-
-@pytest.fixture(scope="session")
-def aio_loop() -> Iterator[LoopThread]:
-    loop = LoopThread()
-    yield loop
-    loop.close()
 
 
 @pytest.fixture

@@ -19,13 +19,13 @@ from xaiserve.api.v1 import explain_pb2 as pb
 from xaiserve.api.v1 import explain_pb2_grpc
 from xaiserve.gateway import server
 
-HERE = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     f"""
     import asyncio, sys
-    sys.path.insert(0, {str(HERE)!r})
-    from service_fakes import FakeEngine, sleep_for
+    sys.path.insert(0, {str(TESTS)!r})
+    from support.service_fakes import FakeEngine, sleep_for
     from xaiserve.gateway.backends import LocalBackend
     from xaiserve.gateway.server import serve
     from xaiserve.gateway.settings import Settings, configure_logging

@@ -1,5 +1,6 @@
-"""The real gateway in its own process (``xaiserve-server`` over the tiny model), for the
-metrics and dashboard tests."""
+"""The real gateway in its own process (``python -m xaiserve.gateway.server``, health
+watcher and signal handling included), a channel to a gateway, and a PNG for the tiny
+model."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -22,15 +24,21 @@ from prometheus_client.samples import Sample
 from .tiny_models import write_tiny_model_dir
 
 STARTUP_SECONDS = 60
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # as XaiClient's channel
 
 
 @dataclass(frozen=True)
 class Gateway:
-    """A running ``xaiserve-server``: its gRPC and metrics ports and its log so far."""
+    """A running ``xaiserve-server``: its gRPC port, its metrics port (0: none asked
+    for) and its log so far."""
 
     port: int
-    metrics_port: int
     log: list[str]
+    metrics_port: int = 0
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     def scrape(self) -> str:
         """The text of ``GET /metrics``."""
@@ -53,6 +61,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def open_channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """A channel to ``target`` (TLS with ``credentials``, else plaintext) for stubs of any
+    service, with XaiClient's message size limits."""
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
+
+
 def tiny_png(seed: int = 0) -> bytes:
     """A 16 x 16 RGB PNG for the tiny model."""
     pixels = bytes((seed * 31 + i * 7) % 256 for i in range(16 * 16 * 3))
@@ -61,46 +81,32 @@ def tiny_png(seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-def _read_lines(stream, lines: list[str], found: threading.Event) -> None:
-    for line in stream:
-        lines.append(line)
-        if "listening on" in line:
-            found.set()
-    found.set()  # the process ended
-
-
 @contextmanager
-def running_gateway(model_store: Path, extra_args: Sequence[str] = ()) -> Iterator[Gateway]:
-    """Starts ``python -m xaiserve.gateway.server`` over the tiny model; SIGTERM at the end.
+def gateway_process(*flags: str, metrics_port: int = 0) -> Iterator[Gateway]:
+    """Starts ``python -m xaiserve.gateway.server FLAGS --port 0``; SIGTERM at the end.
 
-    extra_args: more ``xaiserve-server`` flags (``--max-message-bytes``, ...).
+    metrics_port: the ``--metrics-port`` among ``flags``, if any (for ``Gateway.scrape``).
     """
-    write_tiny_model_dir(model_store / "tiny")
-    metrics_port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "xaiserve.gateway.server",
-        "--model-store",
-        str(model_store),
-        "--port",
-        "0",
-        "--metrics-port",
-        str(metrics_port),
-        "--workers",
-        "1",
-        *extra_args,
-    ]
+    command = [sys.executable, "-m", "xaiserve.gateway.server", "--port", "0", *flags]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     listening = threading.Event()
-    reader = threading.Thread(target=_read_lines, args=(process.stderr, lines, listening))
+
+    def read() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+            if "listening on" in line:
+                listening.set()
+        listening.set()  # the process ended
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
         listening.wait(STARTUP_SECONDS)
         match = re.search(r"listening on 127\.0\.0\.1:(\d+)", "".join(lines))
         assert match, "gateway did not start:\n" + "".join(lines)
-        yield Gateway(port=int(match.group(1)), metrics_port=metrics_port, log=lines)
+        yield Gateway(port=int(match.group(1)), log=lines, metrics_port=metrics_port)
     finally:
         process.terminate()
         try:
@@ -109,3 +115,17 @@ def running_gateway(model_store: Path, extra_args: Sequence[str] = ()) -> Iterat
             process.kill()
             process.wait()
         reader.join(10)
+
+
+@contextmanager
+def running_gateway(model_store: Path, extra_args: Sequence[str] = ()) -> Iterator[Gateway]:
+    """A gateway process over the tiny model (written to ``model_store/tiny``), one worker,
+    metrics on a free port.
+
+    extra_args: more ``xaiserve-server`` flags (``--max-message-bytes``, ...).
+    """
+    write_tiny_model_dir(model_store / "tiny")
+    metrics_port = free_port()
+    flags = ["--model-store", str(model_store), "--metrics-port", str(metrics_port)]
+    with gateway_process(*flags, "--workers", "1", *extra_args, metrics_port=metrics_port) as g:
+        yield g
