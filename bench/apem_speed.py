@@ -25,13 +25,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from support.apem_reference import loss_gradient_sign, probe_of, reference_search
 from support.tiny_models import make_context, tiny_served
 from xaiserve.engine.postprocess import apply_stage
 from xaiserve.methods.registry import get_method
 from xaiserve.model_store.build_demo import ensure_demo_model
 from xaiserve.model_store.synthetic import TEST_SEED, make_sample
-from xaiserve.reliability import apem as A
-from xaiserve.reliability import filter as AF
+from xaiserve.reliability.apem import apem
+from xaiserve.reliability.filter import filter_exact, filter_fast
+from xaiserve.reliability.lattice import DEFAULT_BATCH
+from xaiserve.reliability.score import directed, irrelevance
 from xaiserve.runtime.model import load_model_dir
 
 RES = 0.01
@@ -63,13 +66,13 @@ def apem_rows(served, images: list[torch.Tensor], batch: int) -> dict[str, float
         relevance = saliency(served, x, y)
         fast = Counting(ctx.forward)
         t0 = time.perf_counter()
-        record = A.apem(fast, served.module, x, y, relevance, budget=ctx.budget, batch=batch)
+        record = apem(probe_of(fast, served.module, x, y, ctx.budget, batch=batch), relevance)
         t_fast += time.perf_counter() - t0
         scan = Counting(ctx.forward)
         t0 = time.perf_counter()
-        sign = A.loss_gradient_sign(served.module, x, y, ctx.budget)
-        for r, eps in ((relevance, record.eps_minus), (A.irrelevance(relevance), record.eps_plus)):
-            A.reference_search(scan, x, A.directed(r, sign), y, eps_max=x.numel(), step=RES * eps)
+        sign = loss_gradient_sign(served.module, x, y, ctx.budget)
+        for r, eps in ((relevance, record.eps_minus), (irrelevance(relevance), record.eps_plus)):
+            reference_search(scan, x, directed(r, sign), y, eps_max=x.numel(), step=RES * eps)
         t_scan += time.perf_counter() - t0
         calls_fast, calls_scan = calls_fast + fast.calls, calls_scan + scan.calls
         images_fast, images_scan = images_fast + fast.images, images_scan + scan.images
@@ -97,10 +100,10 @@ def filter_rows(maps: int) -> dict[str, float]:
             y = int(served.module(x[None]).argmax())
         relevance = saliency(served, x, y)
         t0 = time.perf_counter()
-        exact = AF.filter_exact(ctx.forward, served.module, x, y, relevance, budget=ctx.budget)
+        exact = filter_exact(probe_of(ctx.forward, served.module, x, y, ctx.budget), relevance)
         t_exact += time.perf_counter() - t0
         t0 = time.perf_counter()
-        fast = AF.filter_fast(ctx.forward, served.module, x, y, relevance, budget=ctx.budget)
+        fast = filter_fast(probe_of(ctx.forward, served.module, x, y, ctx.budget), relevance)
         t_fast += time.perf_counter() - t0
         passes_fast, passes_exact = (
             passes_fast + fast.forward_passes,
@@ -142,7 +145,7 @@ def main() -> None:
             ("demo 64x64", demo, demo_images),
             ("tiny 16x16", tiny_served(), tiny_images),
         )
-        for batch in (A.DEFAULT_BATCH, 6)
+        for batch in (DEFAULT_BATCH, 6)
     ]
     for name, served, images, batch in cases:
         r = apem_rows(served, images, batch)

@@ -67,7 +67,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xaiserve.api.types import FilterRequest
 from xaiserve.engine.postprocess import apply_stage
 from xaiserve.methods.base import MethodContext
 from xaiserve.methods.perturbation.occlusion import Occlusion, window_starts
@@ -75,8 +74,11 @@ from xaiserve.methods.perturbation.occlusion_adaptive import rank_correlation
 from xaiserve.methods.registry import get_method
 from xaiserve.model_store import synthetic
 from xaiserve.model_store.build_demo import ensure_demo_model
-from xaiserve.reliability.apem import apem, apem_many, gradient_sign_and_logits, relevance_from_map
+from xaiserve.reliability.apem import apem, apem_many
 from xaiserve.reliability.filter import filter_map
+from xaiserve.reliability.options import default_filter_options, default_options
+from xaiserve.reliability.probe import Probe, gradient_sign_and_logits
+from xaiserve.reliability.score import relevance_from_map
 from xaiserve.runtime.forward.backends import ModelForwards, prepare_forwards
 from xaiserve.runtime.forward.config import ForwardConfig
 from xaiserve.runtime.forward.counted import Budget
@@ -400,7 +402,7 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
             for backend in ("torch", "onnxruntime"):
                 ctx = context(net, backend)
                 records[backend], seconds = timed(
-                    lambda: apem(ctx.forward, ctx.model, x[0], y, relevance, budget=ctx.budget)
+                    lambda: apem(Probe.of(ctx.forward, ctx.model, x[0], y, ctx.budget), relevance)
                 )
                 add("APEM per map", backend, ctx.budget.spent, seconds, ctx, gradient_seconds(x, y))
             a, b = records["torch"], records["onnxruntime"]
@@ -417,7 +419,7 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
             ctx = context(net, "onnxruntime")
             counted = Calls(ctx.forward)
             alone, seconds = timed(
-                lambda: [apem(counted, ctx.model, x[0], y, r, budget=ctx.budget) for r in maps]
+                lambda: [apem(Probe.of(counted, ctx.model, x[0], y, ctx.budget), r) for r in maps]
             )
             add(
                 ONE_BY_ONE,
@@ -432,14 +434,9 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
             counted = Calls(ctx.forward)
             together, seconds = timed(
                 lambda: apem_many(
-                    counted,
-                    ctx.model,
-                    x[0],
-                    y,
+                    Probe.of(counted, ctx.model, x[0], y, ctx.budget),
                     maps,
-                    [None] * len(maps),
-                    budget=ctx.budget,
-                    fields=[f"methods[{i}]" for i in range(len(maps))],
+                    [default_options(x[0].numel())] * len(maps),
                 )
             )
             add(TOGETHER, "onnxruntime", ctx.budget.spent, seconds, ctx, gradient_seconds(x, y))
@@ -455,13 +452,10 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
                     ctx = context(net, backend)
                     _, seconds = timed(
                         lambda: filter_map(
-                            ctx.forward,
-                            ctx.model,
-                            x[0],
-                            y,
+                            Probe.of(ctx.forward, ctx.model, x[0], y, ctx.budget),
                             relevance,
-                            budget=ctx.budget,
-                            request=FilterRequest(mode="fast"),
+                            default_options(x[0].numel()),
+                            default_filter_options("fast"),
                         )
                     )
                     add(

@@ -23,8 +23,15 @@ from xaiserve.api.types import FilterRequest, ReliabilityRecord, ReliabilityRequ
 from xaiserve.engine.postprocess import apply_stage
 from xaiserve.methods.registry import get_method
 from xaiserve.model_store import synthetic
-from xaiserve.reliability.apem import DEFAULT_RESOLUTION, apem, relevance_from_map, shuffled
+from xaiserve.reliability.apem import apem
 from xaiserve.reliability.filter import filter_map
+from xaiserve.reliability.options import (
+    DEFAULT_RESOLUTION,
+    resolve_filter_options,
+    resolve_options,
+)
+from xaiserve.reliability.probe import Probe
+from xaiserve.reliability.score import relevance_from_map, shuffled
 from xaiserve.runtime.forward.counted import Budget, TorchForward
 from xaiserve.runtime.model import ServedModel, load_model_dir
 
@@ -80,8 +87,8 @@ def _apem(demo: ServedModel, sample: synthetic.Sample, relevance: torch.Tensor, 
     budget = Budget(10**9)
     forward = TorchForward(demo.module, budget, 64)
     x = torch.from_numpy(sample.image)
-    options = ReliabilityRequest(shuffles=shuffles)
-    return apem(forward, demo.module, x, sample.label, relevance, options, budget=budget)
+    options = resolve_options(ReliabilityRequest(shuffles=shuffles), x.numel())
+    return apem(Probe.of(forward, demo.module, x, sample.label, budget), relevance, options)
 
 
 def _informative(*records: ReliabilityRecord) -> bool:
@@ -195,15 +202,13 @@ def test_filter_never_lowers_apem_beyond_resolution(demo, samples):
         relevance = relevance_from_map(_map(demo, "saliency", sample))
         budget = Budget(10**9)
         forward = TorchForward(demo.module, budget, 64)
+        x = torch.from_numpy(sample.image)
+        options = resolve_options(ReliabilityRequest(), x.numel())
         record = filter_map(
-            forward,
-            demo.module,
-            torch.from_numpy(sample.image),
-            sample.label,
+            Probe.of(forward, demo.module, x, sample.label, budget),
             relevance,
-            ReliabilityRequest(),
-            request=FilterRequest(),
-            budget=budget,
+            options,
+            resolve_filter_options(FilterRequest(), options),
         )
         before = _apem(demo, sample, relevance)
         after = _apem(demo, sample, torch.from_numpy(record.map))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from support.apem_reference import probe_of
 from support.tiny_models import make_context, tiny_served
 from xaiserve.api.errors import ResourceExhausted
 from xaiserve.api.types import (
@@ -34,18 +35,19 @@ from xaiserve.methods.cam.score_cam import channel_masks, layer_activations
 from xaiserve.methods.perturbation.occlusion_adaptive import adaptive_drops, positions_evaluated
 from xaiserve.methods.registry import METHODS, get_method
 from xaiserve.offline.calibrate import scaled_cams
-from xaiserve.reliability.apem import (
-    DEFAULT_BATCH,
-    apem_many,
+from xaiserve.reliability.apem import apem_many
+from xaiserve.reliability.filter import filter_map
+from xaiserve.reliability.lattice import DEFAULT_BATCH, Lattice, max_calls_for
+from xaiserve.reliability.options import (
+    filter_cost_bound,
     map_cost_bound,
-    max_calls_for,
     record_cost_bound,
-    relevance_from_map,
+    resolve_filter_options,
     resolve_options,
     search_cost_bound,
-    search_first_flips,
 )
-from xaiserve.reliability.filter import filter_cost_bound, filter_map, resolve_filter_options
+from xaiserve.reliability.score import relevance_from_map
+from xaiserve.reliability.search import search_first_flips
 from xaiserve.runtime.calibration import Calibration, CamCalibration
 from xaiserve.runtime.forward.config import ForwardConfig
 from xaiserve.runtime.gad_store import GadSupport, SupportPair
@@ -192,12 +194,9 @@ def test_search_bound_holds_for_every_flip_and_hint(resolution):
     for flip_at in np.geomspace(16e-9, 32.0, 120):
         for hint in (None, flip_at * 0.3, flip_at * 1.01, flip_at * 3.0, 16e-7):
             (found,) = search_first_flips(
-                threshold_forward(x, flip_at),
-                x,
+                probe_of(threshold_forward(x, flip_at), None, x, 0),
+                Lattice(16.0, resolution),
                 d[None],
-                0,
-                eps_max=16.0,
-                resolution=resolution,
                 hints=None if hint is None else [hint],
             )
             worst = max(worst, found.forward_passes)
@@ -233,13 +232,10 @@ def test_apem_record_with_shuffles_stays_within_its_bound():
     ]
     fields = [f"methods[{i}]" for i in range(len(maps))]
     spent = ctx.budget.spent
-    records = apem_many(
-        ctx.forward, served.module, x[0], y, maps, options, budget=ctx.budget, fields=fields
-    )
+    resolved = [resolve_options(o, x.numel(), f) for o, f in zip(options, fields, strict=True)]
+    records = apem_many(probe_of(ctx.forward, served.module, x[0], y, ctx.budget), maps, resolved)
     used = ctx.budget.spent - spent
-    bound = 1 + sum(
-        record_cost_bound(resolve_options(o, x.numel(), f)) for o, f in zip(options, fields)
-    )
+    bound = 1 + sum(record_cost_bound(o) for o in resolved)
     assert used == sum(r.record.forward_passes for r in records)
     assert 0 < used <= bound
     print(f"APEM records: {used} passes of a bound of {bound} ({used / bound:.2f})")
@@ -267,9 +263,8 @@ def test_filter_stays_within_its_bound(mode, levels, given):
     filter_options = resolve_filter_options(request, options)
     spent = ctx.budget.spent
     try:
-        record = filter_map(
-            ctx.forward, served.module, x[0], y, relevance, request=request, budget=ctx.budget
-        )
+        probe = probe_of(ctx.forward, served.module, x[0], y, ctx.budget)
+        record = filter_map(probe, relevance, options, filter_options)
     except ResourceExhausted as err:  # exact refuses to pass its budget (fast stops)
         assert (mode, err.field) == ("exact", "methods[0].filter.forward_budget")
         record = None

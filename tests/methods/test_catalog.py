@@ -15,13 +15,16 @@ import math
 
 import pytest
 import torch
-from support.method_models import resnet_served, volume_served
 
+from support.method_models import resnet_served, volume_served
 from support.tiny_models import make_context, tiny_served
 from xaiserve.api.types import ReliabilityRequest
 from xaiserve.engine.postprocess import apply_stage
 from xaiserve.methods.registry import METHODS, get_method
-from xaiserve.reliability.apem import apem, relevance_from_map
+from xaiserve.reliability.apem import apem
+from xaiserve.reliability.options import resolve_options
+from xaiserve.reliability.probe import Probe
+from xaiserve.reliability.score import relevance_from_map
 
 SMALL_PARAMS: dict[str, dict[str, float]] = {
     "smoothgrad": {"samples": 3},
@@ -92,13 +95,9 @@ def test_method(served, name):
 
     one_channel = apply_stage(raw, x, "one_channel")
     record = apem(
-        ctx.forward,
-        served.module,
-        x[0],
-        int(target[0]),
+        Probe.of(ctx.forward, served.module, x[0], int(target[0]), ctx.budget),
         relevance_from_map(one_channel[0]),
-        ReliabilityRequest(resolution=0.5),
-        budget=ctx.budget,
+        resolve_options(ReliabilityRequest(resolution=0.5), x[0].numel()),
     )
     assert record.undefined_reason or math.isfinite(record.apem)
 

@@ -14,13 +14,27 @@ import pytest
 import torch
 from torch import nn
 
+from support.apem_reference import (
+    loss_gradient_sign,
+    probe_of,
+    reference_search,
+    search_first_flip,
+)
 from support.tiny_models import make_context, tiny_served
 from xaiserve.api.errors import InvalidArgument
 from xaiserve.api.types import ReliabilityRequest
-from xaiserve.reliability import apem as A
+from xaiserve.reliability.apem import apem, apem_many
+from xaiserve.reliability.lattice import DEFAULT_BATCH, GEOMETRIC_SPAN, Lattice, max_calls_for
+from xaiserve.reliability.options import (
+    DEFAULT_RESOLUTION,
+    ApemOptions,
+    resolve_options,
+)
+from xaiserve.reliability.score import directed, irrelevance, relevance_from_map, shuffled
+from xaiserve.reliability.search import search_first_flips
 from xaiserve.runtime.forward.counted import Budget, TorchForward
 
-RES = A.DEFAULT_RESOLUTION
+RES = DEFAULT_RESOLUTION
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -75,7 +89,7 @@ def saliency_map(module: nn.Module, x: torch.Tensor, y: int) -> torch.Tensor:
     xb = x.unsqueeze(0).clone().requires_grad_(True)
     with torch.enable_grad():
         (grad,) = torch.autograd.grad(module(xb)[0, y], xb)
-    return A.relevance_from_map(grad[0].abs().sum(0, keepdim=True))
+    return relevance_from_map(grad[0].abs().sum(0, keepdim=True))
 
 
 def predicted(forward, x: torch.Tensor) -> int:
@@ -99,27 +113,27 @@ class CountingForward:
 
 def test_relevance_from_map_scales_magnitude():
     raw = torch.tensor([[[-2.0, 1.0], [0.5, 0.0]], [[0.0, 4.0], [-1.0, 2.0]]])
-    got = A.relevance_from_map(raw)
+    got = relevance_from_map(raw)
     assert torch.equal(got, raw.abs() / 4.0)
     unit = torch.tensor([[[0.0, 0.25], [1.0, 0.5]]])
-    assert torch.equal(A.relevance_from_map(unit), unit)
-    assert torch.equal(A.relevance_from_map(torch.zeros(1, 2, 2)), torch.zeros(1, 2, 2))
+    assert torch.equal(relevance_from_map(unit), unit)
+    assert torch.equal(relevance_from_map(torch.zeros(1, 2, 2)), torch.zeros(1, 2, 2))
 
 
 def test_directed_is_l1_normalized_over_the_broadcast():
     relevance = torch.tensor([[[0.0, 0.5], [1.0, 0.5]]])  # 1 x 2 x 2
     sign = torch.tensor([1.0, -1.0, 1.0]).view(3, 1, 1).expand(3, 2, 2)
-    d = A.directed(relevance, sign)
+    d = directed(relevance, sign)
     assert d.shape == (3, 2, 2)
     assert d.abs().sum().item() == pytest.approx(1.0)
     assert torch.allclose(d, relevance / (3 * 2.0) * sign)
-    assert A.directed(torch.zeros(1, 2, 2), sign) is None
+    assert directed(torch.zeros(1, 2, 2), sign) is None
 
 
 def test_loss_gradient_sign_matches_closed_form_and_is_charged():
     case = linear_case()
     _, budget = case.context()
-    sign = A.loss_gradient_sign(case.module, case.x, 0, budget)
+    sign = loss_gradient_sign(case.module, case.x, 0, budget)
     assert torch.equal(sign, -case.u.sign())
     assert budget.spent == 1 and budget.by_stage == {"apem": 1}
 
@@ -130,17 +144,18 @@ def test_loss_gradient_sign_matches_closed_form_and_is_charged():
 def test_search_matches_closed_form_on_linear_model():
     case = linear_case()
     forward, budget = case.context()
-    sign = A.loss_gradient_sign(case.module, case.x, 0, budget)
+    sign = loss_gradient_sign(case.module, case.x, 0, budget)
     relevance = torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(1))
-    for r in (relevance, A.irrelevance(relevance)):
+    for r in (relevance, irrelevance(relevance)):
         star = case.eps_star(r)
-        d = A.directed(r, sign)
-        got = A.search_first_flip(forward, case.x, d, 0, eps_max=case.x.numel(), resolution=RES)
+        d = directed(r, sign)
+        probe = probe_of(forward, case.module, case.x, 0, budget)
+        got = search_first_flip(probe, Lattice(case.x.numel(), RES), d)
         assert not got.censored
         assert got.lower <= star * (1 + 1e-5) and star <= got.eps * (1 + 1e-5)
         assert got.resolution_reached <= RES and got.forward_calls <= 4
         step = star / 37.37  # the seed's scan: the first multiple of step past eps*
-        ref, censored = A.reference_search(forward, case.x, d, 0, eps_max=case.x.numel(), step=step)
+        ref, censored = reference_search(forward, case.x, d, 0, eps_max=case.x.numel(), step=step)
         assert not censored and ref == pytest.approx(38 * step, rel=1e-9)
 
 
@@ -148,8 +163,8 @@ def test_apem_record_matches_closed_form_on_linear_model():
     case = linear_case(seed=2)
     forward, budget = case.context()
     relevance = torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(3))
-    record = A.apem(forward, case.module, case.x, 0, relevance, budget=budget)
-    minus, plus = case.eps_star(relevance), case.eps_star(A.irrelevance(relevance))
+    record = apem(probe_of(forward, case.module, case.x, 0, budget), relevance)
+    minus, plus = case.eps_star(relevance), case.eps_star(irrelevance(relevance))
     assert minus <= record.eps_minus * (1 + 1e-5) <= minus / (1 - RES) * (1 + 1e-5)
     assert plus <= record.eps_plus * (1 + 1e-5) <= plus / (1 - RES) * (1 + 1e-5)
     assert record.apem == pytest.approx(record.eps_plus - record.eps_minus)
@@ -162,33 +177,31 @@ def test_flip_below_the_first_grid_is_found():
     """eps* far below eps_max * 1e-6: one more geometric round finds it."""
     case = linear_case(seed=4)
     forward, budget = case.context()
-    sign = A.loss_gradient_sign(case.module, case.x, 0, budget)
+    sign = loss_gradient_sign(case.module, case.x, 0, budget)
     relevance = torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(5))
     star = case.eps_star(relevance)
-    eps_max = star / A.GEOMETRIC_SPAN * 50
-    got = A.search_first_flip(
-        forward, case.x, A.directed(relevance, sign), 0, eps_max=eps_max, resolution=RES
-    )
+    eps_max = star / GEOMETRIC_SPAN * 50
+    probe = probe_of(forward, case.module, case.x, 0, budget)
+    got = search_first_flip(probe, Lattice(eps_max, RES), directed(relevance, sign))
     assert got.lower <= star * (1 + 1e-5) and star <= got.eps * (1 + 1e-5)
     assert got.resolution_reached <= RES
-    assert got.forward_calls <= A.max_calls_for(RES)
+    assert got.forward_calls <= max_calls_for(RES)
 
 
 def test_hinted_and_batched_searches_report_the_same_lattice_values():
     """On a monotone model every search on one lattice reports the same eps."""
     case = linear_case(seed=6)
     forward, budget = case.context()
-    sign = A.loss_gradient_sign(case.module, case.x, 0, budget)
+    sign = loss_gradient_sign(case.module, case.x, 0, budget)
     g = torch.Generator().manual_seed(7)
     maps = [torch.rand(1, 4, 4, generator=g) for _ in range(4)]
-    directions = torch.stack([A.directed(r, sign) for r in maps])
-    eps_max = float(case.x.numel())
-    alone = [A.search_first_flip(forward, case.x, d, 0, eps_max=eps_max) for d in directions]
+    directions = torch.stack([directed(r, sign) for r in maps])
+    lattice = Lattice(float(case.x.numel()), RES)
+    probe = probe_of(forward, case.module, case.x, 0, budget)
+    alone = [search_first_flip(probe, lattice, d) for d in directions]
     counting = CountingForward(forward)
-    together = A.search_first_flips(counting, case.x, directions, 0, eps_max=eps_max)
-    hinted = A.search_first_flips(
-        forward, case.x, directions, 0, eps_max=eps_max, hints=[r.eps * 1.2 for r in alone]
-    )
+    together = search_first_flips(replace(probe, forward=counting), lattice, directions)
+    hinted = search_first_flips(probe, lattice, directions, hints=[r.eps * 1.2 for r in alone])
     assert [r.eps for r in together] == [r.eps for r in alone] == [r.eps for r in hinted]
     assert counting.calls == max(r.forward_calls for r in together)  # one call per round
     assert counting.images == sum(r.forward_passes for r in together)
@@ -206,10 +219,11 @@ def test_batched_search_agrees_with_the_seeds_scan_on_tiny_model():
         x = torch.rand(3, 16, 16, generator=g)
         relevance = torch.rand(1, 16, 16, generator=g)
         y = predicted(ctx.forward, x)
-        sign = A.loss_gradient_sign(served.module, x, y, ctx.budget)
-        d = A.directed(relevance, sign)
+        sign = loss_gradient_sign(served.module, x, y, ctx.budget)
+        d = directed(relevance, sign)
         t0 = time.perf_counter()
-        got = A.search_first_flip(ctx.forward, x, d, y, eps_max=x.numel(), resolution=RES)
+        probe = probe_of(ctx.forward, served.module, x, y, ctx.budget)
+        got = search_first_flip(probe, Lattice(x.numel(), RES), d)
         t_batched += time.perf_counter() - t0
         calls.append(got.forward_calls)
         passes.append(got.forward_passes)
@@ -217,7 +231,7 @@ def test_batched_search_agrees_with_the_seeds_scan_on_tiny_model():
         step = RES * got.eps / 2
         counting = CountingForward(ctx.forward)
         t0 = time.perf_counter()
-        ref, censored = A.reference_search(counting, x, d, y, eps_max=x.numel(), step=step)
+        ref, censored = reference_search(counting, x, d, y, eps_max=x.numel(), step=step)
         t_reference += time.perf_counter() - t0
         ref_calls += counting.calls
         # brackets (lower, eps] and (ref - step, ref] overlap
@@ -245,11 +259,11 @@ def test_apem_needs_fewer_forward_calls_than_the_seeds_scan():
         relevance = torch.rand(1, 16, 16, generator=g)
         y = predicted(ctx.forward, x)
         batched = CountingForward(ctx.forward)
-        record = A.apem(batched, served.module, x, y, relevance, budget=ctx.budget)
+        record = apem(probe_of(batched, served.module, x, y, ctx.budget), relevance)
         scan = CountingForward(ctx.forward)
-        sign = A.loss_gradient_sign(served.module, x, y, ctx.budget)
-        for r, eps in ((relevance, record.eps_minus), (A.irrelevance(relevance), record.eps_plus)):
-            A.reference_search(scan, x, A.directed(r, sign), y, eps_max=x.numel(), step=RES * eps)
+        sign = loss_gradient_sign(served.module, x, y, ctx.budget)
+        for r, eps in ((relevance, record.eps_minus), (irrelevance(relevance), record.eps_plus)):
+            reference_search(scan, x, directed(r, sign), y, eps_max=x.numel(), step=RES * eps)
         assert batched.calls <= 8  # at most 4 per direction
         assert scan.calls >= 10 * batched.calls
 
@@ -268,8 +282,9 @@ def test_apem_norm_of_shuffled_maps_is_near_zero():
         x = torch.rand(3, 16, 16, generator=g)
         y = predicted(ctx.forward, x)
         relevance = saliency_map(served.module, x, y)
-        for target, r in ((shuffled_norms, A.shuffled(relevance, g)), (saliency_norms, relevance)):
-            record = A.apem(ctx.forward, served.module, x, y, r, options, budget=ctx.budget)
+        for target, r in ((shuffled_norms, shuffled(relevance, g)), (saliency_norms, relevance)):
+            probe = probe_of(ctx.forward, served.module, x, y, ctx.budget)
+            record = apem(probe, r, resolve_options(options, x.numel()))
             assert record.apem_norm is not None and math.isfinite(record.apem_norm)
             target.append(record.apem_norm)
     med_shuffled = statistics.median(shuffled_norms)
@@ -284,18 +299,11 @@ def test_censored_when_eps_max_is_tiny(served, images):
     x = images[0]
     y = predicted(ctx.forward, x)
     relevance = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(0))
-    record = A.apem(
-        ctx.forward,
-        served.module,
-        x,
-        y,
-        relevance,
-        ReliabilityRequest(eps_max=1e-3),
-        budget=ctx.budget,
-    )
+    probe = probe_of(ctx.forward, served.module, x, y, ctx.budget)
+    record = apem(probe, relevance, resolve_options(ReliabilityRequest(eps_max=1e-3), x.numel()))
     assert record.eps_minus_censored and record.eps_plus_censored
     assert record.eps_minus == record.eps_plus == 1e-3 and record.apem == 0.0
-    assert record.forward_passes == 1 + 2 * A.DEFAULT_BATCH  # the gradient, one round each
+    assert record.forward_passes == 1 + 2 * DEFAULT_BATCH  # the gradient, one round each
 
 
 def test_undefined_cases_name_the_reason(served, images):
@@ -303,13 +311,14 @@ def test_undefined_cases_name_the_reason(served, images):
     x = images[0]
     y = predicted(ctx.forward, x)
     spent = ctx.budget.spent
-    zero = A.apem(ctx.forward, served.module, x, y, torch.zeros(1, 16, 16), budget=ctx.budget)
+    zero = apem(probe_of(ctx.forward, served.module, x, y, ctx.budget), torch.zeros(1, 16, 16))
     assert "zero everywhere" in zero.undefined_reason and math.isnan(zero.apem)
-    ones = A.apem(ctx.forward, served.module, x, y, torch.ones(1, 16, 16), budget=ctx.budget)
+    ones = apem(probe_of(ctx.forward, served.module, x, y, ctx.budget), torch.ones(1, 16, 16))
     assert "1 - R is zero" in ones.undefined_reason and math.isnan(ones.eps_plus)
     assert zero.forward_passes == ones.forward_passes == 0 and ctx.budget.spent == spent
     other = (y + 1) % 3
-    wrong = A.apem(ctx.forward, served.module, x, other, torch.rand(1, 16, 16), budget=ctx.budget)
+    probe = probe_of(ctx.forward, served.module, x, other, ctx.budget)
+    wrong = apem(probe, torch.rand(1, 16, 16))
     assert f"predicts class {y}, not the explained class {other}" in wrong.undefined_reason
     assert math.isnan(wrong.eps_minus) and wrong.forward_passes == 1
 
@@ -320,14 +329,8 @@ def test_saturated_model_is_undefined():
         flat[1].weight.zero_()
         flat[1].bias.copy_(torch.tensor([1.0, 0.0]))
     budget = Budget(100)
-    record = A.apem(
-        TorchForward(flat, budget, 8),
-        flat,
-        torch.rand(1, 2, 2),
-        0,
-        torch.rand(1, 2, 2),
-        budget=budget,
-    )
+    probe = probe_of(TorchForward(flat, budget, 8), flat, torch.rand(1, 2, 2), 0, budget)
+    record = apem(probe, torch.rand(1, 2, 2))
     assert "gradient is zero" in record.undefined_reason
 
 
@@ -347,24 +350,15 @@ def test_saturated_model_is_undefined():
 def test_invalid_options_name_the_field(served, images, options, name, message):
     ctx = make_context(served)
     with pytest.raises(InvalidArgument) as err:
-        A.apem(
-            ctx.forward,
-            served.module,
-            images[0],
-            0,
-            torch.rand(1, 16, 16),
-            options,
-            budget=ctx.budget,
-            field="methods[2]",
-        )
+        resolve_options(options, images[0].numel(), field="methods[2]")
     assert err.value.field == f"methods[2].reliability.{name}"
     assert message in err.value.message
     assert ctx.budget.spent == 0
 
 
 def test_defaults():
-    resolved = A.resolve_options(None, 3 * 16 * 16)
-    assert resolved == A.ApemOptions(eps_max=768.0, resolution=0.01, shuffles=0, clamp=False)
+    resolved = resolve_options(None, 3 * 16 * 16)
+    assert resolved == ApemOptions(eps_max=768.0, resolution=0.01, shuffles=0, clamp=False)
 
 
 def test_forward_passes_match_the_budget(served, images):
@@ -372,14 +366,10 @@ def test_forward_passes_match_the_budget(served, images):
     x = images[1]
     y = predicted(ctx.forward, x)
     before, by_stage = ctx.budget.spent, ctx.budget.by_stage.get("apem", 0)
-    record = A.apem(
-        ctx.forward,
-        served.module,
-        x,
-        y,
+    record = apem(
+        probe_of(ctx.forward, served.module, x, y, ctx.budget),
         saliency_map(served.module, x, y),
-        ReliabilityRequest(shuffles=2, clamp=True),
-        budget=ctx.budget,
+        resolve_options(ReliabilityRequest(shuffles=2, clamp=True), x.numel()),
     )
     assert record.forward_passes == ctx.budget.spent - before
     assert record.forward_passes == ctx.budget.by_stage["apem"] - by_stage
@@ -406,22 +396,18 @@ def test_maps_scored_together_equal_maps_scored_alone(served, images):
         None,
     ]
     alone, calls_alone = [], 0
-    for relevance, o in zip(maps, options):
+    for relevance, o in zip(maps, options, strict=True):
         ctx = make_context(served, max_batch=64)
         counting = CountingForward(ctx.forward)
-        alone.append(A.apem(counting, served.module, x, y, relevance, o, budget=ctx.budget))
+        probe = probe_of(counting, served.module, x, y, ctx.budget)
+        alone.append(apem(probe, relevance, resolve_options(o, x.numel())))
         calls_alone += counting.calls
     ctx = make_context(served, max_batch=64)
     counting = CountingForward(ctx.forward)
-    together = A.apem_many(
-        counting,
-        served.module,
-        x,
-        y,
+    together = apem_many(
+        probe_of(counting, served.module, x, y, ctx.budget),
         maps,
-        options,
-        budget=ctx.budget,
-        fields=[f"methods[{i}]" for i in range(4)],
+        [resolve_options(o, x.numel(), f"methods[{i}]") for i, o in enumerate(options)],
     )
     print(f"\n4 maps: {calls_alone} forward calls alone, {counting.calls} together")
     assert [t.record.forward_passes for t in together] == [
@@ -431,7 +417,7 @@ def test_maps_scored_together_equal_maps_scored_alone(served, images):
     ]  # the gradient's pass is counted once, on the first map
     assert sum(t.record.forward_passes for t in together) == ctx.budget.spent
     assert ctx.budget.by_stage["apem"] == ctx.budget.spent
-    for a, t in zip(alone[:3], together[:3]):
+    for a, t in zip(alone[:3], together[:3], strict=True):
         assert replace(t.record, forward_passes=0) == replace(a, forward_passes=0)
         assert t.score.apem == t.record.apem
     assert together[2].record.resolution <= 0.05 and together[0].record.resolution <= RES
@@ -450,15 +436,10 @@ def test_maps_scored_together_share_one_undefined_prediction(served, images):
     other = (predicted(ctx.forward, x) + 1) % 3
     maps = [torch.rand(1, 16, 16), torch.rand(1, 16, 16)]
     spent = ctx.budget.spent
-    together = A.apem_many(
-        ctx.forward,
-        served.module,
-        x,
-        other,
+    together = apem_many(
+        probe_of(ctx.forward, served.module, x, other, ctx.budget),
         maps,
-        [None, None],
-        budget=ctx.budget,
-        fields=["methods[0]", "methods[1]"],
+        [resolve_options(None, x.numel())] * 2,
     )
     assert ctx.budget.spent - spent == 1  # the one gradient, no search
     assert [t.record.forward_passes for t in together] == [1, 0]

@@ -14,14 +14,17 @@ import pytest
 import torch
 from torch import nn
 
+from support.apem_reference import probe_of
 from support.tiny_models import make_context, tiny_served
 from xaiserve.api.errors import InvalidArgument, ResourceExhausted
 from xaiserve.api.types import FilterRequest, ReliabilityRequest
-from xaiserve.reliability import apem as A
 from xaiserve.reliability import filter as AF
+from xaiserve.reliability import options as O
+from xaiserve.reliability.apem import apem, apem_many
+from xaiserve.reliability.score import relevance_from_map
 from xaiserve.runtime.forward.counted import Budget, TorchForward
 
-RES = A.DEFAULT_RESOLUTION
+RES = O.DEFAULT_RESOLUTION
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,7 +41,7 @@ def saliency_map(module: nn.Module, x: torch.Tensor, y: int) -> torch.Tensor:
     xb = x.unsqueeze(0).clone().requires_grad_(True)
     with torch.enable_grad():
         (grad,) = torch.autograd.grad(module(xb)[0, y], xb)
-    return A.relevance_from_map(grad[0].abs().sum(0, keepdim=True))
+    return relevance_from_map(grad[0].abs().sum(0, keepdim=True))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -93,7 +96,7 @@ def test_exact_filter_follows_algorithm_2_on_a_closed_form_case():
     assert int((best_map > 0).sum()) == 5
 
     spent = budget.spent
-    exact = AF.filter_exact(forward, module, x, 0, R_LINEAR, budget=budget)
+    exact = AF.filter_exact(probe_of(forward, module, x, 0, budget), R_LINEAR)
     assert np.array_equal(exact.map, best_map.numpy())
     assert exact.kept_fraction == pytest.approx(5 / 8)
     assert exact.apem_after == pytest.approx(best, abs=0.01)
@@ -101,7 +104,7 @@ def test_exact_filter_follows_algorithm_2_on_a_closed_form_case():
     assert exact.forward_passes == budget.spent - spent
     assert exact.map.dtype == np.float32 and exact.map.shape == (1, 1, 8)
 
-    fast = AF.filter_fast(forward, module, x, 0, R_LINEAR, budget=budget)
+    fast = AF.filter_fast(probe_of(forward, module, x, 0, budget), R_LINEAR)
     assert np.array_equal(fast.map, exact.map)
 
 
@@ -112,7 +115,7 @@ def test_flat_apem_path_keeps_only_the_top_value():
     with torch.no_grad():
         module[1].weight.copy_(torch.stack([torch.ones(8), torch.zeros(8)]))
         module[1].bias.copy_(torch.tensor([1.0 - float(x.sum()), 0.0]))
-    exact = AF.filter_exact(forward, module, x, 0, R_LINEAR, budget=budget)
+    exact = AF.filter_exact(probe_of(forward, module, x, 0, budget), R_LINEAR)
     assert np.array_equal(exact.map > 0, (R_LINEAR == 1.0).numpy())
     assert exact.apem_after == pytest.approx(exact.apem_before, abs=0.02)
 
@@ -142,14 +145,14 @@ def test_fast_filter_against_exact_on_small_images():
     ious, fast_passes, exact_passes, t_fast, t_exact = [], [], [], 0.0, 0.0
     for served, ctx, x, y, relevance in tiny_cases(16):
         t0 = time.perf_counter()
-        exact = AF.filter_exact(ctx.forward, served.module, x, y, relevance, budget=ctx.budget)
+        exact = AF.filter_exact(probe_of(ctx.forward, served.module, x, y, ctx.budget), relevance)
         t_exact += time.perf_counter() - t0
         spent = ctx.budget.spent
         t0 = time.perf_counter()
-        fast = AF.filter_fast(ctx.forward, served.module, x, y, relevance, budget=ctx.budget)
+        fast = AF.filter_fast(probe_of(ctx.forward, served.module, x, y, ctx.budget), relevance)
         t_fast += time.perf_counter() - t0
         assert fast.forward_passes == ctx.budget.spent - spent
-        assert fast.forward_passes <= AF.DEFAULT_FORWARD_BUDGET
+        assert fast.forward_passes <= O.DEFAULT_FORWARD_BUDGET
         assert fast.apem_before == exact.apem_before  # the same canonical search
         ious.append(iou(fast.map, exact.map))
         fast_passes.append(fast.forward_passes)
@@ -157,10 +160,9 @@ def test_fast_filter_against_exact_on_small_images():
         for result in (fast, exact):
             # the filtered map's own record: its APEM is not below the original's beyond
             # what the two brackets allow (eps_plus of the original, eps_minus of the result)
-            before = A.apem(ctx.forward, served.module, x, y, relevance, budget=ctx.budget)
-            after = A.apem(
-                ctx.forward, served.module, x, y, torch.from_numpy(result.map), budget=ctx.budget
-            )
+            before = apem(probe_of(ctx.forward, served.module, x, y, ctx.budget), relevance)
+            probe = probe_of(ctx.forward, served.module, x, y, ctx.budget)
+            after = apem(probe, torch.from_numpy(result.map))
             tolerance = RES * (before.eps_plus + after.eps_minus)
             assert result.apem_after >= result.apem_before - tolerance
             assert after.apem >= before.apem - tolerance
@@ -177,15 +179,11 @@ def test_fast_filter_against_exact_on_small_images():
 
 def test_fast_filter_with_an_ample_budget_is_exact():
     for served, ctx, x, y, relevance in tiny_cases(4, size=8):
-        exact = AF.filter_exact(ctx.forward, served.module, x, y, relevance, budget=ctx.budget)
+        exact = AF.filter_exact(probe_of(ctx.forward, served.module, x, y, ctx.budget), relevance)
         fast = AF.filter_fast(
-            ctx.forward,
-            served.module,
-            x,
-            y,
+            probe_of(ctx.forward, served.module, x, y, ctx.budget),
             relevance,
-            request=FilterRequest(forward_budget=10**6),
-            budget=ctx.budget,
+            filter_options=O.FilterOptions("fast", 10**6),
         )
         assert np.array_equal(fast.map, exact.map)
 
@@ -195,17 +193,11 @@ def test_fast_filter_with_an_ample_budget_is_exact():
 
 def test_budget_too_small_names_the_field(served, images):
     ctx = make_context(served)
-    least = AF.minimum_budget(A.resolve_options(None, 768))
+    options = O.resolve_options(None, 768)
+    least = O.minimum_budget(options)
     with pytest.raises(InvalidArgument) as err:
-        AF.filter_fast(
-            ctx.forward,
-            served.module,
-            images[0],
-            0,
-            torch.rand(1, 16, 16),
-            request=FilterRequest(forward_budget=least - 1),
-            budget=ctx.budget,
-            field="methods[1]",
+        O.resolve_filter_options(
+            FilterRequest(forward_budget=least - 1), options, field="methods[1]"
         )
     assert err.value.field == "methods[1].filter.forward_budget"
     assert f"at least {least}" in err.value.message
@@ -216,15 +208,13 @@ def test_smallest_budget_runs_and_is_respected(served, images):
     ctx = make_context(served, max_batch=64)
     x = images[0]
     y = int(ctx.forward(x.unsqueeze(0), "predict").argmax())
-    least = AF.minimum_budget(A.resolve_options(None, x.numel()))
+    options = O.resolve_options(None, x.numel())
+    least = O.minimum_budget(options)
     result = AF.filter_fast(
-        ctx.forward,
-        served.module,
-        x,
-        y,
+        probe_of(ctx.forward, served.module, x, y, ctx.budget),
         saliency_map(served.module, x, y),
-        request=FilterRequest(forward_budget=least),
-        budget=ctx.budget,
+        options,
+        O.resolve_filter_options(FilterRequest(forward_budget=least), options),
     )
     assert result.forward_passes <= least
     assert ctx.budget.by_stage["apem_filter"] == result.forward_passes
@@ -234,16 +224,14 @@ def test_exact_mode_out_of_budget_is_resource_exhausted(served, images):
     ctx = make_context(served, max_batch=64)
     x = images[0]
     y = int(ctx.forward(x.unsqueeze(0), "predict").argmax())
-    least = AF.minimum_budget(A.resolve_options(None, x.numel()))
+    options = O.resolve_options(None, x.numel())
+    least = O.minimum_budget(options)
     with pytest.raises(ResourceExhausted) as err:
         AF.filter_map(
-            ctx.forward,
-            served.module,
-            x,
-            y,
+            probe_of(ctx.forward, served.module, x, y, ctx.budget),
             torch.rand(1, 16, 16),
-            request=FilterRequest(mode="exact", forward_budget=least),
-            budget=ctx.budget,
+            options,
+            O.resolve_filter_options(FilterRequest(mode="exact", forward_budget=least), options),
             field="methods[3]",
         )
     assert err.value.field == "methods[3].filter.forward_budget"
@@ -257,83 +245,48 @@ def test_exact_mode_out_of_budget_is_resource_exhausted(served, images):
     ],
 )
 def test_invalid_filter_options_name_the_field(served, images, request_, field, message):
-    ctx = make_context(served)
+    options = O.resolve_options(None, images[0].numel())
     with pytest.raises(InvalidArgument) as err:
-        AF.filter_map(
-            ctx.forward,
-            served.module,
-            images[0],
-            0,
-            torch.rand(1, 16, 16),
-            request=request_,
-            budget=ctx.budget,
-            field="methods[0]",
-        )
+        O.resolve_filter_options(request_, options, field="methods[0]")
     assert err.value.field == f"methods[0].{field}" and message in err.value.message
 
 
 def test_reliability_options_are_checked_too(served, images):
-    ctx = make_context(served)
     with pytest.raises(InvalidArgument) as err:
-        AF.filter_fast(
-            ctx.forward,
-            served.module,
-            images[0],
-            0,
-            torch.rand(1, 16, 16),
-            ReliabilityRequest(resolution=0.9),
-            budget=ctx.budget,
-            field="methods[4]",
-        )
+        O.resolve_options(ReliabilityRequest(resolution=0.9), images[0].numel(), "methods[4]")
     assert err.value.field == "methods[4].reliability.resolution"
 
 
 def test_undefined_map_comes_back_unchanged(served, images):
     ctx = make_context(served)
     zero = torch.zeros(1, 16, 16)
-    result = AF.filter_fast(ctx.forward, served.module, images[0], 0, zero, budget=ctx.budget)
+    result = AF.filter_fast(probe_of(ctx.forward, served.module, images[0], 0, ctx.budget), zero)
     assert np.array_equal(result.map, zero.numpy()) and result.kept_fraction == 1.0
     assert math.isnan(result.apem_before) and math.isnan(result.apem_after)
     assert result.forward_passes == 0
 
 
 def test_defaults():
-    options = A.resolve_options(None, 768)
-    assert AF.resolve_filter_options(None, options) == AF.FilterOptions("fast", 4096)
-    assert AF.resolve_filter_options(FilterRequest(mode="exact"), options).forward_budget is None
+    options = O.resolve_options(None, 768)
+    assert O.resolve_filter_options(None, options) == O.FilterOptions("fast", 4096)
+    assert O.resolve_filter_options(FilterRequest(mode="exact"), options).forward_budget is None
 
 
 def test_filter_takes_the_gradient_and_the_original_score_from_apem(served, images):
-    """Given the map's APEM from the same request (``Shared``), the filter answers as alone
-    and spends the gradient's pass and the original's searches less."""
+    """Given the map's APEM from the same request (the probe's gradient and ``before``, the
+    map's score), the filter answers as alone and spends the gradient's pass and the
+    original's searches less."""
     x = images[1]
     ctx = make_context(served, max_batch=64)
     y = int(ctx.forward(x.unsqueeze(0), "predict").argmax())
     relevance = saliency_map(served.module, x, y)
-    alone = AF.filter_map(ctx.forward, served.module, x, y, relevance, budget=ctx.budget)
+    alone = AF.filter_map(probe_of(ctx.forward, served.module, x, y, ctx.budget), relevance)
     ctx = make_context(served, max_batch=64)
-    gradient = A.SharedGradient(served.module, x, y, ctx.budget)
-    (scored,) = A.apem_many(
-        ctx.forward,
-        served.module,
-        x,
-        y,
-        [relevance],
-        [None],
-        budget=ctx.budget,
-        fields=["methods[0]"],
-        gradient=gradient,
-    )
+    probe = probe_of(ctx.forward, served.module, x, y, ctx.budget)
+    options = O.resolve_options(None, x.numel())
+    (scored,) = apem_many(probe, [relevance], [options])
     spent = ctx.budget.spent
-    shared = AF.filter_map(
-        ctx.forward,
-        served.module,
-        x,
-        y,
-        relevance,
-        budget=ctx.budget,
-        shared=AF.Shared(gradient, scored.score),
-    )
+    shared = AF.filter_map(probe, relevance, options, before=scored.score)
     assert np.array_equal(shared.map, alone.map)
     assert (shared.apem_before, shared.apem_after) == (alone.apem_before, alone.apem_after)
     assert shared.apem_before == scored.record.apem

@@ -2,8 +2,8 @@
 
 Each part of a planned request states the most forward passes it can spend, from the same
 resolved parameters and constants the running code uses: a method's
-``max_forward_passes``, ``apem.record_cost_bound`` for a reliability record and
-``apem_filter.filter_cost_bound`` for a filter. The engine adds them up in its plan, with
+``max_forward_passes``, ``options.record_cost_bound`` for a reliability record and
+``options.filter_cost_bound`` for a filter. The engine adds them up in its plan, with
 the prediction's pass and the gradient APEM's searches share, and refuses a request whose
 sum exceeds ``--max-forward-passes`` before it decodes the image, naming the request field
 that costs most and what to lower. While the work runs, ``forward.Budget`` still checks
@@ -22,8 +22,12 @@ from typing import Any
 
 from xaiserve.api.errors import ResourceExhausted
 from xaiserve.methods.base import AttributionMethod
-from xaiserve.reliability.apem import ApemOptions, record_cost_bound
-from xaiserve.reliability.filter import FilterOptions, filter_cost_bound
+from xaiserve.reliability.options import (
+    ApemOptions,
+    FilterOptions,
+    filter_cost_bound,
+    record_cost_bound,
+)
 from xaiserve.runtime.model import ServedModel
 
 PREDICTION_PASSES = 1

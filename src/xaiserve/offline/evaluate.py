@@ -19,7 +19,10 @@ import torch.nn.functional as F
 
 from xaiserve.api.types import ExplainRequest, MethodRequest, RawTensor, ReliabilityRequest
 from xaiserve.engine.engine import Engine
-from xaiserve.reliability.apem import apem, relevance_from_map, shuffled
+from xaiserve.reliability.apem import apem
+from xaiserve.reliability.options import resolve_options
+from xaiserve.reliability.probe import Probe
+from xaiserve.reliability.score import relevance_from_map, shuffled
 from xaiserve.runtime.forward.counted import Budget
 
 
@@ -88,6 +91,7 @@ def evaluate_images(
     served = engine.models[model]
     rows: list[MapRow] = []
     options = ReliabilityRequest(resolution=resolution, shuffles=shuffles)
+    resolved = resolve_options(options, math.prod(served.config.input_shape))
     requests = tuple(
         MethodRequest(name, stage=stage, reliability=options, field=f"methods[{i}]")
         for i, (name, stage) in enumerate((m, s) for m in methods for s in stages)
@@ -115,9 +119,8 @@ def evaluate_images(
             relevance = relevance_from_map(torch.from_numpy(explanation.map))
             if shuffles and not record.undefined_reason:
                 copy = shuffled(relevance, generator)
-                shuffled_record = apem(
-                    forward, served.module, x[0], predicted, copy, options, budget=budget
-                )
+                probe = Probe.of(forward, served.module, x[0], predicted, budget)
+                shuffled_record = apem(probe, copy, resolved)
                 shuffled_norm = _nan_if_none(shuffled_record.apem_norm)
             rows.append(
                 MapRow(
