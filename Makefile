@@ -8,7 +8,7 @@ MODEL_STORE ?= var/models
 ARCHIVES ?= var/model-archives
 PROTO := proto/xaiserve/v1/explain.proto proto/xaiserve/torchserve/inference.proto
 
-.PHONY: install proto serve test demo-model archives stack-up stack-down test-torchserve bench clean
+.PHONY: install proto serve lint test demo-model archives stack-up stack-down test-torchserve bench clean
 
 # torch goes in first, from the CPU build, so nothing that depends on it pulls a CUDA build.
 $(STAMP): pyproject.toml
@@ -46,6 +46,14 @@ stack-up: $(STAMP)
 
 stack-down: $(STAMP)
 	$(BIN)/python -m xaiserve.gateway.stack down
+
+# The checks the code assumes (configured in pyproject.toml): lint, format, types, and the
+# import contracts (one direction of imports between the packages).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -85,6 +85,8 @@ from xaiserve.runtime.forward.counted import Budget
 from xaiserve.runtime.forward.incremental.run import IncrementalOcclusion
 from xaiserve.runtime.model import ModelConfig, PixelSpaceModel, ServedModel, load_model_dir
 
+log = logging.getLogger(__name__)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from support import resnets  # noqa: E402  (the test networks)
@@ -243,7 +245,7 @@ def best_throughput(net: Net, min_seconds: float) -> dict[str, tuple[float, int]
         size = max(rates, key=rates.get)
         best[backend] = (rates[size], size)
         shown = ", ".join(f"B={b}: {r:.1f}" for b, r in rates.items())
-        logging.info("%s %s throughput (images/s): %s", net.name, backend, shown)
+        log.info("%s %s throughput (images/s): %s", net.name, backend, shown)
     return best
 
 
@@ -373,7 +375,8 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
             for _ in range(2)
         )
 
-    for repeat in range(repeats):  # round robin: each method's best repeat counts
+    # round robin: each method's best repeat counts (add() files each entry under `repeat`)
+    for repeat in range(repeats):  # noqa: B007
         for x in net.images:
             y = int(net.forwards.forward(Budget(10), "onnxruntime")(x, "predict").argmax())
             target = torch.tensor([y])
@@ -444,7 +447,7 @@ def run_net(net: Net, min_seconds: float, repeats: int = 1) -> Report:
             same_records.append(
                 all(
                     (t.record.eps_minus, t.record.eps_plus) == (a.eps_minus, a.eps_plus)
-                    for t, a in zip(together, alone)
+                    for t, a in zip(together, alone, strict=True)
                 )
             )
             if net.name == "demo":

@@ -77,7 +77,7 @@ class ExactWeightedLeastSquares(Model):
     """Weighted least squares with intercept (float64 normal equations) for Captum's Lime."""
 
     def fit(self, train_data, **kwargs):
-        z, y, w = (torch.cat(t).double().numpy() for t in zip(*train_data))
+        z, y, w = (torch.cat(t).double().numpy() for t in zip(*train_data, strict=True))
         design = np.hstack([np.ones((len(z), 1)), z])
         self.coef = np.linalg.solve(design.T @ (design * w[:, None]), design.T @ (w * y.ravel()))[
             1:

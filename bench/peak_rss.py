@@ -7,8 +7,8 @@
 For each model a child process imports the engine, writes a model directory (config.yaml,
 model.py, weights.pt, random weights) to a temporary folder, loads it with
 ``Engine.from_model_store`` (the server's load path: ONNX export, check and batch probe
-included), then runs one Explain with occlusion, RISE, Grad-CAM and Integrated Gradients (``--methods``;
-``--width``: the ResNet's base width, 64 as in ResNet-18).
+included), then runs one Explain with occlusion, RISE, Grad-CAM and Integrated Gradients
+(``--methods``; ``--width``: the ResNet's base width, 64 as in ResNet-18).
 It prints, in MiB: the peak RSS after the imports, after loading and after the Explain
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``: the process's high-water mark, which
 only grows), the RSS kept after the Explain (``/proc/self/statm``), and the forward batch

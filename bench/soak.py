@@ -35,7 +35,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,10 +249,8 @@ def gateway_process(command: list[str], log: Path) -> Iterator[tuple[int, str]]:
         yield process.pid, f"{HOST}:{found.group(1)}"
     finally:
         stop_process_group(process.pid, timeout=30.0)
-        try:
+        with suppress(subprocess.TimeoutExpired):
             process.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def _free_port() -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from support.service_fakes import FAKE_PNG, MODELS
 
+from support.service_fakes import FAKE_PNG, MODELS
 from xaiserve.api import convert
 from xaiserve.api.errors import InvalidArgument
 from xaiserve.api.types import (

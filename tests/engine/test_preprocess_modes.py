@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from support.tiny_models import model_config
 from xaiserve.api.errors import InvalidArgument, ResourceExhausted
 from xaiserve.api.types import EncodedImage
 from xaiserve.engine.limits import EngineLimits
@@ -41,18 +42,7 @@ INDEX = RNG.integers(0, 256, (H, W), dtype=np.uint8)
 
 
 def config(channels: int, h: int = H, w: int = W) -> ModelConfig:
-    return ModelConfig(
-        name="m",
-        version="1",
-        model_file="m.py",
-        model_class="M",
-        model_kwargs={},
-        weights="w.pt",
-        input_shape=(channels, h, w),
-        mean=(0.0,) * channels,
-        std=(1.0,) * channels,
-        labels=("a", "b"),
-    )
+    return model_config((channels, h, w))
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **options) -> bytes:
@@ -61,7 +51,10 @@ def encode(img: Image.Image, fmt: str = "PNG", **options) -> bytes:
     return buffer.getvalue()
 
 
-def decode(data: bytes, channels: int, limits: EngineLimits = EngineLimits()) -> np.ndarray:
+DEFAULT_LIMITS = EngineLimits()
+
+
+def decode(data: bytes, channels: int, limits: EngineLimits = DEFAULT_LIMITS) -> np.ndarray:
     """``decode_image`` at the image's own size (no resize): H x W x C."""
     x = decode_image(EncodedImage(data), config(channels), limits)
     assert tuple(x.shape) == (1, channels, H, W) and x.dtype == torch.float32

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support.service_fakes import FAKE_PNG, Served, fake_map
 
+from support.service_fakes import FAKE_PNG, Served, fake_map
 from xaiserve import cli
 from xaiserve.api.v1 import explain_pb2 as pb
 from xaiserve.gateway import cli as client_cli

@@ -12,10 +12,10 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support.service_fakes import Served
 
 from support.broken_models import BROKEN, GOOD, write_store
 from support.gateway import tiny_png
+from support.service_fakes import Served
 from xaiserve.api.v1 import explain_pb2 as pb
 from xaiserve.engine.engine import Engine
 from xaiserve.engine.limits import EngineLimits

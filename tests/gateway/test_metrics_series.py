@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry
-from support.service_fakes import MODELS, FakeEngine, LoopThread
 
+from support.service_fakes import MODELS, FakeEngine, LoopThread
 from xaiserve.api.errors import NotFound
 from xaiserve.api.types import ExplainRequest
 from xaiserve.api.v1 import explain_pb2 as pb

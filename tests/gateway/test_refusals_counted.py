@@ -14,8 +14,8 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from support.service_fakes import FakeEngine, LoopThread
 
+from support.service_fakes import FakeEngine, LoopThread
 from xaiserve.api.types import ExplainRequest
 from xaiserve.api.v1 import explain_pb2 as pb
 from xaiserve.api.v1 import explain_pb2_grpc

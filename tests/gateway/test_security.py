@@ -13,9 +13,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support.service_fakes import FakeEngine, Served
 
 from support.certs import Pki, make_pki
+from support.service_fakes import FakeEngine, Served
 from xaiserve.api.types import ExplainRequest
 from xaiserve.api.v1 import explain_pb2 as pb
 from xaiserve.api.v1 import explain_pb2_grpc

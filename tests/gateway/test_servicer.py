@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support.service_fakes import FAKE_PNG, FakeEngine, Served, fake_map, raise_error, sleep_for
 
+from support.service_fakes import FAKE_PNG, FakeEngine, Served, fake_map, raise_error, sleep_for
 from xaiserve.api.errors import (
     DeadlineExceeded,
     InvalidArgument,

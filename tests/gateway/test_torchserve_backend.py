@@ -13,8 +13,8 @@ from typing import Any
 
 import grpc
 import pytest
-from support.service_fakes import LoopThread
 
+from support.service_fakes import LoopThread
 from xaiserve.api import convert, worker_protocol
 from xaiserve.api.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable, XaiError
 from xaiserve.api.torchserve import inference_pb2, inference_pb2_grpc
@@ -119,15 +119,15 @@ def setup(aio_loop: LoopThread, tmp_path: Path) -> Iterator[Setup]:
 
 
 def _plain(**changes: Any) -> ExplainRequest:
-    base = dict(
-        model="demo",
-        image=EncodedImage(b"png"),
-        target=1,
-        methods=(
+    base = {
+        "model": "demo",
+        "image": EncodedImage(b"png"),
+        "target": 1,
+        "methods": (
             MethodRequest(name="saliency", params_field="saliency"),
             MethodRequest(name="grad_cam", field="methods[1]", params_field="grad_cam"),
         ),
-    )
+    }
     base.update(changes)
     return ExplainRequest(**base)
 
@@ -169,7 +169,8 @@ def test_handler_errors_and_missing_models_keep_their_codes(setup: Setup) -> Non
         (
             (
                 grpc.StatusCode.INTERNAL,
-                'Model "demo" has no worker to serve inference request. Please use scale workers API',
+                'Model "demo" has no worker to serve inference request. '
+                "Please use scale workers API",
             ),
             Unavailable,
             "no free capacity for model 'demo'",

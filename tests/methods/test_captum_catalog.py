@@ -2,8 +2,8 @@
 
 Max abs difference <= 1e-5 on the raw map and the one-channel map. Methods Captum does not
 have are checked by hand-computed values and properties elsewhere: Grad-CAM++, XGrad-CAM,
-HiResCAM, LayerCAM (Captum has only LayerGradCam, compared in tests/methods/test_methods_captum.py), FullGrad,
-Score-CAM and RISE.
+HiResCAM, LayerCAM (Captum has only LayerGradCam, compared in
+tests/methods/test_methods_captum.py), FullGrad, Score-CAM and RISE.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from captum.attr import (
     NoiseTunnel,
     Saliency,
 )
-from support.method_models import resnet_served, served_from_net, volume_served
 from torch import nn
 
+from support.method_models import resnet_served, served_from_net, volume_served
 from support.tiny_models import make_context, tiny_served
 from xaiserve.engine.postprocess import apply_stage
 from xaiserve.methods.perturbation.superpixels import grid_segments
@@ -202,7 +202,7 @@ class ExactWeightedLeastSquares(Model):
     (torch lstsq on the sqrt-weighted system)."""
 
     def fit(self, train_data, **kwargs):
-        z, y, w = (torch.cat(t).double().numpy() for t in zip(*train_data))
+        z, y, w = (torch.cat(t).double().numpy() for t in zip(*train_data, strict=True))
         design = np.hstack([np.ones((len(z), 1)), z])
         gram = design.T @ (design * w[:, None])
         self.coef = np.linalg.solve(gram, design.T @ (w * y.ravel()))[1:]

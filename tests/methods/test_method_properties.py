@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from support.method_models import resnet_served, served_from_net
 from torch import nn
 
+from support.method_models import resnet_served, served_from_net
 from support.tiny_models import TinyNet, make_context, tiny_served
 from xaiserve.methods.gradient.fullgrad import fullgrad_parts
 from xaiserve.methods.perturbation.rise import rise_masks
@@ -173,7 +173,7 @@ def test_rise_masks_are_the_shifted_crops(spatial, cells):
     masks = rise_masks(grids, shifts, spatial, cells)
     assert masks.shape == (n, 1, *spatial)
     for i in range(n):
-        box = tuple(slice(int(o), int(o) + s) for o, s in zip(shifts[i], spatial))
+        box = tuple(slice(int(o), int(o) + s) for o, s in zip(shifts[i], spatial, strict=True))
         assert torch.equal(masks[i], up[(i, slice(None), *box)])
     assert not torch.equal(masks[0], masks[1])  # the shifts and grids differ per mask
 

@@ -107,7 +107,7 @@ def test_command_line_builds_one_archive_per_directory(
 def test_missing_weights_are_refused(tmp_path: Path) -> None:
     model_dir = write_tiny_model_dir(tmp_path / "tiny")
     (model_dir / "weights.pt").unlink()
-    with pytest.raises(ModelLoadError, match="'weights.pt' is not a file"):
+    with pytest.raises(ModelLoadError, match=r"'weights\.pt' is not a file"):
         archive.build_archive(model_dir, tmp_path / "store")
 
 

@@ -93,7 +93,7 @@ def test_cam_layer_is_the_last_spatial_feature_map() -> None:
 
 
 def test_training_is_deterministic(tmp_path: Path) -> None:
-    kwargs = dict(epochs=1, progress=False, n_train=256, n_test=32)
+    kwargs = {"epochs": 1, "progress": False, "n_train": 256, "n_test": 32}
     first = train_demo(tmp_path / "a", **kwargs)
     second = train_demo(tmp_path / "b", **kwargs)
     a = torch.load(tmp_path / "a" / "weights.pt", weights_only=True)

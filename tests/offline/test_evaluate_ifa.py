@@ -24,10 +24,8 @@ def calibrated_demo(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
     store = tmp_path_factory.mktemp("store")
     shutil.copytree(demo_model_dir, store / "demo")
     served = load_model_dir(store / "demo")
-    images = (
-        LabeledImage(s.image, s.label)
-        for s in map(lambda i: make_sample(TRAIN_SEED, i), range(200))
-    )
+    samples = (make_sample(TRAIN_SEED, i) for i in range(200))
+    images = (LabeledImage(s.image, s.label) for s in samples)
     save_calibration(store / "demo", calibrate(served, images, data="demo"))
     return Engine.from_model_store(store, EngineLimits())
 

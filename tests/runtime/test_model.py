@@ -80,7 +80,7 @@ def test_explain_on_a_failed_model_names_the_reason(engine: Engine, name: str) -
 def test_explain_on_the_good_model_and_an_unknown_one(engine: Engine) -> None:
     result = engine.explain(_request(GOOD))
     assert result.model == GOOD and result.explanations[0].map.shape == (1, 16, 16)
-    with pytest.raises(NotFound, match="served: tiny$"):
+    with pytest.raises(NotFound, match=r"served: tiny$"):
         engine.explain(_request("nope"))
 
 

@@ -41,9 +41,11 @@ def test_torchserve_refuses_calls_without_the_right_key(torchserve) -> None:
     with grpc.insecure_channel(torchserve.config.grpc_target) as channel:
         stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
         for metadata in (None, (("authorization", "Bearer wrong-key"),)):
-            error = _error(lambda: stub.Predictions(request, timeout=10, metadata=metadata))
+            error = _error(lambda md=metadata: stub.Predictions(request, timeout=10, metadata=md))
             assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-            error = _error(lambda: stub.Ping(empty_pb2.Empty(), timeout=10, metadata=metadata))
+            error = _error(
+                lambda md=metadata: stub.Ping(empty_pb2.Empty(), timeout=10, metadata=md)
+            )
             assert error.code() == grpc.StatusCode.PERMISSION_DENIED
         right = (("authorization", f"Bearer {_key(torchserve)}"),)
         assert stub.Predictions(request, timeout=30, metadata=right).prediction

@@ -273,7 +273,7 @@ def test_forward_section_of_the_model_config() -> None:
     assert config.backend == "torch" and not config.incremental_occlusion
     assert config.onnx_providers == ("CPUExecutionProvider",)
     assert handler_module.forward_config(None).incremental_occlusion
-    with pytest.raises(ModelLoadError, match="unknown xaiserve.forward"):
+    with pytest.raises(ModelLoadError, match=r"unknown xaiserve\.forward"):
         handler_module.forward_config({"xaiserve": {"forward": {"incremental": False}}})
     with pytest.raises(ModelLoadError, match="incremental_occlusion"):
         handler_module.forward_config({"xaiserve": {"forward": {"incremental_occlusion": "on"}}})

@@ -14,6 +14,7 @@ stopping it signals that whole process group (launcher, Java frontend, Python wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -279,18 +280,14 @@ def stop_process_group(pgid: int, timeout: float = 30.0) -> bool:
         return False
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(pgid, os.WNOHANG)  # the leader may be our child: reap it
-        except ChildProcessError:
-            pass
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
             return True
         time.sleep(0.2)
     logger.warning("process group %d did not stop in %.0f s; killing it", pgid, timeout)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     return True

@@ -125,7 +125,8 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, progre
         pct_start=WARMUP_FRACTION,
     )
     loss_fn = nn.CrossEntropyLoss()
-    model.to(memory_format=torch.channels_last)
+    # Module.to takes memory_format at run time; torch's overloads leave it out
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     total_steps = epochs * steps_per_epoch
     with tqdm(total=total_steps, desc="train demo", unit="batch", disable=not progress) as bar:
         for epoch in range(epochs):

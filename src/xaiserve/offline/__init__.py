@@ -1,1 +1,4 @@
-"""Offline tools over the engine: evaluate, calibrate, gad-train, tables and plots. The only package that imports matplotlib and scipy."""
+"""Offline tools over the engine: evaluate, calibrate, gad-train, tables and plots.
+
+The only package that imports matplotlib and scipy.
+"""

@@ -134,8 +134,7 @@ def region_rows(
             maps = result.explanations
             for i, name in enumerate(methods):
                 original, gad = maps[2 * i].map, maps[2 * i + 1].map
-                important = important_pixels(pixel_relevance(torch.from_numpy(original)))
-                important = important.numpy()
+                important = important_pixels(pixel_relevance(torch.from_numpy(original))).numpy()
                 kept = pixel_relevance(torch.from_numpy(gad)).numpy() > 0
                 area_orig, mask_orig = hull_region(important)
                 area_gad, mask_gad = hull_region(kept)

@@ -13,6 +13,8 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -100,14 +102,24 @@ def class_activations(
     return rows
 
 
-def correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, object]:
+class Correlation(TypedDict):
+    """One row of the consistency table: n pairs, both coefficients, the one reported."""
+
+    n: int
+    pearson: float
+    spearman: float
+    test: str
+    coefficient: float
+
+
+def correlation(x: Sequence[float], y: Sequence[float]) -> Correlation:
     """Pearson and Spearman coefficients of finite pairs, and the one the seed would report:
     Pearson when both marginals look normal (D'Agostino-Pearson, p > 0.05, n >= 20; a
     stand-in for a bivariate normality test), Spearman otherwise."""
     a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     keep = np.isfinite(a) & np.isfinite(b)
     a, b = a[keep], b[keep]
-    out: dict[str, object] = {
+    out: Correlation = {
         "n": len(a),
         "pearson": math.nan,
         "spearman": math.nan,
@@ -120,7 +132,7 @@ def correlation(x: Sequence[float], y: Sequence[float]) -> dict[str, object]:
     out["spearman"] = float(stats.spearmanr(a, b).statistic)
     normal = len(a) >= 20 and all(stats.normaltest(v).pvalue > NORMALITY_P for v in (a, b))
     out["test"] = "pearson" if normal else "spearman"
-    out["coefficient"] = out[out["test"]]
+    out["coefficient"] = out["pearson"] if normal else out["spearman"]
     return out
 
 
@@ -140,12 +152,11 @@ def consistency(rows: Sequence[ActivationRow], labels: Sequence[str]) -> list[di
             {
                 "method": method,
                 "selected": "mean over classes",
-                "n": sum(int(s["n"]) for s in per_class),
-                **{
-                    k: float(np.nanmean([float(s[k]) for s in per_class]))  # type: ignore[arg-type]
-                    for k in ("pearson", "spearman", "coefficient")
-                },
-                "test": "/".join(sorted({str(s["test"]) for s in per_class if s["test"]})),
+                "n": sum(s["n"] for s in per_class),
+                "pearson": float(np.nanmean([s["pearson"] for s in per_class])),
+                "spearman": float(np.nanmean([s["spearman"] for s in per_class])),
+                "coefficient": float(np.nanmean([s["coefficient"] for s in per_class])),
+                "test": "/".join(sorted({s["test"] for s in per_class if s["test"]})),
             }
         )
         group = [r for r in mine if r.target == r.predicted]
@@ -252,7 +263,7 @@ def principal_accuracy(
     ]
 
 
-def scatter_plot(path: object, rows: Sequence[ActivationRow], labels: Sequence[str]) -> None:
+def scatter_plot(path: Path, rows: Sequence[ActivationRow], labels: Sequence[str]) -> None:
     """Seed figure 9: sum of class activation (vertical) against the logit (horizontal),
     one panel per method, coloured by selected class."""
     import matplotlib

@@ -34,6 +34,7 @@ from xaiserve.runtime.artifacts import file_sha256
 from xaiserve.runtime.forward.counted import batches
 from xaiserve.runtime.gad_store import FORMAT, GAD_DIR, read_index, support_file_name, write_index
 from xaiserve.runtime.model import ServedModel
+from xaiserve.runtime.pixel_space import PixelSpaceModel
 
 Progress = Callable[[int, str], Callable[[int], None]]
 """progress(total_steps, description) -> update(steps): a progress bar factory."""
@@ -80,12 +81,12 @@ def original_logits(module: nn.Module, x: torch.Tensor, batch_size: int) -> torc
 
 
 def fit_support_model(
-    original: nn.Module,
+    original: PixelSpaceModel,
     x: torch.Tensor,
     targets: torch.Tensor,
     settings: GadTrainSettings,
     update: Callable[[int], None] = lambda _steps: None,
-) -> tuple[nn.Module, float]:
+) -> tuple[PixelSpaceModel, float]:
     """Seed section 4.2: a copy of ``original`` (pixel-space module) fitted to ``targets``
     (N x K) on x (N x C x *spatial) by MSE with Adam. Returns the copy and the mean squared
     error of its last epoch."""
@@ -143,7 +144,7 @@ def train_pair(
     start = time.perf_counter()
     directory = served.directory / GAD_DIR
     directory.mkdir(parents=True, exist_ok=True)
-    alphas = sorted(set(float(alpha) for alpha in alphas))
+    alphas = sorted({float(alpha) for alpha in alphas})
     trained = [alpha for alpha in alphas if alpha > 0]
     steps = settings.epochs * -(-x.shape[0] // settings.batch_size) * len(trained)
     update = progress(steps, f"gad {served.config.labels[a]},{served.config.labels[b]}")

@@ -8,6 +8,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any
 
 from xaiserve.offline import tables
 from xaiserve.offline.evaluate import MapRow
@@ -17,7 +18,7 @@ def read_rows(path: Path) -> list[MapRow]:
     """The per-map rows of a ``maps.csv`` written by ``write_report`` (to merge shards)."""
     types = {f.name: f.type for f in fields(MapRow)}
 
-    def parse(name: str, text: str) -> object:
+    def parse(name: str, text: str) -> Any:  # the type of MapRow's field ``name``
         kind = str(types[name])
         if text == "" or text == "None":
             return None if "None" in kind else ("" if kind == "str" else math.nan)
@@ -71,7 +72,7 @@ def _boxplots(path: Path, rows: Sequence[MapRow], stage: str) -> None:
     plt.close(fig)
 
 
-def _pairwise_plot(path: Path, pairs: Sequence[dict[str, object]], stage: str) -> None:
+def _pairwise_plot(path: Path, pairs: Sequence[tables.Row], stage: str) -> None:
     """Figure 4.4: win/tie/loss fractions as stacked bars per pair."""
     import matplotlib
 

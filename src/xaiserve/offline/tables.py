@@ -8,10 +8,14 @@ import itertools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from xaiserve.offline.evaluate import MapRow
+
+Row = dict[str, Any]
+"""One row of a table: column -> value (str, int or float), written as one CSV line."""
 
 
 def _finite(values: Iterable[float]) -> np.ndarray:
@@ -62,7 +66,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def summary(rows: Iterable[MapRow]) -> list[dict[str, object]]:
+def summary(rows: Iterable[MapRow]) -> list[Row]:
     """Tables 4.2 and 4.4: mean and median APEM (and eps) per method and stage."""
     out = []
     for (method, stage), group in sorted(_groups(rows).items()):
@@ -88,7 +92,7 @@ def summary(rows: Iterable[MapRow]) -> list[dict[str, object]]:
     return out
 
 
-def ranking(rows: Iterable[MapRow], stage: str) -> list[dict[str, object]]:
+def ranking(rows: Iterable[MapRow], stage: str) -> list[Row]:
     """Methods ordered by median APEM at one stage, best first (the seed's ordering
     question). The median, because a censored search (no flip up to eps_max) enters the
     mean as eps_max and can dominate it."""
@@ -97,7 +101,7 @@ def ranking(rows: Iterable[MapRow], stage: str) -> list[dict[str, object]]:
     return [{"rank": i + 1, **r} for i, r in enumerate(table)]
 
 
-def pairwise(rows: Iterable[MapRow], stage: str) -> list[dict[str, object]]:
+def pairwise(rows: Iterable[MapRow], stage: str) -> list[Row]:
     """Figure 4.4: for each ordered pair of methods, the fraction of images where the first
     has a higher, equal or lower APEM. Equal: within the search resolution, i.e.
     |a - b| <= resolution * (eps_plus_a + eps_plus_b)."""

@@ -1,1 +1,5 @@
-"""What every method, APEM and the engine run on: the served model (configuration, loading, calibration, GAD support models) and its counted forward passes (forward/)."""
+"""What every method, APEM and the engine run on.
+
+The served model (configuration, loading, calibration, GAD support models) and its counted
+forward passes (forward/).
+"""

@@ -141,7 +141,7 @@ def save_calibration(directory: Path, calibration: Calibration) -> list[Path]:
         arrays[f"{key}.min_percentiles"] = np.asarray(cam.min_percentiles, dtype=np.float64)
     npz = directory / CALIBRATION_NPZ
     tmp = directory / f".{CALIBRATION_NPZ}.tmp.npz"
-    np.savez(tmp, **arrays)
+    np.savez(tmp, allow_pickle=False, **arrays)  # float arrays only
     tmp.replace(npz)
     meta = {
         "format": FORMAT,

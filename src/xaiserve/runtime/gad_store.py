@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from xaiserve.api.errors import ModelLoadError
 from xaiserve.runtime.artifacts import write_json_atomic
+from xaiserve.runtime.pixel_space import PixelSpaceModel
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class SupportPair:
 
     classes: tuple[int, int]
     alphas: tuple[float, ...]
-    modules: tuple[nn.Module, ...]
+    modules: tuple[PixelSpaceModel, ...]
 
     def name(self, labels: Sequence[str]) -> str:
         """``"A,B"``: the pair's labels."""
@@ -100,7 +100,7 @@ def index_files(index: dict[str, Any]) -> list[str]:
 
 def load_gad_support(
     directory: Path,
-    make_module: Callable[[dict[str, torch.Tensor]], nn.Module],
+    make_module: Callable[[dict[str, torch.Tensor]], PixelSpaceModel],
     weights_sha256: str,
     n_classes: int,
 ) -> GadSupport | None:
@@ -132,7 +132,8 @@ def load_gad_support(
             or (classes[0] == classes[1] or len(files) != len(alphas))
         ):
             raise ModelLoadError(f"{gad_dir / INDEX_FILE}: malformed pair {entry!r}")
-        modules, kept = [], []
+        modules: list[PixelSpaceModel] = []
+        kept: list[float] = []
         for alpha, name in zip(alphas, files, strict=True):
             if alpha == 0:
                 continue  # the original model
@@ -147,5 +148,5 @@ def load_gad_support(
             except Exception as err:  # unreadable, pickled objects refused, shape mismatch
                 raise ModelLoadError(f"{path}: {err}") from err
             kept.append(alpha)
-        pairs.append(SupportPair(classes, tuple(kept), tuple(modules)))  # type: ignore[arg-type]
+        pairs.append(SupportPair(classes, tuple(kept), tuple(modules)))
     return GadSupport(tuple(pairs))

@@ -42,6 +42,7 @@ from xaiserve.api.errors import ModelLoadError
 from xaiserve.runtime.artifacts import file_sha256
 from xaiserve.runtime.calibration import Calibration, load_calibration
 from xaiserve.runtime.gad_store import GadSupport, load_gad_support
+from xaiserve.runtime.pixel_space import PixelSpaceModel
 
 log = logging.getLogger(__name__)
 
@@ -138,23 +139,6 @@ def read_config(path: Path) -> ModelConfig:
         labels=tuple(str(v) for v in labels),
         cam_layer=str(raw.get("cam_layer") or ""),
     )
-
-
-class PixelSpaceModel(nn.Module):
-    """Wraps a network so it takes pixel-space input: ``net((x - mean) / std)``.
-
-    x: N x C x H x W (or N x C x D x H x W) in [0, 1]; returns logits N x K.
-    """
-
-    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return self.net((x - self.mean.view(shape)) / self.std.view(shape))
 
 
 @dataclass
@@ -378,7 +362,7 @@ def load_model_dir(directory: Path) -> ServedModel:
     sha = file_sha256(weights)
     calibration = load_calibration(directory, cfg.cam_layer, sha)
 
-    def support_module(support_state: dict[str, torch.Tensor]) -> nn.Module:
+    def support_module(support_state: dict[str, torch.Tensor]) -> PixelSpaceModel:
         support = cls(**cfg.model_kwargs)
         support.load_state_dict(support_state)
         return _pixel_space(support, cfg)

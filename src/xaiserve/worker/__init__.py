@@ -1,1 +1,4 @@
-"""The TorchServe handler that hosts the engine in a TorchServe worker. The only package that imports TorchServe."""
+"""The TorchServe handler that hosts the engine in a TorchServe worker.
+
+The only package that imports TorchServe.
+"""

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.method_models import served_from_net
 from torch import nn
 
+from support.method_models import served_from_net
 from support.tiny_models import make_context
 from xaiserve.methods.cam.grad_cam import layer_activations_and_gradients
 from xaiserve.methods.registry import get_method

@@ -256,7 +256,7 @@ def test_export_of_a_module_in_training_mode_restores_it() -> None:
     module = tiny_served().module.train()
     export_onnx(module, (3, 16, 16))
     assert module.training
-    with pytest.raises(OnnxUnavailable, match="^export failed: "):
+    with pytest.raises(OnnxUnavailable, match=r"^export failed: "):
         export_onnx(PixelSpaceModel(MedianNet(), (0.5,) * 3, (0.25,) * 3), (3, 16, 16))
     assert onnx_export.ONNX_FILE == "model.onnx"
 

@@ -31,7 +31,9 @@ def layer_activations_and_gradients(
     for part in batches(x.shape[0], ctx.max_batch):
         ctx.budget.charge(part.stop - part.start, stage)
         captured: list[torch.Tensor] = []
-        handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        handle = layer.register_forward_hook(
+            lambda _m, _i, out, captured=captured: captured.append(out)
+        )
         try:
             with torch.enable_grad():
                 xb = x[part].detach().requires_grad_(True)

@@ -44,7 +44,9 @@ def layer_activations(
     for part in batches(x.shape[0], ctx.max_batch):
         ctx.budget.charge(part.stop - part.start, stage)
         captured: list[torch.Tensor] = []
-        handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        handle = layer.register_forward_hook(
+            lambda _m, _i, out, captured=captured: captured.append(out)
+        )
         try:
             with torch.no_grad():
                 ctx.model(x[part])

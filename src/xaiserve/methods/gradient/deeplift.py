@@ -27,6 +27,7 @@ are reported unsupported instead of getting a silently wrong map.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,6 +49,7 @@ EPS = 1e-10
 
 ELEMENTWISE = (nn.ReLU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus)
 MAXPOOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+Rule = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 LINEAR_LAYERS: tuple[type[nn.Module], ...] = (
     nn.Conv1d,
     nn.Conv2d,
@@ -113,7 +115,11 @@ def rescale_maxpool(
     return torch.where(dz.abs() < EPS, _ordinary(module, z, grad), summed / dz)
 
 
-RULES = {**dict.fromkeys(ELEMENTWISE, rescale), **dict.fromkeys(MAXPOOL, rescale_maxpool)}
+#: The backward rule of each layer type: (module, z, out, grad) -> the gradient at z.
+RULES: dict[type[nn.Module], Rule] = {
+    **dict.fromkeys(ELEMENTWISE, rescale),
+    **dict.fromkeys(MAXPOOL, rescale_maxpool),
+}
 
 
 def _handled(module: nn.Module) -> bool:
@@ -131,7 +137,8 @@ class DeepLift(AttributionMethod):
         net = served.module.net
         found = first_unhandled_module(net, _handled)
         if found is not None:
-            return f"deeplift has no rescale rule for layer type {type(found[1]).__name__} ({found[0]})"
+            layer_type = type(found[1]).__name__
+            return f"deeplift has no rescale rule for layer type {layer_type} ({found[0]})"
         graph = traced(net)
         if not isinstance(graph, str):
             uses = functional_uses(graph, NONLINEAR_FUNCTIONS)

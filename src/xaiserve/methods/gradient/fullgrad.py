@@ -36,7 +36,7 @@ BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 def layer_bias(module: nn.Module) -> torch.Tensor | None:
     """The bias a layer adds to its output (per output channel), or None."""
-    if isinstance(module, CONV + (nn.Linear,)):
+    if isinstance(module, (*CONV, nn.Linear)):
         return None if module.bias is None else module.bias.detach()
     if isinstance(module, BATCHNORM) and module.running_mean is not None:
         return batchnorm_scale_shift(module)[1]
@@ -70,10 +70,10 @@ def fullgrad_parts(
             [
                 (torch.zeros_like(out) if g is None else g)
                 * b.view(1, -1, *([1] * (out.dim() - 2)))
-                for (out, b), g in zip(calls, grads[1:])
+                for (out, b), g in zip(calls, grads[1:], strict=True)
             ]
         )
-    return torch.cat(input_grads), [torch.cat(terms) for terms in zip(*per_batch)]
+    return torch.cat(input_grads), [torch.cat(terms) for terms in zip(*per_batch, strict=True)]
 
 
 def _recorder(

@@ -36,7 +36,7 @@ from xaiserve.methods.graph_inspect import describe, traced
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 MODULE_KINDS: dict[tuple[type[nn.Module], ...], str] = {
-    CONV + (nn.Linear,) + BATCHNORM: "affine",
+    (*CONV, nn.Linear, *BATCHNORM): "affine",
     (
         nn.AvgPool1d,
         nn.AvgPool2d,
@@ -182,21 +182,24 @@ def _compile(gm: fx.GraphModule) -> LrpGraph | str:
         carrying = [
             n for n in node.all_input_nodes if graph.kinds.get(n, "const") not in ("const",)
         ]
+        kind: str
         if node.op == "placeholder":
-            kind: str | None = "input"
+            kind = "input"
         elif node.op == "output":
             kind = "output"
         elif not carrying:
             kind = "const"
         elif node.op == "call_module":
             module = gm.get_submodule(str(node.target))
-            kind = _module_kind(module)
-            if kind is None:
+            module_kind = _module_kind(module)
+            if module_kind is None:
                 return f"LRP has no rule for layer type {type(module).__name__} ({node.target})"
+            kind = module_kind
         elif node.op in ("call_function", "call_method"):
-            kind = _function_kind(node, carrying)
-            if kind is None:
+            function_kind = _function_kind(node, carrying)
+            if function_kind is None:
                 return f"LRP has no rule for {describe(node)} (node {node.name})"
+            kind = function_kind
         else:
             kind = "const"
         graph.kinds[node] = kind

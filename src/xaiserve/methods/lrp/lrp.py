@@ -56,12 +56,12 @@ def _node_function(
     """The node's operation as a function of the values of ``sources`` (others fixed)."""
 
     def run(*values: torch.Tensor) -> torch.Tensor:
-        given = dict(zip(sources, values))
+        given = dict(zip(sources, values, strict=True))
         load = lambda n: given[n] if n in given else env[n]
         args, kwargs = fx.node.map_arg(node.args, load), fx.node.map_arg(node.kwargs, load)
         if node.op == "call_module":
             return gm.get_submodule(str(node.target))(*args, **kwargs)
-        if node.op == "call_function":
+        if node.op == "call_function" and callable(node.target):
             return node.target(*args, **kwargs)
         obj, *rest = args
         return getattr(obj, str(node.target))(*rest, **kwargs)
@@ -111,9 +111,8 @@ def propagate(graph: LrpGraph, x: torch.Tensor, target: torch.Tensor, rule: Rule
             continue
         if graph.kinds[node] == "input":
             return relevance
-        for source, r in zip(
-            graph.inputs[node], _layer_relevance(graph, node, env, relevance, rule)
-        ):
+        shares = _layer_relevance(graph, node, env, relevance, rule)
+        for source, r in zip(graph.inputs[node], shares, strict=True):
             pending[source] = pending[source] + r if source in pending else r
     return torch.zeros_like(x)  # the logits do not depend on the input
 

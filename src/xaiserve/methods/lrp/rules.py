@@ -65,7 +65,9 @@ def ratio_relevance(
         z = fn(*leaves)
         s = safe_divide(relevance, denominator(z.detach()))
         grads = torch.autograd.grad(z, leaves, s, allow_unused=True)
-    return [p * g if g is not None else torch.zeros_like(p) for p, g in zip(parts, grads)]
+    return [
+        p * g if g is not None else torch.zeros_like(p) for p, g in zip(parts, grads, strict=True)
+    ]
 
 
 def affine_relevance(
@@ -109,7 +111,7 @@ def alpha_beta_relevance(
     alpha = torch.where(zn == 0, 1.0, torch.where(zp == 0, 0.0, rule.alpha))
     pos = ratio_relevance(positive, parts, relevance * alpha, lambda z: z + rule.epsilon)
     neg = ratio_relevance(negative, parts, relevance * (alpha - 1), lambda z: z - rule.epsilon)
-    return [p - n for p, n in zip(pos, neg)]
+    return [p - n for p, n in zip(pos, neg, strict=True)]
 
 
 def sum_relevance(
@@ -140,7 +142,7 @@ def moved_relevance(
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(True) for t in inputs]
         grads = torch.autograd.grad(fn(*leaves), leaves, relevance, allow_unused=True)
-    return [g if g is not None else torch.zeros_like(t) for t, g in zip(inputs, grads)]
+    return [g if g is not None else torch.zeros_like(t) for t, g in zip(inputs, grads, strict=True)]
 
 
 def scale_channels(a: torch.Tensor, k: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
@@ -159,6 +161,8 @@ def affine_layer(
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
         k, t = batchnorm_scale_shift(module)
         return scale_channels, k, t
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        raise TypeError(f"not an affine layer: {type(module).__name__}")
     weight, bias = module.weight.detach(), _detached(module.bias)
     if merged_bn is not None:
         k, t = batchnorm_scale_shift(merged_bn)

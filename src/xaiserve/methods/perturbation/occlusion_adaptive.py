@@ -64,15 +64,15 @@ class Hierarchy:
         steps = level_steps(coarse_step)
         self.levels = len(steps)
         self.axis_level: list[np.ndarray] = []
-        self.nodes: list[list[list[int]]] = []  # [axis][level] -> nodes of level <= l
+        self.nodes: list[list[list[int]]] = []  # [axis][level] -> nodes of level <= lev
         for n in self.counts:
             level = np.full(n, -1)
-            for l, step in enumerate(steps):
+            for lev, step in enumerate(steps):
                 for i in lattice(n, step):
                     if level[i] < 0:
-                        level[i] = l
+                        level[i] = lev
             self.axis_level.append(level)
-            self.nodes.append([np.flatnonzero(level <= l).tolist() for l in range(len(steps))])
+            self.nodes.append([np.flatnonzero(level <= lev).tolist() for lev in range(len(steps))])
         self._hats: dict[tuple[int, int, int], np.ndarray] = {}
         self.grid = functools.reduce(np.maximum, np.ix_(*self.axis_level))
         """The level of every position, n_1 x ... x n_d."""
@@ -149,7 +149,7 @@ def adaptive_drops(
     """
     hierarchy = Hierarchy(counts, coarse_step)
     coarse = hierarchy.positions(0)
-    known = dict(zip(coarse, evaluate(coarse).tolist()))
+    known = dict(zip(coarse, evaluate(coarse).tolist(), strict=True))
     evaluated = hierarchy.grid == 0
     left = refined_count(int((~evaluated).sum()), refine_fraction)
     for level in range(1, hierarchy.levels):
@@ -163,7 +163,7 @@ def adaptive_drops(
         estimate = hierarchy.interpolate(known)[open_]
         order = np.argsort(-estimate, kind="stable")[:take]  # highest first, ties in order
         chosen = [tuple(int(i) for i in candidates[k]) for k in order]
-        known.update(zip(chosen, evaluate(chosen).tolist()))
+        known.update(zip(chosen, evaluate(chosen).tolist(), strict=True))
         for p in chosen:
             evaluated[p] = True
         left -= take

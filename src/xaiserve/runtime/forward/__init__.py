@@ -1,1 +1,5 @@
-"""Counted forward passes: the budget, torch and ONNX Runtime backends, ONNX export, and incremental occlusion (incremental/)."""
+"""Counted forward passes.
+
+The budget, torch and ONNX Runtime backends, ONNX export, and incremental occlusion
+(incremental/).
+"""

@@ -1,11 +1,13 @@
 """Configuration of forward-only batches (torch-free, so the server parses it cheaply).
 
-See :mod:`.forward_backends` for how it is used.
+See :mod:`.backends` for how it is used.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 TORCH = "torch"
 ONNXRUNTIME = "onnxruntime"
@@ -15,6 +17,14 @@ FALLBACK = "torch_fallback"
 for ONNX Runtime where it is unavailable."""
 DEFAULT_TOLERANCE = 1e-4
 _MIB = 1024 * 1024
+
+
+class SessionOptions(TypedDict, total=False):
+    """Keyword arguments of ``onnx_export.new_session`` (each has a default there)."""
+
+    providers: Sequence[str]
+    threads: int
+    device_id: int
 
 
 @dataclass(frozen=True)
@@ -84,7 +94,7 @@ class ForwardConfig:
             raise ValueError(f"onnx_tolerance must be > 0, got {self.onnx_tolerance}")
 
     @property
-    def session_options(self) -> dict[str, object]:
+    def session_options(self) -> SessionOptions:
         """Keyword arguments of ``onnx_export.new_session``: providers, threads, GPU."""
         return {
             "providers": self.onnx_providers,

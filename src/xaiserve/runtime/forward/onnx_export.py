@@ -116,7 +116,7 @@ def export_onnx(module: nn.Module, input_shape: Sequence[int]) -> bytes:
             torch.onnx.export(
                 module,
                 (example,),
-                buffer,
+                buffer,  # type: ignore[arg-type]  # a file object works; the hint says paths
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
                 dynamic_axes=axes,

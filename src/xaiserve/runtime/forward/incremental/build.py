@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from xaiserve.runtime.forward.config import SessionOptions
 from xaiserve.runtime.forward.incremental.geometry import (
     activation_shape,
     join_shortcuts,
@@ -82,7 +83,7 @@ def _torch_runner(module: nn.Module) -> Runner:
 
 
 def _onnx_runner(
-    module: nn.Module, shape: Sequence[int], session_options: dict[str, Any]
+    module: nn.Module, shape: Sequence[int], session_options: SessionOptions
 ) -> Runner:
     """An ONNX Runtime session of ``module`` for inputs B x ``shape`` (a stage's crops, the
     head's whole activation, or the whole image through every stage: ``_AllStages``)."""
@@ -129,7 +130,7 @@ def _onnx_whole(
     stages: Sequence[nn.Module],
     input_shape: Sequence[int],
     shapes: Sequence[tuple[int, ...]],
-    session_options: dict[str, Any],
+    session_options: SessionOptions,
 ) -> WholeRunner:
     """``_AllStages`` on ONNX Runtime, its output split back into the stages' outputs
     (``shapes``: each one image's, C x *grid; for one image, views of the output: no copy).
@@ -153,7 +154,7 @@ def build_occluder(
     window: int,
     starts: Sequence[Sequence[int]],
     backend: str,
-    session_options: dict[str, Any] | None = None,
+    session_options: SessionOptions | None = None,
     tolerance: float = 1e-4,
     joins_worth_it: float = JOINS_WORTH_IT,
     valid_windows: bool = True,
