@@ -8,50 +8,31 @@ queue of one, to see TorchServe refuse work).
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-import threading
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from support.gateway import free_port
+from support.servers import start_server
+from support.service_fakes import LoopThread
 from support.tiny_models import write_tiny_model_dir
 from xaiserve.engine.engine import Engine
 from xaiserve.engine.limits import EngineLimits
 from xaiserve.gateway.backends import Backend, LocalBackend
-from xaiserve.gateway.server import start_server
 from xaiserve.gateway.settings import Settings
 from xaiserve.gateway.torchserve_backend import TorchServeBackend
 from xaiserve.gateway.torchserve_process import TorchServeConfig, TorchServeProcess
 from xaiserve.runtime.model import load_model_dir
 
-T = TypeVar("T")
 MODELS = ("demo", "tiny")
 STARTUP_SECONDS = 240.0
-
-
-class LoopThread:
-    """An asyncio loop in a daemon thread, for grpc.aio servers under synchronous tests."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
 
 
 @dataclass
@@ -139,13 +120,6 @@ def demo_engine(demo_model_dir: Path) -> Engine:
     return Engine({"demo": load_model_dir(demo_model_dir)}, EngineLimits())
 
 
-@pytest.fixture(scope="session")
-def loop_thread() -> Iterator[LoopThread]:
-    loop = LoopThread()
-    yield loop
-    loop.close()
-
-
 @dataclass
 class Gateway:
     """A gateway started in this process."""
@@ -159,20 +133,20 @@ class Gateway:
 
 
 @pytest.fixture
-def start_gateway(loop_thread: LoopThread) -> Iterator[Callable[..., Gateway]]:
+def start_gateway(aio_loop: LoopThread) -> Iterator[Callable[..., Gateway]]:
     """``start_gateway(backend, **settings)``: a gateway on a free port, stopped afterwards."""
     started: list[tuple[grpc.aio.Server, Backend]] = []
 
     def start(backend: Backend, **overrides: Any) -> Gateway:
         settings = Settings(**{"port": 0, "metrics_port": 0, **overrides})
-        server, port = loop_thread.run(start_server(settings, backend))
+        server, port = aio_loop.run(start_server(settings, backend), 60)
         started.append((server, backend))
         return Gateway(port=port, backend=backend)
 
     yield start
     for server, backend in started:
-        loop_thread.run(server.stop(0))
-        loop_thread.run(backend.close())
+        aio_loop.run(server.stop(0), 60)
+        aio_loop.run(backend.close(), 60)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from support.demo_images import demo_png, demo_tensor
+from support.gateway import open_channel
 from xaiserve.api.v1 import explain_pb2 as pb
 from xaiserve.api.v1 import explain_pb2_grpc
 from xaiserve.gateway.backends import LocalBackend
@@ -57,8 +58,13 @@ def test_local_and_torchserve_answer_the_same(
 ) -> None:
     local = start_gateway(local_backend)
     remote = start_gateway(torchserve.backend())
-    with XaiClient(local.target, timeout=60) as a, XaiClient(remote.target, timeout=60) as b:
-        stubs = [explain_pb2_grpc.ExplanationServiceStub(c._channel) for c in (a, b)]
+    with (
+        XaiClient(local.target, timeout=60) as a,
+        XaiClient(remote.target, timeout=60) as b,
+        open_channel(local.target) as to_local,
+        open_channel(remote.target) as to_remote,
+    ):
+        stubs = [explain_pb2_grpc.ExplanationServiceStub(c) for c in (to_local, to_remote)]
         for request in _requests():
             mine, theirs = (stub.Explain(request, timeout=60) for stub in stubs)
             assert mine.prediction == theirs.prediction

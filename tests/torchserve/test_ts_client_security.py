@@ -14,6 +14,7 @@ import pytest
 
 from support.certs import make_pki
 from support.demo_images import demo_png
+from support.gateway import open_channel
 from xaiserve.api.v1 import explain_pb2 as pb
 from xaiserve.api.v1 import explain_pb2_grpc
 from xaiserve.gateway.client import XaiClient, tls_credentials
@@ -40,7 +41,10 @@ def test_tls_token_and_in_flight_limit(torchserve, start_gateway: Callable, tmp_
             anonymous.explain(demo_png(0))
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
-    with XaiClient(gateway.target, timeout=120, credentials=credentials, token=TOKEN) as client:
+    with (
+        XaiClient(gateway.target, timeout=120, credentials=credentials, token=TOKEN) as client,
+        open_channel(gateway.target, credentials) as channel,
+    ):
         assert client.explain(demo_png(0), methods=("grad_cam",)).model_name == "demo"
         assert [m.name for m in client.list_models().models] == ["demo", "tiny"]
 
@@ -55,7 +59,7 @@ def test_tls_token_and_in_flight_limit(torchserve, start_gateway: Callable, tmp_
         piece = pb.ExplainRequest(
             model_name="demo", image=pb.Image(encoded=demo_png(1)), methods=[occlusion(0)]
         )
-        stub = explain_pb2_grpc.ExplanationServiceStub(client._channel)
+        stub = explain_pb2_grpc.ExplanationServiceStub(channel)
         metadata = (("authorization", f"Bearer {TOKEN}"),)
         stub.Explain(piece, timeout=120, metadata=metadata)
         started = time.monotonic()

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from support.demo_images import demo_png
-from support.gateway_process import gateway_process
+from support.gateway import gateway_process, open_channel
 from xaiserve.gateway.client import XaiClient
 
 pytestmark = pytest.mark.torchserve
@@ -27,11 +27,11 @@ def _health(channel: grpc.Channel) -> int:
     return reply.status
 
 
-def _wait_for(channel: grpc.Channel, status: int, timeout: float) -> float:
+def _wait_for(channel: grpc.Channel, status: int, timeout: float) -> None:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         if _health(channel) == status:
-            return time.monotonic() - started
+            return
         time.sleep(0.2)
     raise AssertionError(f"health is not {status} after {timeout} s")
 
@@ -50,8 +50,11 @@ def test_gateway_survives_a_torchserve_restart(torchserve) -> None:
         "--metrics-port",
         "0",
     ]
-    with gateway_process(*flags) as gateway, XaiClient(gateway.target, timeout=30) as client:
-        channel = client._channel
+    with (
+        gateway_process(*flags) as gateway,
+        XaiClient(gateway.target, timeout=30) as client,
+        open_channel(gateway.target) as channel,
+    ):
         _wait_for(channel, SERVING, 20)
         assert client.explain(demo_png(0)).model_name == "demo"
 
@@ -62,12 +65,11 @@ def test_gateway_survives_a_torchserve_restart(torchserve) -> None:
                 client.explain(demo_png(0))
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert time.monotonic() - started < 3
-            waited = _wait_for(channel, NOT_SERVING, 20)
+            _wait_for(channel, NOT_SERVING, 20)
         finally:
             torchserve.start()  # new keys in the key file
         _wait_for(channel, SERVING, 30)
         response = client.explain(demo_png(1), methods=("grad_cam",))
         assert response.model_name == "demo" and len(response.explanations) == 1
-        print(f"\nNOT_SERVING {waited:.1f} s after TorchServe stopped")
     log = "".join(gateway.log)
     assert "health: NOT_SERVING" in log and "inference key changed" in log
