@@ -14,12 +14,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 from support.fuzz import image_bytes, tensors
+from support.tiny_models import model_config
 from xaiserve.api.errors import InvalidArgument, ResourceExhausted
 from xaiserve.api.types import EncodedImage, RawTensor
 from xaiserve.api.v1 import explain_pb2 as pb
 from xaiserve.engine.limits import EngineLimits
 from xaiserve.engine.preprocess import decode_image, tensor_from_raw
-from xaiserve.runtime.model import ModelConfig
 
 FUZZ = settings(
     max_examples=300,
@@ -33,22 +33,7 @@ FUZZ = settings(
 LIMITS = EngineLimits(max_image_bytes=1 << 20, max_image_pixels=256 * 256)
 
 
-def _config(channels: int) -> ModelConfig:
-    return ModelConfig(
-        name="fuzz",
-        version="1",
-        model_file="model.py",
-        model_class="Net",
-        model_kwargs={},
-        weights="weights.pt",
-        input_shape=(channels, 8, 6),
-        mean=(0.5,) * channels,
-        std=(0.25,) * channels,
-        labels=("a", "b"),
-    )
-
-
-CONFIGS = {1: _config(1), 3: _config(3)}
+CONFIGS = {c: model_config((c, 8, 6), 0.5, 0.25, name="fuzz") for c in (1, 3)}
 DOMAIN_ERRORS = (InvalidArgument, ResourceExhausted)
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from support.method_models import served_from_net, volume_served
 from torch import nn
 
+from support.method_models import FunctionalRelu, WithGelu, served_from_net, volume_served
 from support.tiny_models import write_tiny_model_dir
 from xaiserve.api.errors import InvalidArgument
 from xaiserve.api.types import ExplainRequest, MethodRequest, RawTensor
@@ -16,28 +15,6 @@ from xaiserve.engine.engine import Engine
 from xaiserve.engine.limits import EngineLimits
 from xaiserve.methods.base import AttributionMethod
 from xaiserve.methods.registry import METHODS, get_method
-
-
-class FunctionalRelu(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
-
-
-class WithGelu(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.act = nn.GELU()
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.act(self.conv(x)).mean(dim=(2, 3)))
-
 
 TANH_NET = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(144, 3))
 

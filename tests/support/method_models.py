@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from support.resnets import RESNET_CAM_LAYER, TINY3D_CAM_LAYER, Tiny3dNet, resnet18
-from xaiserve.runtime.model import ModelConfig, PixelSpaceModel, ServedModel
+from support.tiny_models import model_config
+from xaiserve.runtime.model import PixelSpaceModel, ServedModel
 
 
 def served_from_net(
@@ -21,20 +22,8 @@ def served_from_net(
     labels: int = 3,
 ) -> ServedModel:
     """``net`` served with the same mean/std on every channel (0 and 1: no normalization)."""
-    channels = input_shape[0]
-    cfg = ModelConfig(
-        name="net",
-        version="1",
-        model_file="model.py",
-        model_class=type(net).__name__,
-        model_kwargs={},
-        weights="weights.pt",
-        input_shape=input_shape,
-        mean=(mean,) * channels,
-        std=(std,) * channels,
-        labels=tuple(f"class{i}" for i in range(labels)),
-        cam_layer=cam_layer,
-    )
+    names = [f"class{i}" for i in range(labels)]
+    cfg = model_config(input_shape, mean, std, names, cam_layer, "net", type(net).__name__)
     module = PixelSpaceModel(net, cfg.mean, cfg.std).eval()
     for p in module.parameters():
         p.requires_grad_(False)
@@ -68,3 +57,29 @@ def volume_served(seed: int = 0) -> ServedModel:
     net = Tiny3dNet(num_classes=3, in_channels=1)
     randomize_batchnorm(net, seed)
     return served_from_net(net, (1, 8, 12, 12), TINY3D_CAM_LAYER, 0.5, 0.2)
+
+
+class FunctionalRelu(nn.Module):
+    """Conv, ReLU applied as a function (``torch.relu``, no nn.ReLU module), mean, linear:
+    3 x H x W -> 3 logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+class WithGelu(nn.Module):
+    """Conv, GELU (module ``act``), mean, linear: 3 x H x W -> 3 logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.GELU()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.conv(x)).mean(dim=(2, 3)))

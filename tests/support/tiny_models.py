@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,24 +33,41 @@ class TinyNet(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
+def model_config(
+    input_shape: tuple[int, ...],
+    mean: float | Sequence[float] = 0.0,
+    std: float | Sequence[float] = 1.0,
+    labels: Sequence[str] = ("a", "b"),
+    cam_layer: str = "",
+    name: str = "m",
+    model_class: str = "Net",
+) -> ModelConfig:
+    """A model's configuration for tests: input C x *spatial, ``mean``/``std`` per channel
+    (one number: the same on every channel; 0 and 1: no normalization)."""
+    channels = input_shape[0]
+    return ModelConfig(
+        name=name,
+        version="1",
+        model_file="model.py",
+        model_class=model_class,
+        model_kwargs={},
+        weights="weights.pt",
+        input_shape=tuple(input_shape),
+        mean=(float(mean),) * channels if isinstance(mean, (int, float)) else tuple(mean),
+        std=(float(std),) * channels if isinstance(std, (int, float)) else tuple(std),
+        labels=tuple(labels),
+        cam_layer=cam_layer,
+    )
+
+
 def tiny_served(seed: int = 0) -> ServedModel:
     torch.manual_seed(seed)
     net = TinyNet()
     with torch.no_grad():  # non-trivial BatchNorm statistics
         net.features[1].running_mean.uniform_(-0.2, 0.2)
         net.features[1].running_var.uniform_(0.5, 1.5)
-    cfg = ModelConfig(
-        name="tiny",
-        version="1",
-        model_file="model.py",
-        model_class="TinyNet",
-        model_kwargs={},
-        weights="weights.pt",
-        input_shape=(3, 16, 16),
-        mean=(0.4, 0.5, 0.6),
-        std=(0.2, 0.25, 0.3),
-        labels=LABELS,
-        cam_layer="features.4",
+    cfg = model_config(
+        (3, 16, 16), (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), LABELS, "features.4", "tiny", "TinyNet"
     )
     module = PixelSpaceModel(net, cfg.mean, cfg.std).eval()
     for p in module.parameters():

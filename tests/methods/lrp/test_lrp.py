@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.method_models import resnet_served, served_from_net, volume_served
 from torch import nn
 
+from support.method_models import (
+    FunctionalRelu,
+    WithGelu,
+    resnet_served,
+    served_from_net,
+    volume_served,
+)
 from support.resnets import resnet50
 from support.tiny_models import make_context
 from xaiserve.api.errors import InvalidArgument
@@ -170,17 +176,6 @@ def test_resnet_graph():
     assert len(sums) == 8 + 1  # one residual addition per block, the average pool
 
 
-class WithGelu(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.act = nn.GELU()
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.act(self.conv(x)).mean(dim=(2, 3)))
-
-
 class Gated(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -190,16 +185,6 @@ class Gated(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head((self.a(x) * self.b(x)).mean(dim=(2, 3)))
-
-
-class FunctionalRelu(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.conv(x)).flatten(2).mean(-1))
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from support import resnets
-from support.tiny_models import make_context, tiny_served
+from support.tiny_models import make_context, model_config, tiny_served
 from xaiserve.methods.base import MethodContext
 from xaiserve.methods.perturbation.occlusion import Occlusion, window_starts
 from xaiserve.runtime.forward.backends import prepare_forwards
@@ -28,7 +28,7 @@ from xaiserve.runtime.forward.incremental.geometry import (
 )
 from xaiserve.runtime.forward.incremental.plan import changed_fraction, cut_points, plan_stages
 from xaiserve.runtime.forward.incremental.rewrite import stage_module
-from xaiserve.runtime.model import ModelConfig, PixelSpaceModel, ServedModel
+from xaiserve.runtime.model import PixelSpaceModel, ServedModel
 
 BACKENDS = ("torch", "onnxruntime")
 
@@ -127,7 +127,7 @@ def test_plan_for_resnet18_at_224_saves_about_half_the_arithmetic():
     plan = plan_stages(gm, 15, starts)
     assert len(plan.stages) >= 3 and 0.4 < plan.cost_fraction < 0.65
     for stage in plan.stages:  # crops start on the stride grid, flush crops too
-        for span, crop, n in zip(stage.span, stage.crop, stage.grid_in):
+        for span, crop, n in zip(stage.span, stage.crop, stage.grid_in, strict=True):
             assert crop <= n and (n - crop) % span.stride == 0
 
 
@@ -183,14 +183,14 @@ def test_changed_fraction_matches_what_windows_change_in_a_resnet():
 
     with torch.no_grad():
         Recorder(gm).run(torch.cat([x, occluded]))
-    absolute = analyze(gm, list(gm.graph.nodes)[0], 2)
+    absolute = analyze(gm, next(iter(gm.graph.nodes)), 2)
     measured = predicted = 0.0
     for node, (values,) in outputs.items():
         differs = (values[1:] != values[:1]).any(dim=1)  # windows x H x W
         for j, corner in enumerate(corners):
             box = [
                 span.changed(torch.tensor(c), torch.tensor(c + 7), n)
-                for span, c, n in zip(absolute[node], corner, differs.shape[1:])
+                for span, c, n in zip(absolute[node], corner, differs.shape[1:], strict=True)
             ]
             inside = torch.zeros_like(differs[j])
             inside[int(box[0][0]) : int(box[0][1]) + 1, int(box[1][0]) : int(box[1][1]) + 1] = True
@@ -215,9 +215,9 @@ def test_joined_shortcuts_keep_the_function_and_cut_inside_blocks(name, joins):
         assert torch.equal(joined(x), net(x))
     names = [
         list(joined.graph.nodes)[i].name
-        for i in cut_points(joined, analyze(joined, list(joined.graph.nodes)[0], 2))
+        for i in cut_points(joined, analyze(joined, next(iter(joined.graph.nodes)), 2))
     ]
-    plain_cuts = cut_points(plain, analyze(plain, list(plain.graph.nodes)[0], 2))
+    plain_cuts = cut_points(plain, analyze(plain, next(iter(plain.graph.nodes)), 2))
     assert sum(n.startswith("cat") for n in names) == joins
     assert len(names) == len(plain_cuts) + joins
 
@@ -352,7 +352,7 @@ def test_onnx_occluder_runs_the_whole_image_in_onnx_runtime(monkeypatch):
     monkeypatch.setattr(nn.Conv2d, "forward", no_torch)
     got, logits = on_onnx.original(x)
     assert len(got) == len(expected) == len(on_onnx.plan.stages) + 1
-    for ours, theirs in zip(got, expected):  # padded ones hold -inf (max pools) alike
+    for ours, theirs in zip(got, expected, strict=True):  # padded ones hold -inf (max pools) alike
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
     assert (logits - expected_logits).abs().max() <= 1e-4
 
@@ -414,19 +414,7 @@ def test_untraceable_model_gets_no_occluder_and_a_reason():
 
 def resnet_served(shape: tuple[int, ...]) -> ServedModel:
     module = small_resnet18()
-    config = ModelConfig(
-        name="r18",
-        version="1",
-        model_file="",
-        model_class="resnet18",
-        model_kwargs={},
-        weights="",
-        input_shape=shape,
-        mean=(0.5, 0.4, 0.3),
-        std=(0.2, 0.25, 0.3),
-        labels=tuple("abcde"),
-        cam_layer="layer4",
-    )
+    config = model_config(shape, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), "abcde", "layer4", "r18")
     return ServedModel(config, module, module.net.layer4, Path("."))
 
 
