@@ -4,7 +4,6 @@ client sees."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support.service_fakes import FakeEngine, LoopThread
-from xaiserve.api.types import ExplainRequest
+from support.service_fakes import FakeEngine, Gate, LoopThread
 from xaiserve.api.v1 import explain_pb2 as pb
 from xaiserve.api.v1 import explain_pb2_grpc
 from xaiserve.gateway.backends import LocalBackend
@@ -128,23 +126,17 @@ def test_calls_without_a_token_are_counted_once(
 
 
 def test_calls_over_the_in_flight_limit_are_counted(serve: Callable[..., Server]) -> None:
-    release = threading.Event()
-    entered = threading.Event()
-
-    def behaviour(request: ExplainRequest, deadline: float | None) -> None:
-        entered.set()
-        release.wait(20)
-
-    server = serve(FakeEngine(behaviour=behaviour), workers=1, max_in_flight=1)
+    gate = Gate()
+    server = serve(FakeEngine(behaviour=gate), workers=1, max_in_flight=1)
     first = server.stub.Explain.future(_request(), timeout=30)
     try:
-        assert entered.wait(10)
+        assert gate.entered(timeout=10)
         for _ in range(3):
             assert _code(lambda: server.stub.Explain(_request(), timeout=10)) == (
                 grpc.StatusCode.RESOURCE_EXHAUSTED
             )
         assert server.errors() == {("Explain", "RESOURCE_EXHAUSTED"): 3.0}
     finally:
-        release.set()
+        gate.open()
     assert first.result(20).model_name == "demo"
     assert server.errors() == {("Explain", "RESOURCE_EXHAUSTED"): 3.0}

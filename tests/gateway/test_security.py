@@ -4,7 +4,6 @@ limit (over the fake engine, so for the local backend; the TorchServe tests repe
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,8 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from support.certs import Pki, make_pki
-from support.service_fakes import FakeEngine, Served
-from xaiserve.api.types import ExplainRequest
+from support.service_fakes import FakeEngine, Gate, Served
 from xaiserve.api.v1 import explain_pb2 as pb
 from xaiserve.api.v1 import explain_pb2_grpc
 from xaiserve.gateway import security
@@ -113,19 +111,12 @@ def test_reflection_needs_the_token_too(serve_fake: ServeFake, token_file: Path)
 
 
 def test_calls_beyond_the_in_flight_limit_are_refused_at_once(serve_fake: ServeFake) -> None:
-    release = threading.Event()
-    entered = threading.Semaphore(0)
-
-    def behaviour(request: ExplainRequest, deadline: float | None) -> None:
-        entered.release()
-        release.wait(20)
-
-    served = serve_fake(FakeEngine(behaviour=behaviour), workers=4, max_in_flight=3)
+    gate = Gate()
+    served = serve_fake(FakeEngine(behaviour=gate), workers=4, max_in_flight=3)
     stub = explain_pb2_grpc.ExplanationServiceStub(served.channel)
     admitted = [stub.Explain.future(_request(), timeout=30) for _ in range(3)]
     try:
-        for _ in range(3):
-            assert entered.acquire(timeout=10)
+        assert gate.entered(3, timeout=10)
         started = time.monotonic()
         with ThreadPoolExecutor(5) as pool:
             codes = list(
@@ -134,7 +125,7 @@ def test_calls_beyond_the_in_flight_limit_are_refused_at_once(serve_fake: ServeF
         assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 5
         assert time.monotonic() - started < 5  # refused at once, not queued
     finally:
-        release.set()
+        gate.open()
     assert [f.result(20).model_name for f in admitted] == ["demo"] * 3
     assert stub.Explain(_request(), timeout=10).model_name == "demo"  # capacity is back
 

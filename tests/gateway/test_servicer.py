@@ -14,7 +14,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from support.service_fakes import FAKE_PNG, FakeEngine, Served, fake_map, raise_error, sleep_for
+from support.service_fakes import (
+    FAKE_PNG,
+    FakeEngine,
+    Gate,
+    Served,
+    fake_map,
+    raise_error,
+    sleep_for,
+)
 from xaiserve.api.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -234,22 +242,16 @@ def test_message_size_limit(serve_fake: ServeFake) -> None:
 
 
 def test_over_capacity_is_resource_exhausted(serve_fake: ServeFake) -> None:
-    release = threading.Event()
-    entered = threading.Event()
-
-    def behaviour(request: ExplainRequest, deadline: float | None) -> None:
-        entered.set()
-        release.wait(10)
-
-    served = serve_fake(FakeEngine(behaviour=behaviour), workers=1, max_in_flight=1)
+    gate = Gate(hold_seconds=10)
+    served = serve_fake(FakeEngine(behaviour=gate), workers=1, max_in_flight=1)
     first = served.stub.Explain.future(_request(), timeout=10)
     try:
-        assert entered.wait(5)
+        assert gate.entered(timeout=5)
         error = _rpc_error(lambda: served.stub.Explain(_request(), timeout=10))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "capacity" in error.details()
     finally:
-        release.set()
+        gate.open()
     assert first.result(10).model_name == "demo"
     assert served.stub.Explain(_request(), timeout=10).model_name == "demo"
 

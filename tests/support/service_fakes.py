@@ -117,6 +117,28 @@ def raise_error(error: Exception) -> Callable[[ExplainRequest, float | None], No
     return behaviour
 
 
+class Gate:
+    """A behaviour that holds every call until :meth:`open` (or ``hold_seconds``), and
+    counts the calls that arrived, for tests of in-flight limits."""
+
+    def __init__(self, hold_seconds: float = 20.0) -> None:
+        self.hold_seconds = hold_seconds
+        self.arrived = threading.Semaphore(0)
+        self.released = threading.Event()
+
+    def __call__(self, request: ExplainRequest, deadline: float | None) -> None:
+        self.arrived.release()
+        self.released.wait(self.hold_seconds)
+
+    def entered(self, calls: int = 1, timeout: float = 10.0) -> bool:
+        """Whether ``calls`` more calls arrived, each within ``timeout`` seconds."""
+        return all(self.arrived.acquire(timeout=timeout) for _ in range(calls))
+
+    def open(self) -> None:
+        """Lets the held calls, and every later one, finish."""
+        self.released.set()
+
+
 class LoopThread:
     """An asyncio loop in a daemon thread, for grpc.aio servers under synchronous tests."""
 
