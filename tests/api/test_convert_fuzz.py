@@ -9,22 +9,16 @@ TorchServe backend makes. Deterministic: derandomized, bounded example counts.
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from support.fuzz import messages, method_requests, tensors
+from support.fuzz import fuzz_settings, messages, method_requests, tensors
 from xaiserve.api import convert
 from xaiserve.api.errors import InvalidArgument, XaiError
 from xaiserve.api.reverse_convert import request_to_proto
 from xaiserve.api.v1 import explain_pb2 as pb
 
-FUZZ = settings(
-    max_examples=200,
-    derandomize=True,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings(max_examples=200)
 
 #: ExplainRequest's fields, each of which an error may name (``methods[2].filter.mode``).
 TOP_FIELDS = {f.name for f in pb.ExplainRequest.DESCRIPTOR.fields}

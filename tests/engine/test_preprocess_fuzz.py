@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 
-from support.fuzz import image_bytes, tensors
+from support.fuzz import fuzz_settings, image_bytes, tensors
 from support.tiny_models import model_config
 from xaiserve.api.errors import InvalidArgument, ResourceExhausted
 from xaiserve.api.types import EncodedImage, RawTensor
@@ -21,13 +21,7 @@ from xaiserve.api.v1 import explain_pb2 as pb
 from xaiserve.engine.limits import EngineLimits
 from xaiserve.engine.preprocess import decode_image, tensor_from_raw
 
-FUZZ = settings(
-    max_examples=300,
-    derandomize=True,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings(max_examples=300)
 # A pixel limit well above the seed files (12 x 10) and well below what a corrupted header
 # may claim, so both sides of the check are reached without decoding huge images.
 LIMITS = EngineLimits(max_image_bytes=1 << 20, max_image_pixels=256 * 256)

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from support.service_fakes import LoopThread
 
-from support.fuzz import image_bytes, messages, method_requests, strings, tensors
+from support.fuzz import fuzz_settings, image_bytes, messages, method_requests, strings, tensors
 from support.gateway import tiny_png
+from support.servers import start_server
+from support.service_fakes import LoopThread
 from support.tiny_models import write_tiny_model_dir
 from xaiserve.api import convert
 from xaiserve.api.errors import XaiError
@@ -31,7 +32,6 @@ from xaiserve.api.v1 import explain_pb2_grpc
 from xaiserve.engine.engine import Engine
 from xaiserve.engine.limits import EngineLimits
 from xaiserve.gateway.backends import LocalBackend
-from xaiserve.gateway.server import start_server
 from xaiserve.gateway.settings import Settings
 from xaiserve.runtime.model import load_model_dir
 
@@ -145,13 +145,7 @@ def _gateway_code(served: Served, request: pb.ExplainRequest) -> tuple[grpc.Stat
     return grpc.StatusCode.OK, ""
 
 
-@settings(
-    max_examples=60,
-    derandomize=True,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@fuzz_settings(max_examples=60)
 @given(batch=st.lists(REQUESTS, min_size=1, max_size=3))
 def test_fuzzed_calls_get_the_engines_code_and_a_valid_call_after_them_is_ok(
     served: Served, batch: list[pb.ExplainRequest]

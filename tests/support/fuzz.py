@@ -10,6 +10,7 @@ import numpy as np
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -24,6 +25,19 @@ UNKNOWN_ENUM_VALUES = st.integers(-3, 40) | st.integers(*INT32)
 # repeated character (up to ``huge_chars``); surrogates are not valid UTF-8 and protobuf
 # refuses them before any server code sees them.
 _CHARS = st.characters(exclude_categories=("Cs",))
+
+
+def fuzz_settings(max_examples: int) -> settings:
+    """Hypothesis settings of every fuzz test: ``max_examples`` derandomized examples (the
+    same ones on every run), no deadline, no example database, large and slow
+    examples allowed."""
+    return settings(
+        max_examples=max_examples,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 def strings(huge_chars: int) -> st.SearchStrategy[str]:
