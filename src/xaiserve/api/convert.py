@@ -15,6 +15,7 @@ import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from xaiserve.api.catalog import METHOD_NAMES, METHOD_VALUES
 from xaiserve.api.errors import InvalidArgument
 from xaiserve.api.types import (
     MODEL_AVAILABLE,
@@ -34,13 +35,6 @@ from xaiserve.api.types import (
 )
 from xaiserve.api.types import ClassScore as PlainClassScore
 from xaiserve.api.v1 import explain_pb2 as pb
-
-#: Registry names of the methods, keyed by proto enum value ("saliency", "grad_cam", ...).
-METHOD_NAMES: dict[int, str] = {
-    value: name.lower() for name, value in pb.Method.items() if value != pb.METHOD_UNSPECIFIED
-}
-#: Proto enum value of each registry name.
-METHOD_VALUES: dict[str, int] = {name: value for value, name in METHOD_NAMES.items()}
 
 _STAGE_NAMES: dict[int, str] = {
     pb.MAP_STAGE_UNSPECIFIED: "one_channel",
@@ -63,14 +57,6 @@ _FILTER_MODES: dict[int, str] = {
     pb.FAST: "fast",
     pb.EXACT: "exact",
 }
-
-
-def method_enum_name(value: int) -> str:
-    """The proto name of a Method value (``"GRAD_CAM"``), or the number for unknown values."""
-    try:
-        return pb.Method.Name(value)
-    except ValueError:
-        return str(value)
 
 
 # ----------------------------------------------------------------------------- requests

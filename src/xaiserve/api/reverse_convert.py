@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import Message
 
-from xaiserve.api.convert import METHOD_NAMES, METHOD_VALUES
+from xaiserve.api.catalog import METHOD_NAMES, METHOD_VALUES
 from xaiserve.api.types import (
     MODEL_AVAILABLE,
     MODEL_FAILED,

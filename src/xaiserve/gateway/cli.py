@@ -19,8 +19,10 @@ from typing import Any
 import grpc
 import numpy as np
 
+from xaiserve.api import catalog
+from xaiserve.api.catalog import METHODS
 from xaiserve.api.v1 import explain_pb2 as pb
-from xaiserve.gateway.client import METHODS, STAGES, XaiClient, map_to_array
+from xaiserve.gateway.client import STAGES, XaiClient, map_to_array
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 #: Short names the command line accepts besides the registry names.
@@ -172,7 +174,7 @@ def write_outputs(image: Path, response: pb.ExplainResponse, out: Path) -> dict[
     }
     used: set[str] = set()
     for explanation in response.explanations:
-        method = pb.Method.Name(explanation.method).lower()
+        method = catalog.method_name(explanation.method)
         base = f"{image.stem}_{method}"
         for k in range(2, len(response.explanations) + 2):
             if base not in used:
@@ -290,7 +292,7 @@ def run_models(args: argparse.Namespace) -> int:
             "version": m.version,
             "input_shape": list(m.input_shape),
             "labels": list(m.labels),
-            "methods": [pb.Method.Name(v).lower() for v in m.methods],
+            "methods": [catalog.method_name(v) for v in m.methods],
             "cam_layer": m.cam_layer,
             "forward_backend": m.forward_backend,
             "onnx_providers": list(m.onnx_providers),

@@ -21,13 +21,12 @@ import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from xaiserve.api import catalog
 from xaiserve.api.v1 import explain_pb2 as pb
 from xaiserve.api.v1 import explain_pb2_grpc
 
 #: Registry names of the methods the API knows, in enum order.
-METHODS: tuple[str, ...] = tuple(
-    name.lower() for name, value in pb.Method.items() if value != pb.METHOD_UNSPECIFIED
-)
+METHODS: tuple[str, ...] = catalog.METHODS
 #: Map stages by name.
 STAGES: dict[str, int] = {
     "raw": pb.RAW,
@@ -50,7 +49,7 @@ def method_value(name: str) -> int:
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    return pb.Method.Value(name.upper())
+    return catalog.METHOD_VALUES[name]
 
 
 def map_to_array(attribution: pb.AttributionMap) -> np.ndarray:

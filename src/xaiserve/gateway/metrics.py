@@ -50,6 +50,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from xaiserve.api import catalog
 from xaiserve.api.types import ExplainResult
 from xaiserve.api.v1 import explain_pb2 as pb
 
@@ -57,9 +58,7 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "xaiserve_"
 #: The ``method`` vocabulary: the API's catalog (proto enum names, lower-cased).
-METHODS: frozenset[str] = frozenset(
-    name.lower() for name, value in pb.Method.items() if value != pb.METHOD_UNSPECIFIED
-)
+METHODS: frozenset[str] = frozenset(catalog.METHODS)
 #: The ``code`` vocabulary: gRPC's status code names.
 CODES: frozenset[str] = frozenset(code.name for code in grpc.StatusCode)
 #: The ``rpc`` vocabulary: the explanation service's methods.

@@ -8,7 +8,7 @@ import time
 
 import grpc
 
-from xaiserve.api import convert
+from xaiserve.api import catalog, convert
 from xaiserve.api.errors import DeadlineExceeded
 from xaiserve.api.types import ExplainResult
 from xaiserve.api.v1 import explain_pb2 as pb
@@ -96,7 +96,7 @@ class ExplanationServicer(explain_pb2_grpc.ExplanationServiceServicer):
         """Logs and records a finished call."""
         seconds = time.monotonic() - start
         _log_call(request, code, seconds)
-        methods = {convert.METHOD_NAMES.get(m.method, "other") for m in request.methods}
+        methods = {catalog.METHOD_NAMES.get(m.method, "other") for m in request.methods}
         self._metrics.observe_explain(
             request.model_name, methods, code.name, seconds, result, backend_seconds
         )
@@ -121,7 +121,7 @@ class ExplanationServicer(explain_pb2_grpc.ExplanationServiceServicer):
 
 def _log_call(request: pb.ExplainRequest, code: grpc.StatusCode, seconds: float) -> None:
     """One line per call: model, methods, status, seconds (never the image)."""
-    names = [convert.method_enum_name(m.method) for m in request.methods[:_LOGGED_METHODS]]
+    names = [catalog.method_enum_name(m.method) for m in request.methods[:_LOGGED_METHODS]]
     if len(request.methods) > _LOGGED_METHODS:
         names.append(f"...({len(request.methods)} in all)")
     methods = ",".join(names) or "-"

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from xaiserve.api import catalog
 from xaiserve.api.errors import InvalidArgument
 from xaiserve.methods.base import AttributionMethod, MethodContext
 from xaiserve.runtime.model import ServedModel
@@ -27,9 +28,8 @@ class Auto(AttributionMethod):
     def resolve_params(
         self, given: dict[str, Any], input_shape: tuple[int, ...], field: str
     ) -> dict[str, Any]:
-        """``candidates``: registry names (not ``auto``), at most MAX_CANDIDATES, no repeats."""
-        from xaiserve.methods.registry import METHODS  # the registry imports this module
-
+        """``candidates``: method names of the catalog (which the registry serves: a test
+        holds them equal), not ``auto``, at most MAX_CANDIDATES, no repeats."""
         unknown = set(given) - {"candidates"}
         if unknown:
             raise InvalidArgument(f"{field}.{sorted(unknown)[0]}", "unknown parameter of auto")
@@ -39,7 +39,7 @@ class Auto(AttributionMethod):
                 f"{field}.candidates", f"at most {MAX_CANDIDATES} candidates, got {len(candidates)}"
             )
         for i, name in enumerate(candidates):
-            if name not in METHODS or name == self.name:
+            if name not in catalog.METHODS or name == self.name:
                 raise InvalidArgument(f"{field}.candidates[{i}]", f"not a candidate method: {name}")
             if name in candidates[:i]:
                 raise InvalidArgument(f"{field}.candidates[{i}]", f"{name} is listed twice")

@@ -1,4 +1,6 @@
-"""The one registry mapping method names (the proto enum names, lower-cased) to classes."""
+"""The one registry mapping method names (:mod:`xaiserve.api.catalog`: the proto enum names,
+lower-cased) to classes. It serves exactly the catalog's methods
+(``tests/methods/test_registry.py``)."""
 
 from __future__ import annotations
 
