@@ -6,7 +6,8 @@
 
 Each subcommand is a :class:`Subcommand` in :data:`SUBCOMMANDS`: a function that adds its
 arguments, a function that runs it, and one entry in that tuple. The client's commands live in
-:mod:`xaiserve.gateway.cli`, the in-process offline tools in :mod:`xaiserve.offline.cli`.
+:mod:`xaiserve.gateway.cli`, the in-process offline tools in :mod:`xaiserve.offline.cli`
+(a module per command).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from xaiserve.gateway import cli as client
-from xaiserve.offline import cli as offline
+from xaiserve.offline.cli import calibrate, evaluate, gad_train
 
 
 @dataclass(frozen=True)
@@ -42,20 +43,20 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand(
         "evaluate",
         "score methods by APEM over a data set (offline, in-process)",
-        offline.configure_evaluate,
-        offline.run_evaluate,
+        evaluate.configure,
+        evaluate.run,
     ),
     Subcommand(
         "calibrate",
         "measure and store the S-CAM calibration of a model (offline)",
-        offline.configure_calibrate,
-        offline.run_calibrate,
+        calibrate.configure,
+        calibrate.run,
     ),
     Subcommand(
         "gad-train",
         "train and store GAD support models for a class pair (offline)",
-        offline.configure_gad_train,
-        offline.run_gad_train,
+        gad_train.configure,
+        gad_train.run,
     ),
 )
 
