@@ -47,7 +47,7 @@ from xaiserve.api.v1 import explain_pb2_grpc
 from xaiserve.engine.engine import Engine
 from xaiserve.engine.limits import EngineLimits
 from xaiserve.gateway.backends import LocalBackend
-from xaiserve.gateway.server import start_server
+from xaiserve.gateway.server import start
 from xaiserve.gateway.settings import Settings
 from xaiserve.gateway.torchserve_backend import TorchServeBackend
 from xaiserve.gateway.torchserve_process import TorchServeConfig, TorchServeProcess
@@ -118,12 +118,12 @@ def main() -> None:
         try:
             torchserve.wait_ready(240)
             gateway = Settings(port=0, metrics_port=0)
-            local, local_port = run(start_server(gateway, LocalBackend(engine, workers=1)))
+            local = run(start(gateway, LocalBackend(engine, workers=1)))
             remote_backend = TorchServeBackend(config.grpc_target, config.key_file, ["demo"])
-            remote, remote_port = run(start_server(gateway, remote_backend))
+            remote = run(start(gateway, remote_backend))
             channels = {
                 name: grpc.insecure_channel(f"127.0.0.1:{port}")
-                for name, port in (("local", local_port), ("torchserve", remote_port))
+                for name, port in (("local", local.port), ("torchserve", remote.port))
             }
             stubs = {n: explain_pb2_grpc.ExplanationServiceStub(c) for n, c in channels.items()}
 

@@ -8,9 +8,9 @@ from typing import Any
 import grpc
 import pytest
 
+from support.servers import start_server
 from support.service_fakes import FakeEngine, LoopThread, Served
 from xaiserve.gateway.backends import LocalBackend
-from xaiserve.gateway.server import start_server
 from xaiserve.gateway.settings import Settings
 
 

@@ -181,12 +181,6 @@ def start_metrics_http(settings: Settings, metrics: Metrics) -> MetricsHttpServe
     return http
 
 
-async def start_server(settings: Settings, backend: Backend) -> tuple[grpc.aio.Server, int]:
-    """Starts a server over ``backend``; returns it and its bound port (tests use port 0)."""
-    running = await start(settings, backend)
-    return running.server, running.port
-
-
 async def _watch_health(running: RunningServer, backend: Backend) -> None:
     """Keeps the health status in step with ``backend.ready()``."""
     serving: bool | None = None

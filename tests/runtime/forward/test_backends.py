@@ -330,5 +330,5 @@ def test_unknown_backend_is_an_invalid_argument() -> None:
 def test_torch_forward_keeps_its_old_signature() -> None:
     served = tiny_served()
     forward = TorchForward(served.module, Budget(100), 4)
-    assert forward.max_batch == forward.batch_size == 4 and forward.label == "torch"
+    assert forward.batch_size == 4 and forward.label == "torch"
     assert forward(torch.rand(9, 3, 16, 16), "x").shape == (9, 3)

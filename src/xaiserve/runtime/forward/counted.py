@@ -120,11 +120,6 @@ class CountedForward:
         finally:
             self.seconds += time.perf_counter() - start
 
-    @property
-    def max_batch(self) -> int:
-        """Alias of ``batch_size`` (the older name)."""
-        return self.batch_size
-
     def __call__(self, x: torch.Tensor, stage: str) -> torch.Tensor:
         start = time.perf_counter()
         try:
@@ -147,9 +142,9 @@ class TorchForward(CountedForward):
     backend = "torch"
 
     def __init__(
-        self, module: nn.Module, budget: Budget, max_batch: int, call_batch: int | None = None
+        self, module: nn.Module, budget: Budget, batch_size: int, call_batch: int | None = None
     ) -> None:
-        super().__init__(budget, max_batch, call_batch)
+        super().__init__(budget, batch_size, call_batch)
         self.module = module
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
