@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from support.tiny_models import make_context, tiny_served, write_tiny_model_dir
+from support.calibrated_models import calibrated_tiny
+from support.tiny_models import make_context, write_tiny_model_dir
 from xaiserve.api.errors import InvalidArgument
 from xaiserve.api.types import ExplainRequest, MethodRequest, RawTensor, ReliabilityRequest
 from xaiserve.engine.engine import Engine
@@ -22,7 +23,6 @@ from xaiserve.runtime.calibration import (
     CALIBRATION_JSON,
     CALIBRATION_NPZ,
     Calibration,
-    CamCalibration,
     load_calibration,
     principal_count,
     save_calibration,
@@ -163,24 +163,9 @@ def test_stale_calibration_is_ignored(tiny_calibration, tmp_path, caplog):
 # ------------------------------------------------------------------- the S-CAM methods
 
 
-def _calibrated_tiny():
-    served = tiny_served()
-    cams = {
-        key: CamCalibration(
-            importance=np.arange(8 * 3, dtype=np.float64).reshape(8, 3)[::-1].copy(),
-            max_percentiles=np.linspace(0.0, 2.0, 101),
-            min_percentiles=np.linspace(-2.0, 0.0, 101),
-            maps=10,
-        )
-        for key in scaled_cams()
-    }
-    served.calibration = Calibration(cams, "features.4", "", 1, "test", "all_classes", 0.0)
-    return served
-
-
 @pytest.mark.parametrize("name", S_METHODS)
 def test_s_cam_is_the_tanh_of_the_unrectified_weighted_sum(name, images):
-    served = _calibrated_tiny()
+    served = calibrated_tiny()
     method = get_method(name)
     assert method.unsupported_reason(served) is None
     target = torch.tensor([0, 2])
@@ -196,7 +181,7 @@ def test_s_cam_is_the_tanh_of_the_unrectified_weighted_sum(name, images):
 
 
 def test_fs_s_cam_sums_only_the_principal_features(images):
-    served = _calibrated_tiny()
+    served = calibrated_tiny()
     method = get_method("s_grad_cam")
     params = method.resolve_params({"principal_fraction": 0.25}, (3, 16, 16), "m")
     target = torch.tensor([1, 1])
