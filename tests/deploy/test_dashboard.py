@@ -9,12 +9,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
-from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from support.gateway import running_gateway
+from xaiserve.api.types import (
+    ClassScore,
+    ExplainResult,
+    Explanation,
+    Prediction,
+    ReliabilityRecord,
+)
 from xaiserve.gateway.metrics import PREFIX, TORCHSERVE_METRICS, Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,13 +158,22 @@ _MATCHER = re.compile(r"(\w+)\s*(?:=~|!~|!=|=)")
 
 
 def _gateway_labels() -> dict[str, set[str]]:
-    """Label names of each gateway collector, by metric name (histograms also have ``le``)."""
+    """Label names of each gateway metric, by metric name (histograms also have ``le``):
+    those of the samples one failed and one answered call with a scored map record."""
+    score = ClassScore(0, "a", 0.9, 2.0)
+    record = ReliabilityRecord(1.0, 3.0, 2.0, 0.01, False, False, 9, apem_norm=0.5)
+    one = np.zeros((1, 2, 2), np.float32)
+    explanation = Explanation("saliency", "one_channel", one, 1, {"attribute": 0.1}, None, record)
+    result = ExplainResult(
+        "demo", "1", Prediction((score,), score), (explanation,), {"decode": 0.1}, {"predict": 1}
+    )
     metrics = Metrics(CollectorRegistry())
-    return {
-        c._name: set(c._labelnames) | {"le"}
-        for c in vars(metrics).values()
-        if isinstance(c, MetricWrapperBase)
-    }
+    metrics.observe_explain("demo", ["saliency"], "INTERNAL", 0.2, result, 0.1)
+    labels: dict[str, set[str]] = {}
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            labels.setdefault(family.name, set()).update(sample.labels)
+    return labels
 
 
 def test_every_label_a_query_uses_is_one_the_gateway_sets() -> None:
