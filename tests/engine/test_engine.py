@@ -239,7 +239,7 @@ def test_cam_method_refused_without_layer(tmp_path):
     write_tiny_model_dir(tmp_path / "nocam", cam_layer="")
     engine = Engine.from_model_store(tmp_path, EngineLimits())
     assert "grad_cam" not in engine.list_models()[0].methods
-    with pytest.raises(InvalidArgument, match="grad_cam cannot run on model 'tiny'.*cam_layer"):
+    with pytest.raises(InvalidArgument, match=r"grad_cam cannot run on model 'tiny'.*cam_layer"):
         engine.explain(request(EncodedImage(png_bytes(rgb_image())), method("grad_cam")))
 
 
@@ -411,7 +411,7 @@ def test_maps_of_one_request_share_the_apem_work(engine):
 
     alone = [engine.explain(request(image, item(n, 0))) for n in ("saliency", "grad_cam")]
     both = engine.explain(request(image, item("saliency", 0), item("grad_cam", 1)))
-    for single, joint in zip(alone, both.explanations):
+    for single, joint in zip(alone, both.explanations, strict=True):
         (expected,) = single.explanations
         assert np.array_equal(joint.map, expected.map)
         assert replace(joint.reliability, forward_passes=0) == replace(

@@ -115,6 +115,8 @@ def evaluate_images(
         generator = torch.Generator().manual_seed(len(rows))
         for explanation in result.explanations:
             record = explanation.reliability
+            if record is None:  # every request above asks for one
+                raise RuntimeError(f"no reliability record for {explanation.method}")
             shuffled_norm = math.nan
             relevance = relevance_from_map(torch.from_numpy(explanation.map))
             if shuffles and not record.undefined_reason:

@@ -27,6 +27,7 @@ two agree exactly when (side - window) is a multiple of stride.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Any
@@ -93,7 +94,7 @@ def accumulate(axes: list[list[int]], window: int, drops: torch.Tensor) -> torch
     """
     spatial = [max(starts) + window for starts in axes]
     total, count = drops.double(), torch.ones(drops.shape, dtype=torch.float64)
-    for axis, (side, starts) in enumerate(zip(spatial, axes)):
+    for axis, (side, starts) in enumerate(zip(spatial, axes, strict=True)):
         cover = coverage(side, starts, window)
         total = torch.tensordot(total, cover, dims=([axis], [0])).movedim(-1, axis)
         count = torch.tensordot(count, cover, dims=([axis], [0])).movedim(-1, axis)
@@ -192,11 +193,7 @@ class Occlusion(AttributionMethod):
                 params["baseline"],
                 None if base is None else base[i],
             )
-
-            def evaluate(positions: list[tuple[int, ...]]) -> torch.Tensor:
-                corners = [tuple(a[j] for a, j in zip(axes, p)) for p in positions]
-                return scores.base - scores.occluded(corners)
-
+            evaluate = functools.partial(scores.drops, axes)
             if params.get(ADAPTIVE):
                 estimate, _ = adaptive_drops(
                     evaluate, counts, coarse_step(params), params[ADAPTIVE]["refine_fraction"]
@@ -238,30 +235,37 @@ class _TargetScores:
             base = target_logits(ctx.forward(xi, "attribute"), yi)[0]
         self.base = base
 
+    def drops(self, axes: list[list[int]], positions: list[tuple[int, ...]]) -> torch.Tensor:
+        """base - the target logit with the window at each position occluded (shape
+        len(positions)); a position indexes the window starts of each axis."""
+        corners = [tuple(a[j] for a, j in zip(axes, p, strict=True)) for p in positions]
+        return self.base - self.occluded(corners)
+
     def occluded(self, corners: list[tuple[int, ...]]) -> torch.Tensor:
         """Target logits (shape len(corners)) with the window at each corner occluded."""
-        forward, scores = self.ctx.forward, []
+        forward, occluder, scores = self.ctx.forward, self.occluder, []
         for part in batches(len(corners), forward.batch_size):
             chunk = corners[part]
-            if self.occluder is None:
+            if occluder is None:
                 logits = forward(self._occluded_images(chunk), "attribute")
                 scores.append(target_logits(logits, self.yi.expand(len(chunk))))
             else:
-                scores.append(
-                    forward.timed(len(chunk), "attribute", lambda: self._incremental(chunk))
-                )
+                run = functools.partial(self._incremental, occluder, chunk)
+                scores.append(forward.timed(len(chunk), "attribute", run))
         return torch.cat(scores)
 
-    def _incremental(self, corners: list[tuple[int, ...]]) -> torch.Tensor:
+    def _incremental(
+        self, occluder: IncrementalOcclusion, corners: list[tuple[int, ...]]
+    ) -> torch.Tensor:
         """Target logits by the occluder. A window already equal to the baseline changes
         nothing: it keeps the original's logit exactly (crops sum in another order than
         the whole image, so the occluder's logit would differ in the last digits, and a
         flat image's map would be noise instead of zero)."""
         changes = windows_that_change(self.xi[0], corners, self.window, self.baseline).tolist()
         scores = self.base.expand(len(corners)).clone()
-        moved = [c for c, change in zip(corners, changes) if change]
+        moved = [c for c, change in zip(corners, changes, strict=True) if change]
         if moved:
-            logits = self.occluder.logits(self.activations, moved, self.baseline)
+            logits = occluder.logits(self.activations, moved, self.baseline)
             scores[torch.tensor(changes)] = target_logits(logits, self.yi.expand(len(moved)))
         return scores
 
@@ -277,7 +281,8 @@ class _TargetScores:
         occluded = np.empty((len(corners), *original.shape[1:]), dtype=original.dtype)
         occluded[...] = original
         for j, corner in enumerate(corners):
-            occluded[(j, slice(None), *self._box(corner))] = self.baseline
+            index: tuple[int | slice, ...] = (j, slice(None), *self._box(corner))
+            occluded[index] = self.baseline
         return torch.from_numpy(occluded)
 
 

@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ PROBE_CALLS = 3
 OccluderSource = Callable[[str, int, Sequence[Sequence[int]]], Any]
 """(backend, window, starts) -> an incremental occluder or None; see
 ``CountedForward.occluder``."""
+T = TypeVar("T")
 
 
 @dataclass
@@ -110,7 +111,7 @@ class CountedForward:
         full forward passes."""
         return None if self.occluders is None else self.occluders(self.backend, window, starts)
 
-    def timed(self, images: int, stage: str, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def timed(self, images: int, stage: str, run: Callable[[], T]) -> T:
         """``run()``'s result, its time added to ``seconds`` and ``images`` forward passes
         charged to the budget first (work that does not go through ``__call__``)."""
         start = time.perf_counter()

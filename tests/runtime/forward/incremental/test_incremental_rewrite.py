@@ -33,7 +33,7 @@ def small_resnet18() -> PixelSpaceModel:
 
 def padded(activation: torch.Tensor, front, back, fill: float) -> torch.Tensor:
     """activation (1 x C x H x W) with front/back positions of ``fill`` per spatial axis."""
-    pads = [p for a, b in zip(reversed(front), reversed(back)) for p in (a, b)]
+    pads = [p for a, b in zip(reversed(front), reversed(back), strict=True) for p in (a, b)]
     return torch.nn.functional.pad(activation, pads, value=fill)
 
 
@@ -49,7 +49,7 @@ def kept_region_matches(module: fx.GraphModule, stage: Stage, value: torch.Tenso
         checked = 0
         for r0 in range(stage.grid_out[0] - stage.rect[0] + 1):
             for r1 in range(stage.grid_out[1] - stage.rect[1] + 1):
-                s0, s1 = (r * s.stride for r, s in zip((r0, r1), stage.span))
+                s0, s1 = (r * s.stride for r, s in zip((r0, r1), stage.span, strict=True))
                 crop = source[..., s0 : s0 + valid.length[0], s1 : s1 + valid.length[1]]
                 got = valid.module(crop)
                 want = expected[..., r0 : r0 + stage.rect[0], r1 : r1 + stage.rect[1]]
