@@ -33,6 +33,8 @@ METHOD_NAMES: dict[int, str] = {
     value: method_name(value) for value in pb.Method.values() if value != pb.METHOD_UNSPECIFIED
 }
 #: The enum value of each method name.
-METHOD_VALUES: dict[str, int] = {name: value for value, name in METHOD_NAMES.items()}
+METHOD_VALUES: dict[str, pb.Method] = {
+    method_name(value): value for value in pb.Method.values() if value != pb.METHOD_UNSPECIFIED
+}
 #: The method names the API knows, in enum order.
 METHODS: tuple[str, ...] = tuple(METHOD_NAMES.values())

@@ -42,7 +42,7 @@ _STAGE_NAMES: dict[int, str] = {
     pb.ONE_CHANNEL: "one_channel",
     pb.TIMES_IMAGE: "times_image",
 }
-_STAGE_VALUES: dict[str, int] = {name: pb.MapStage.Value(name.upper()) for name in STAGES}
+_STAGE_VALUES: dict[str, pb.MapStage] = {name: pb.MapStage.Value(name.upper()) for name in STAGES}
 
 # map_encoding -> (want_array, want_png)
 _ENCODINGS: dict[int, tuple[bool, bool]] = {
@@ -306,7 +306,7 @@ def _filtered(record: FilteredRecord, want_array: bool, want_png: bool) -> pb.Fi
 
 
 #: ``ModelStatus`` value of each ``ModelInfo.status``.
-MODEL_STATUS_VALUES: dict[str, int] = {
+MODEL_STATUS_VALUES: dict[str, pb.ModelStatus] = {
     MODEL_AVAILABLE: pb.MODEL_AVAILABLE,
     MODEL_FAILED: pb.MODEL_FAILED,
 }

@@ -39,12 +39,12 @@ from xaiserve.api.types import (
 from xaiserve.api.v1 import explain_pb2 as pb
 
 # (want_array, want_png) -> map_encoding
-_ENCODINGS: dict[tuple[bool, bool], int] = {
+_ENCODINGS: dict[tuple[bool, bool], pb.MapEncoding] = {
     (True, False): pb.FLOAT32,
     (False, True): pb.PNG_OVERLAY,
     (True, True): pb.FLOAT32_AND_PNG,
 }
-_FORWARD_BACKENDS: dict[str, int] = {
+_FORWARD_BACKENDS: dict[str, pb.ForwardBackend] = {
     "": pb.FORWARD_BACKEND_UNSPECIFIED,
     "torch": pb.TORCH,
     "onnxruntime": pb.ONNXRUNTIME,

@@ -28,7 +28,7 @@ from xaiserve.api.v1 import explain_pb2_grpc
 #: Registry names of the methods the API knows, in enum order.
 METHODS: tuple[str, ...] = catalog.METHODS
 #: Map stages by name.
-STAGES: dict[str, int] = {
+STAGES: dict[str, pb.MapStage] = {
     "raw": pb.RAW,
     "one_channel": pb.ONE_CHANNEL,
     "times_image": pb.TIMES_IMAGE,
@@ -41,7 +41,7 @@ PARAMS_FIELDS: frozenset[str] = frozenset(
 ImageInput = bytes | np.ndarray | str | os.PathLike[str]
 
 
-def method_value(name: str) -> int:
+def method_value(name: str) -> pb.Method:
     """The ``Method`` enum value of a registry name (``"grad_cam"`` -> ``GRAD_CAM``).
 
     Raises:

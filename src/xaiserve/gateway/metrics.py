@@ -246,7 +246,8 @@ class Metrics:
         )
         self.method_stage_duration = histogram(
             "method_stage_duration_seconds",
-            "Per-method stages of answered Explain calls: attribute, postprocess, gad, apem, filter.",
+            "Per-method stages of answered Explain calls: "
+            "attribute, postprocess, gad, apem, filter.",
             ("model", "method", "stage"),
             STAGE_BUCKETS,
         )
