@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from support.apem_reference import probe_of
+from support.calibrated_models import calibrated_tiny
 from support.tiny_models import make_context, tiny_served
 from xaiserve.api.errors import ResourceExhausted
 from xaiserve.api.types import (
@@ -34,7 +35,6 @@ from xaiserve.engine.postprocess import apply_stage
 from xaiserve.methods.cam.score_cam import channel_masks, layer_activations
 from xaiserve.methods.perturbation.occlusion_adaptive import adaptive_drops, positions_evaluated
 from xaiserve.methods.registry import METHODS, get_method
-from xaiserve.offline.calibrate import scaled_cams
 from xaiserve.reliability.apem import apem_many
 from xaiserve.reliability.filter import filter_map
 from xaiserve.reliability.lattice import DEFAULT_BATCH, Lattice, max_calls_for
@@ -48,7 +48,6 @@ from xaiserve.reliability.options import (
 )
 from xaiserve.reliability.score import relevance_from_map
 from xaiserve.reliability.search import search_first_flips
-from xaiserve.runtime.calibration import Calibration, CamCalibration
 from xaiserve.runtime.forward.config import ForwardConfig
 from xaiserve.runtime.gad_store import GadSupport, SupportPair
 from xaiserve.runtime.model import ServedModel, load_model_dir
@@ -89,22 +88,6 @@ BY_HAND = {
     "score_cam": 1 + TINY_CAM_CHANNELS,
 }
 """Estimates worked out by hand; every other method: one gradient pass."""
-
-
-def calibrated_tiny() -> ServedModel:
-    """The tiny model with a made-up calibration, so the S-CAM methods run on it."""
-    served = tiny_served()
-    cams = {
-        key: CamCalibration(
-            importance=np.arange(8 * 3, dtype=np.float64).reshape(8, 3)[::-1].copy(),
-            max_percentiles=np.linspace(0.0, 2.0, 101),
-            min_percentiles=np.linspace(-2.0, 0.0, 101),
-            maps=10,
-        )
-        for key in scaled_cams()
-    }
-    served.calibration = Calibration(cams, "features.4", "", 1, "test", "all_classes", 0.0)
-    return served
 
 
 def image(seed: int = 3) -> torch.Tensor:
