@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from support.apem_reference import loss_gradient_sign, probe_of, reference_search
+from support.apem_reference import CountingForward, loss_gradient_sign, probe_of, reference_search
 from support.tiny_models import make_context, tiny_served
 from xaiserve.engine.postprocess import apply_stage
 from xaiserve.methods.registry import get_method
@@ -38,16 +38,6 @@ from xaiserve.reliability.score import directed, irrelevance
 from xaiserve.runtime.model import load_model_dir
 
 RES = 0.01
-
-
-class Counting:
-    def __init__(self, forward) -> None:
-        self.forward, self.calls, self.images = forward, 0, 0
-
-    def __call__(self, x: torch.Tensor, stage: str) -> torch.Tensor:
-        self.calls += 1
-        self.images += x.shape[0]
-        return self.forward(x, stage)
 
 
 def saliency(served, x: torch.Tensor, y: int) -> torch.Tensor:
@@ -64,11 +54,11 @@ def apem_rows(served, images: list[torch.Tensor], batch: int) -> dict[str, float
         with torch.no_grad():
             y = int(served.module(x[None]).argmax())
         relevance = saliency(served, x, y)
-        fast = Counting(ctx.forward)
+        fast = CountingForward(ctx.forward)
         t0 = time.perf_counter()
         record = apem(probe_of(fast, served.module, x, y, ctx.budget, batch=batch), relevance)
         t_fast += time.perf_counter() - t0
-        scan = Counting(ctx.forward)
+        scan = CountingForward(ctx.forward)
         t0 = time.perf_counter()
         sign = loss_gradient_sign(served.module, x, y, ctx.budget)
         for r, eps in ((relevance, record.eps_minus), (irrelevance(relevance), record.eps_plus)):

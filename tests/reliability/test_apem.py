@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from support.apem_reference import (
+    CountingForward,
     loss_gradient_sign,
     probe_of,
     reference_search,
@@ -94,18 +95,6 @@ def saliency_map(module: nn.Module, x: torch.Tensor, y: int) -> torch.Tensor:
 
 def predicted(forward, x: torch.Tensor) -> int:
     return int(forward(x.unsqueeze(0), "predict").argmax())
-
-
-class CountingForward:
-    """Wraps a forward, counting calls and images."""
-
-    def __init__(self, forward) -> None:
-        self.forward, self.calls, self.images = forward, 0, 0
-
-    def __call__(self, x: torch.Tensor, stage: str) -> torch.Tensor:
-        self.calls += 1
-        self.images += x.shape[0]
-        return self.forward(x, stage)
 
 
 # ---------------------------------------------------------------------- relevance parts

@@ -71,3 +71,15 @@ def reference_search(
             return k * step, False
         k += 1
     return eps_max, True
+
+
+class CountingForward:
+    """Wraps a forward, counting calls and images."""
+
+    def __init__(self, forward: Forward) -> None:
+        self.forward, self.calls, self.images = forward, 0, 0
+
+    def __call__(self, x: torch.Tensor, stage: str) -> torch.Tensor:
+        self.calls += 1
+        self.images += x.shape[0]
+        return self.forward(x, stage)
