@@ -88,11 +88,15 @@ def test_models_prints_the_served_models(
     assert "demo (version 1)" in printed and "features.3" in printed
     assert "forward    onnxruntime on CUDAExecutionProvider, CPUExecutionProvider" in printed
     assert "forward    torch (no ONNX Runtime: check failed: max |logit difference|" in printed
+    assert "not served s_grad_cam: needs a calibration (xaiserve calibrate)" in printed
 
     assert cli.main(["models", "--server", served.target, "--json"]) == 0
     models = json.loads(capsys.readouterr().out)
     assert models[0]["methods"] == ["saliency", "grad_cam", "occlusion"]
     assert models[0]["onnx_providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert models[0]["unsupported_methods"] == [
+        "s_grad_cam: needs a calibration (xaiserve calibrate)"
+    ]
 
 
 def test_unknown_method_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

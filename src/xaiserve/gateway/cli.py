@@ -299,6 +299,7 @@ def run_models(args: argparse.Namespace) -> int:
             "onnx_status": m.onnx_status,
             "calibrated": m.calibrated,
             "gad_class_pairs": list(m.gad_class_pairs),
+            "unsupported_methods": list(m.unsupported_methods),
             "status": "failed" if m.status == pb.MODEL_FAILED else "available",
             "status_reason": m.status_reason,
         }
@@ -322,6 +323,8 @@ def run_models(args: argparse.Namespace) -> int:
         print(f"  forward    {_forward_line(m)}")
         print(f"  calibrated {'yes' if m['calibrated'] else 'no (xaiserve calibrate)'}")
         print(f"  GAD pairs  {'; '.join(m['gad_class_pairs']) or '-'}")
+        for reason in m["unsupported_methods"]:
+            print(f"  not served {reason}")
     return 0
 
 
