@@ -14,34 +14,15 @@ import pytest
 import torch
 from torch import nn
 
-from support.apem_reference import probe_of
+from support.apem_reference import probe_of, saliency_map
 from support.tiny_models import make_context, tiny_served
-from xaiserve.api.errors import InvalidArgument, ResourceExhausted
-from xaiserve.api.types import FilterRequest, ReliabilityRequest
+from xaiserve.api.errors import ResourceExhausted
+from xaiserve.api.types import FilterRequest
 from xaiserve.reliability import filter as AF
 from xaiserve.reliability import options as O
 from xaiserve.reliability.apem import apem, apem_many
-from xaiserve.reliability.score import relevance_from_map
+from xaiserve.reliability.options import DEFAULT_RESOLUTION as RES
 from xaiserve.runtime.forward.counted import Budget, TorchForward
-
-RES = O.DEFAULT_RESOLUTION
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny batches run several times faster on one thread (and the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def saliency_map(module: nn.Module, x: torch.Tensor, y: int) -> torch.Tensor:
-    """|d logit_y / d x| summed over channels, scaled to [0, 1]: 1 x *spatial."""
-    xb = x.unsqueeze(0).clone().requires_grad_(True)
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(module(xb)[0, y], xb)
-    return relevance_from_map(grad[0].abs().sum(0, keepdim=True))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -50,8 +31,6 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a > 0, b > 0).sum() / union) if union else 1.0
 
 
-# --------------------------------------------------------- the exact algorithm by hand
-
 # A linear 2-class model on 8 values: margin m(x) = u . x + c = 1 at x. Along R_dir the
 # margin falls at rate sum(R_norm |u|), so eps_minus = 1 / sum(R_norm |u|) and eps_plus the
 # same for 1 - R, and APEM along Algorithm 2's path is known in closed form:
@@ -59,6 +38,8 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 # Step 4 is the first drop (0.2154 < 0.2273, by more than the 1% resolution can blur), so
 # the answer is step 3: the five largest values kept.
 U = torch.tensor([6.0, 5.0, -1.0, 4.0, -3.0, 2.0, 0.5, -2.5]).view(1, 1, 8)
+
+
 R_LINEAR = torch.tensor([1.0, 0.9, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2]).view(1, 1, 8)
 
 
@@ -118,9 +99,6 @@ def test_flat_apem_path_keeps_only_the_top_value():
     exact = AF.filter_exact(probe_of(forward, module, x, 0, budget), R_LINEAR)
     assert np.array_equal(exact.map > 0, (R_LINEAR == 1.0).numpy())
     assert exact.apem_after == pytest.approx(exact.apem_before, abs=0.02)
-
-
-# ------------------------------------------------------------------ fast against exact
 
 
 def tiny_cases(count: int, size: int = 12):
@@ -188,22 +166,6 @@ def test_fast_filter_with_an_ample_budget_is_exact():
         assert np.array_equal(fast.map, exact.map)
 
 
-# ------------------------------------------------------------------ options and budgets
-
-
-def test_budget_too_small_names_the_field(served, images):
-    ctx = make_context(served)
-    options = O.resolve_options(None, 768)
-    least = O.minimum_budget(options)
-    with pytest.raises(InvalidArgument) as err:
-        O.resolve_filter_options(
-            FilterRequest(forward_budget=least - 1), options, field="methods[1]"
-        )
-    assert err.value.field == "methods[1].filter.forward_budget"
-    assert f"at least {least}" in err.value.message
-    assert ctx.budget.spent == 0
-
-
 def test_smallest_budget_runs_and_is_respected(served, images):
     ctx = make_context(served, max_batch=64)
     x = images[0]
@@ -237,26 +199,6 @@ def test_exact_mode_out_of_budget_is_resource_exhausted(served, images):
     assert err.value.field == "methods[3].filter.forward_budget"
 
 
-@pytest.mark.parametrize(
-    "request_, field, message",
-    [
-        (FilterRequest(mode="quick"), "filter.mode", "unknown mode"),
-        (FilterRequest(forward_budget=2.5), "filter.forward_budget", "integer"),
-    ],
-)
-def test_invalid_filter_options_name_the_field(served, images, request_, field, message):
-    options = O.resolve_options(None, images[0].numel())
-    with pytest.raises(InvalidArgument) as err:
-        O.resolve_filter_options(request_, options, field="methods[0]")
-    assert err.value.field == f"methods[0].{field}" and message in err.value.message
-
-
-def test_reliability_options_are_checked_too(served, images):
-    with pytest.raises(InvalidArgument) as err:
-        O.resolve_options(ReliabilityRequest(resolution=0.9), images[0].numel(), "methods[4]")
-    assert err.value.field == "methods[4].reliability.resolution"
-
-
 def test_undefined_map_comes_back_unchanged(served, images):
     ctx = make_context(served)
     zero = torch.zeros(1, 16, 16)
@@ -264,12 +206,6 @@ def test_undefined_map_comes_back_unchanged(served, images):
     assert np.array_equal(result.map, zero.numpy()) and result.kept_fraction == 1.0
     assert math.isnan(result.apem_before) and math.isnan(result.apem_after)
     assert result.forward_passes == 0
-
-
-def test_defaults():
-    options = O.resolve_options(None, 768)
-    assert O.resolve_filter_options(None, options) == O.FilterOptions("fast", 4096)
-    assert O.resolve_filter_options(FilterRequest(mode="exact"), options).forward_budget is None
 
 
 def test_filter_takes_the_gradient_and_the_original_score_from_apem(served, images):

@@ -1,6 +1,7 @@
 """APEM code only tests and benchmarks use: the seed's step-by-step search (the reference
 the batched search is checked against), a one-direction search, the loss gradient's sign
-alone, and probes built from a test's forward."""
+alone, probes built from a test's forward, a linear model with its flips in closed form, a
+saliency map and the predicted class."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from torch import nn
 
 from xaiserve.reliability.lattice import Lattice
 from xaiserve.reliability.probe import STAGE, Forward, Probe, gradient_sign_and_logits
+from xaiserve.reliability.score import relevance_from_map
 from xaiserve.reliability.search import SearchResult, search_first_flips
-from xaiserve.runtime.forward.counted import Budget
+from xaiserve.runtime.forward.counted import Budget, TorchForward
 
 
 def probe_of(
@@ -83,3 +85,50 @@ class CountingForward:
         self.calls += 1
         self.images += x.shape[0]
         return self.forward(x, stage)
+
+
+class Linear2:
+    """f(x) = W x + b with 2 classes; the margin m(x) = logit_0 - logit_1 = u . x + c.
+
+    Class 0 is predicted with margin ``margin``. sign(grad CE) = -sign(u), so along
+    R_dir the margin falls at rate sum(R_norm * |u|): the first flip is at
+    eps* = margin / sum(R_norm * |u|) (argmax keeps class 0 at a tie).
+    """
+
+    def __init__(self, u: torch.Tensor, x: torch.Tensor, margin: float) -> None:
+        self.u, self.x, self.margin = u, x, margin
+        n = u.numel()
+        linear = nn.Linear(n, 2)
+        with torch.no_grad():
+            linear.weight.copy_(torch.stack([u.reshape(-1), torch.zeros(n)]))
+            linear.bias.copy_(torch.tensor([margin - float((u * x).sum()), 0.0]))
+        self.module = nn.Sequential(nn.Flatten(), linear).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def eps_star(self, relevance: torch.Tensor) -> float:
+        full = relevance.expand_as(self.u)
+        return self.margin / float((full / full.sum() * self.u.abs()).sum())
+
+    def context(self, max_batch: int = 64) -> tuple[TorchForward, Budget]:
+        budget = Budget(10**7)
+        return TorchForward(self.module, budget, max_batch), budget
+
+
+def linear_case(seed: int = 0, shape: tuple[int, ...] = (3, 4, 4)) -> Linear2:
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(shape, generator=g)
+    x = torch.rand(shape, generator=g)
+    return Linear2(u, x, margin=1.0)
+
+
+def saliency_map(module: nn.Module, x: torch.Tensor, y: int) -> torch.Tensor:
+    """|d logit_y / d x| summed over channels, scaled to [0, 1]: 1 x *spatial."""
+    xb = x.unsqueeze(0).clone().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(module(xb)[0, y], xb)
+    return relevance_from_map(grad[0].abs().sum(0, keepdim=True))
+
+
+def predicted(forward, x: torch.Tensor) -> int:
+    return int(forward(x.unsqueeze(0), "predict").argmax())

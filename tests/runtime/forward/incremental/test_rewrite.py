@@ -1,34 +1,21 @@
-"""Stages with valid windows: the kept region of a crop of the padded activation equals the
-network's own stage output there; what cannot be rewritten is refused with a reason; the
-occluder built with them gives the logits of full forward passes."""
+"""Stage modules and stages with valid windows: the kept region of a crop of the padded
+activation equals the network's own stage output there; what cannot be rewritten is refused
+with a reason; a stage keeps only the joins at its cuts."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import fx, nn
 
 from support import resnets
-from support.tiny_models import tiny_served
+from support.occluder_models import small_resnet18
 from xaiserve.methods.perturbation.occlusion import window_starts
-from xaiserve.runtime.forward.incremental.build import build_occluder
 from xaiserve.runtime.forward.incremental.geometry import Span, join_shortcuts, trace
 from xaiserve.runtime.forward.incremental.plan import Stage, plan_stages
 from xaiserve.runtime.forward.incremental.rewrite import make_valid, stage_module
-from xaiserve.runtime.model import PixelSpaceModel
-
-
-def small_resnet18() -> PixelSpaceModel:
-    torch.manual_seed(0)
-    module = PixelSpaceModel(
-        resnets.resnet18(num_classes=5, width=8).eval(), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    ).eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
 
 
 def padded(activation: torch.Tensor, front, back, fill: float) -> torch.Tensor:
@@ -89,6 +76,38 @@ def test_every_stage_of_a_joined_resnet_plan_keeps_its_region_exactly():
     assert any(s.span[0].stride == 2 for s in plan.stages)
 
 
+def test_stages_keep_only_the_joins_at_their_cuts():
+    """A stage's joins other than its output are undone (their slices read the parts
+    again): each stage module has at most one cat, its output, and computes the same as
+    the joined graph's nodes; the head, after the last cut, has none."""
+    torch.manual_seed(0)
+    net = resnets.resnet18(num_classes=5, width=8).eval()
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    gm = trace(net, x)
+    join_shortcuts(gm, x)
+    plan = plan_stages(gm, 9, [window_starts(64, 9, 4)] * 2)
+    nodes = list(gm.graph.nodes)
+    values = {}
+    recorder = torch.fx.Interpreter(gm)
+    run_node = recorder.run_node
+    recorder.run_node = lambda n: values.setdefault(n, run_node(n))
+    with torch.no_grad():
+        logits = recorder.run(x)
+    for stage in plan.stages:
+        module = stage_module(gm, stage.start, stage.end)
+        cats = [n for n in module.graph.nodes if n.target is torch.cat]
+        output = next(n for n in module.graph.nodes if n.op == "output")
+        assert all(cat in output.all_input_nodes for cat in cats) and len(cats) <= 1
+        with torch.no_grad():
+            assert torch.equal(module(values[nodes[stage.start]]), values[nodes[stage.end]])
+    joined_cuts = [s for s in plan.stages if nodes[s.end].target is torch.cat]
+    assert joined_cuts  # the plan cuts inside blocks, so some stage outputs are joins
+    head = stage_module(gm, plan.head_start, None)
+    assert not [n for n in head.graph.nodes if n.target is torch.cat]
+    with torch.no_grad():
+        assert torch.equal(head(values[nodes[plan.head_start]]), logits)
+
+
 def one_stage(
     layers: nn.Module, span: Span, grid: int = 16, rect: int = 4, stride: int = 1
 ) -> tuple[fx.GraphModule, Stage]:
@@ -147,51 +166,3 @@ def test_a_strided_stage_that_passes_its_input_through_is_refused():
     module, stage = one_stage(Mixed(), Span(2, -1, 1), stride=2)
     valid, why = make_valid(module, stage)
     assert valid is None and "strided stage passes its input through" in why
-
-
-@pytest.mark.parametrize("backend", ("torch", "onnxruntime"))
-@pytest.mark.parametrize(
-    "name,shape,window,stride",
-    [
-        ("resnet18", (3, 64, 64), 9, 4),
-        ("resnet18", (3, 40, 36), 7, 5),  # not square, border-flush windows
-        ("tiny", (3, 16, 16), 4, 2),
-    ],
-)
-def test_occluders_with_valid_stages_give_the_logits_of_full_passes(
-    backend, name, shape, window, stride
-):
-    module = small_resnet18() if name == "resnet18" else tiny_served().module
-    axes = [window_starts(n, window, stride) for n in shape[1:]]
-    corners = [(a, b) for a in axes[0] for b in axes[1]]
-    joins = 1.0 if name == "resnet18" else 0.0  # cuts inside blocks: one layer a stage
-    valid, reason = build_occluder(module, shape, window, axes, backend, joins_worth_it=joins)
-    padded_only, _ = build_occluder(
-        module, shape, window, axes, backend, joins_worth_it=joins, valid_windows=False
-    )
-    assert valid is not None, reason
-    assert padded_only.valid_stages == 0 and valid.valid_stages >= 1
-    if name == "resnet18":
-        assert valid.valid_stages == len(valid.plan.stages)
-    x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(4))
-    occluded = x.expand(len(corners), *shape).clone()
-    for j, (a, b) in enumerate(corners):
-        occluded[j, :, a : a + window, b : b + window] = 0.25
-    got = {}
-    for label, occluder in (("valid", valid), ("padded", padded_only)):
-        activations, _ = occluder.original(x)
-        got[label] = torch.cat(
-            [
-                occluder.logits(activations, corners[s : s + 16], 0.25)
-                for s in range(0, len(corners), 16)
-            ]
-        )
-    with torch.no_grad():
-        expected = module(occluded)
-    tolerance = 1e-5 if backend == "torch" else 1e-4
-    assert (got["valid"] - expected).abs().max() <= tolerance
-    assert (got["valid"] - got["padded"]).abs().max() <= tolerance
-    # the first stage's input is padded in pixels with what normalizes to zero
-    first = valid.valid[0]
-    if isinstance(module, PixelSpaceModel) and first.fill == 0.0:
-        np.testing.assert_allclose(valid.fills[0], module.mean.reshape(-1).numpy(), rtol=1e-6)
