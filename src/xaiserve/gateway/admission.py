@@ -31,6 +31,17 @@ def split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
+def unary_of(
+    handler: grpc.RpcMethodHandler | None, full_method: str, services: frozenset[str]
+) -> tuple[Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], str] | None:
+    """(the unary behaviour, the rpc name) of ``handler`` when it serves a unary method of
+    one of ``services``; None for every other handler (passed on unchanged)."""
+    service, rpc = split_method(full_method)
+    if handler is None or service not in services or handler.unary_unary is None:
+        return None
+    return handler.unary_unary, rpc
+
+
 class InFlightLimit(grpc.aio.ServerInterceptor):
     """Admits at most ``limit`` unary calls of ``services`` at once.
 
@@ -53,10 +64,10 @@ class InFlightLimit(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        service, rpc = split_method(handler_call_details.method)
-        if handler is None or service not in self._services or handler.unary_unary is None:
+        unary = unary_of(handler, handler_call_details.method, self._services)
+        if handler is None or unary is None:
             return handler
-        inner = handler.unary_unary
+        inner, rpc = unary
 
         async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if self.in_flight >= self.limit:
@@ -105,10 +116,10 @@ class ReceiveRefusals(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        service, rpc = split_method(handler_call_details.method)
-        if handler is None or service not in self._services or handler.unary_unary is None:
+        unary = unary_of(handler, handler_call_details.method, self._services)
+        if handler is None or unary is None:
             return handler
-        inner = handler.unary_unary
+        inner, rpc = unary
 
         async def read_then_call(
             requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
