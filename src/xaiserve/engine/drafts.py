@@ -6,6 +6,7 @@ gradient), then AUTO's candidates ranked (``explanations``).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, replace
@@ -18,13 +19,14 @@ from xaiserve.engine.gad import gad_map
 from xaiserve.engine.plan import PlannedMethod
 from xaiserve.engine.postprocess import apply_stage
 from xaiserve.engine.render import overlay_png
-from xaiserve.methods.base import MethodContext
+from xaiserve.methods.base import MethodContext, on_device
 from xaiserve.reliability.apem import apem_many
 from xaiserve.reliability.filter import STAGE as FILTER_STAGE
 from xaiserve.reliability.filter import filter_map
 from xaiserve.reliability.probe import STAGE as APEM_STAGE
-from xaiserve.reliability.probe import Probe
+from xaiserve.reliability.probe import Probe, loss_gradient_pass
 from xaiserve.reliability.score import MapScore, relevance_from_map
+from xaiserve.runtime.forward.counted import Budget
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,15 @@ def with_reliability(
         return groups
     scored = [d for d in wanted if d.item.wants_record]
     gradient_stage = APEM_STAGE if scored else FILTER_STAGE
-    probe = Probe.of(ctx.forward, ctx.model, x[0], y, ctx.budget, gradient_stage=gradient_stage)
+    probe = Probe.of(
+        ctx.forward,
+        ctx.model,
+        x[0].cpu(),  # perturbed images are built with numpy; the forward moves them back
+        y,
+        ctx.budget,
+        gradient_stage=gradient_stage,
+        sign_and_logits=functools.partial(_sign_and_logits, ctx),
+    )
     relevance = {id(d): relevance_from_map(d.staged) for d in wanted}
     done: dict[int, Draft] = {}
     if scored:
@@ -163,6 +173,18 @@ def with_reliability(
         timings = {**current.timings, "filter": time.perf_counter() - t0}
         done[id(d)] = replace(current, filtered=filtered, timings=timings)
     return [[done.get(id(d), d) for d in group] for group in groups]
+
+
+def _sign_and_logits(
+    ctx: MethodContext, x: torch.Tensor, y: int, budget: Budget, stage: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """APEM's loss gradient sign and logits of x (C x *spatial), through the executor."""
+    if budget is not ctx.budget:
+        raise ValueError("the probe charges the request's budget")
+    run = loss_gradient_pass(ctx.model)
+    classes = torch.tensor([y], device=x.device)
+    grad, logits = on_device(ctx, ("loss_gradient",), run, x[None], classes, stage)[0]
+    return grad[0].sign().cpu(), logits[0].cpu()
 
 
 def _apem_rank(explanation: Explanation) -> tuple[int, float]:

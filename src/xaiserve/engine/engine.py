@@ -6,6 +6,7 @@ benchmarks all call ``Engine.explain``. Nothing here imports gRPC or TorchServe.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -34,6 +35,7 @@ from xaiserve.methods.base import MethodContext
 from xaiserve.methods.cam.score_cam import layer_channels
 from xaiserve.methods.perturbation.occlusion import Occlusion, window_starts
 from xaiserve.methods.registry import METHODS
+from xaiserve.runtime.execution.executor import Executor
 from xaiserve.runtime.forward.backends import ForwardConfig, ModelForwards, prepare_forwards
 from xaiserve.runtime.forward.counted import Budget, CountedForward
 from xaiserve.runtime.model import FailedModel, ServedModel, failed_model, load_model_dir
@@ -44,8 +46,11 @@ DEFAULT_TOP_K = 5
 
 
 class Engine:
-    """Serves the models of a model store. Thread-safe: calls on one model are serialized
-    (CAM methods hook the model's layers), calls on different models run concurrently.
+    """Serves the models of a model store. Thread-safe, and calls run at once: each model
+    has one executor (:mod:`xaiserve.runtime.execution.executor`) that packs the device
+    work of every request in flight into shared calls, and the hooks a method sets act
+    in the thread that runs its pass only (``methods.hooks``). ``serial``: one request at
+    a time per model instead (the behaviour before executors, kept for comparison).
 
     Models that failed to load are listed with their reason and answered with
     FAILED_PRECONDITION; they do not stop the others."""
@@ -56,6 +61,8 @@ class Engine:
         limits: EngineLimits,
         forward_config: ForwardConfig | None = None,
         failed: Sequence[FailedModel] = (),
+        *,
+        serial: bool = False,
     ) -> None:
         """forward_config: how forward-only batches run (ONNX Runtime or torch, threads,
         providers, memory budget); each model's ONNX forward is prepared here, and a model
@@ -74,7 +81,9 @@ class Engine:
                 failure = failed_model(served.directory, err)
                 self.failed.append(replace(failure, name=name, version=served.config.version))
         self.models = {name: models[name] for name in self.forwards}
-        self._locks = {name: threading.Lock() for name in self.models}
+        self.serial = serial
+        self.executors = {name: Executor(name, "cpu") for name in self.models}
+        self._serial_locks = {name: threading.Lock() for name in self.models}
         for served in self.models.values():  # Score-CAM's cost, before requests hook layers
             if served.cam_layer is not None:
                 layer_channels(served)
@@ -82,10 +91,9 @@ class Engine:
     def warm_up(self) -> threading.Thread:
         """Builds each model's incremental-occlusion plan for the default occlusion window
         on its default backend, in a background thread, so the first occlusion request
-        does not pay for it. The build runs the model, so it holds the model's
-        lock as a request does (CAM methods hook its layers): a request that comes
-        meanwhile waits for it. The server and the TorchServe worker call it after
-        loading; returns the thread."""
+        does not pay for it (requests run meanwhile; one that needs this very plan waits
+        for its build). The server and the TorchServe worker call it after loading;
+        returns the thread."""
 
         def build() -> None:
             occlusion = Occlusion()
@@ -98,8 +106,7 @@ class Engine:
                 shape = served.config.input_shape
                 params = occlusion.resolve_params({}, shape, "occlusion")
                 axes = [window_starts(n, params["window"], params["stride"]) for n in shape[1:]]
-                with self._locks[name]:
-                    forwards.occluder(forwards.default_backend, params["window"], axes)
+                forwards.occluder(forwards.default_backend, params["window"], axes)
 
         thread = threading.Thread(target=build, name="xaiserve-warm-up", daemon=True)
         thread.start()
@@ -200,15 +207,16 @@ class Engine:
             x = tensor_from_raw(request.image, served.config, self.limits)
         timings = {"decode": time.perf_counter() - t0}
 
-        with self._locks[served.config.name]:
-            forward = self.forward(served.config.name, budget, request.forward_backend)
+        name = served.config.name
+        with self._serial_locks[name] if self.serial else contextlib.nullcontext():
+            forward = self.forward(name, budget, request.forward_backend)
             t0 = time.perf_counter()
             logits = forward(x, "predict")[0]
             prediction = self._prediction(logits, served, request)
             timings["predict"] = time.perf_counter() - t0
-            target = torch.tensor([prediction.target.index])
-            gradient_batch = self.forwards[served.config.name].gradient_batch(self.limits.max_batch)
-            ctx = MethodContext(served, forward, budget, gradient_batch)
+            target = torch.tensor([prediction.target.index], device=x.device)
+            gradient_batch = self.forwards[name].gradient_batch(self.limits.max_batch)
+            ctx = MethodContext(served, forward, budget, gradient_batch, self.executors[name])
             drafts = draft_maps(ctx, plan.groups, x, target, request.want_png)
             drafts = with_reliability(ctx, drafts, x, int(target[0]), request.want_png)
         timings[f"forward.{forward.label}"] = forward.seconds
@@ -234,7 +242,9 @@ class Engine:
         backend: "" (the model's default), "torch" or "onnxruntime" (torch, labelled
         ``torch_fallback``, where ONNX Runtime is unavailable for the model).
         """
-        return self.forwards[model].forward(budget, backend)
+        forward = self.forwards[model].forward(budget, backend)
+        forward.executor = self.executors[model]
+        return forward
 
     def _model(self, request: ExplainRequest) -> ServedModel:
         served = self.models.get(request.model)

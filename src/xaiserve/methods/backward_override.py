@@ -4,19 +4,23 @@ DeepLIFT's rescale rule).
 Inside ``overridden_backward(model, rules)`` every module whose type has a rule computes
 its forward as usual, but its output is re-attached to its input z through a function
 whose backward is ``rule(module, z, out, grad_out) -> grad_z``. The module's own backward
-is bypassed. In-place modules (``nn.ReLU(inplace=True)``) work on a copy of z, so the rule
-sees the input they received. The hook sees each call separately, so a module applied
-twice (one ReLU reused in a block) gets the right z both times.
+is bypassed, in the calling thread only (``hooks.this_thread_only``: a forward of the
+same module in another thread is untouched). In-place modules (``nn.ReLU(inplace=True)``)
+work on a copy of z, so the rule sees the input they received. The hook sees each call
+separately, so a module applied twice (one ReLU reused in a block) gets the right z both
+times.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+
+from xaiserve.methods.hooks import this_thread_only
 
 BackwardRule = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """(module, z: its input, out: its output, grad: d/d out) -> d/d z, all the same batch."""
@@ -41,7 +45,7 @@ class _Reattach(torch.autograd.Function):
 
 @contextmanager
 def overridden_backward(
-    model: nn.Module, rules: dict[type[nn.Module], BackwardRule]
+    model: nn.Module, rules: Mapping[type[nn.Module], BackwardRule]
 ) -> Iterator[int]:
     """Hooks every module of ``model`` whose type is in ``rules``; yields how many."""
     handles = []
@@ -65,8 +69,8 @@ def overridden_backward(
         for module in model.modules():
             rule = next((r for t, r in rules.items() if isinstance(module, t)), None)
             if rule is not None:
-                handles.append(module.register_forward_pre_hook(pre_hook))
-                handles.append(module.register_forward_hook(make_hook(rule)))
+                handles.append(module.register_forward_pre_hook(this_thread_only(pre_hook)))
+                handles.append(module.register_forward_hook(this_thread_only(make_hook(rule))))
         yield len(handles) // 2
     finally:
         for handle in handles:

@@ -8,14 +8,16 @@ gradient computation most methods are built from.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from xaiserve.api.errors import InvalidArgument
+from xaiserve.methods.backward_override import BackwardRule, overridden_backward
+from xaiserve.runtime.execution.executor import Executor, InlineExecutor, Pass, Result, single
 from xaiserve.runtime.forward.counted import Budget, CountedForward, batches
 from xaiserve.runtime.model import ServedModel
 
@@ -63,16 +65,21 @@ class Param:
 class MethodContext:
     """What a method may use for one request.
 
-    model: the pixel-space module (gradients allowed); forward: counted no-grad batches
-    (torch or ONNX Runtime; forward-only work builds its inputs in chunks of
-    ``forward.batch_size``, from the memory budget); cam_layer: the configured CAM layer or
-    None; max_batch: images per gradient batch.
+    model: the pixel-space module, which a method runs only inside a pass it hands to
+    ``executor`` (``on_device``): the executor runs the passes of every request in flight
+    on the model, packed into shared calls, so a request never calls the module itself;
+    forward: counted no-grad batches (torch or ONNX Runtime, through the executor too;
+    forward-only work builds its inputs in chunks of ``forward.batch_size``, from the
+    memory budget); cam_layer: the configured CAM layer or None; max_batch: images per
+    gradient batch. Without an executor, passes run at once in the calling thread (a
+    module no other request uses: GAD's support models, offline tools, tests).
     """
 
     served: ServedModel
     forward: CountedForward
     budget: Budget
     max_batch: int
+    executor: Executor = field(default_factory=lambda: InlineExecutor("inline"))
 
     @property
     def model(self) -> nn.Module:
@@ -154,24 +161,63 @@ def target_logits(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, target.view(-1, 1)).squeeze(1)
 
 
+def on_device(
+    ctx: MethodContext,
+    key: Hashable,
+    run: Callable[[torch.Tensor, torch.Tensor | None], Result],
+    x: torch.Tensor,
+    target: torch.Tensor | None = None,
+    stage: str = "attribute",
+    passes_per_row: int = 1,
+) -> list[Result]:
+    """``run`` over the rows of x (and target), through the model's executor, in chunks of
+    at most one gradient batch (``max_batch // passes_per_row`` rows), each charged
+    ``passes_per_row`` forward passes per row to ``stage`` before it runs; the results of
+    the chunks, in order. ``key`` must name everything ``run`` depends on besides its rows
+    (the executor packs rows of passes with equal keys, from any request, into one call).
+    """
+    size = max(1, ctx.max_batch // passes_per_row)
+    work = Pass(key, run, size)
+    out = []
+    for part in batches(x.shape[0], size):
+        ctx.budget.charge(passes_per_row * (part.stop - part.start), stage)
+        rows_target = None if target is None else target[part]
+        out.append(ctx.executor.run(work, x[part], rows_target, ctx.budget))
+    return out
+
+
+def gradient_of_targets(
+    module: nn.Module, rules: Mapping[type[nn.Module], BackwardRule] | None = None
+) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """The pass (rows, targets) -> d logit[target] / d rows of ``module``, for every row
+    (rows are independent in eval mode, so the gradient of the summed target logits is
+    each row's own), with the backward ``rules`` of ``backward_override`` applied when
+    given."""
+
+    def run(rows: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+        if targets is None:
+            raise ValueError("a gradient pass needs a target per row")
+        xb = rows.detach().requires_grad_(True)
+        with torch.enable_grad(), overridden_backward(module, rules or {}):
+            logits = module(xb)
+            (grad,) = torch.autograd.grad(target_logits(logits, targets).sum(), xb)
+        return grad
+
+    return run
+
+
 def input_gradients(
     ctx: MethodContext,
     x: torch.Tensor,
     target: torch.Tensor,
     stage: str = "attribute",
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    variant: str = "plain",
+    rules: Mapping[type[nn.Module], BackwardRule] | None = None,
 ) -> torch.Tensor:
-    """d logit[target] / d x for every row of x, in counted batches.
-
-    x: M x C x *spatial; target: M. Samples are independent (the model is in eval mode), so
-    the gradient of the summed target logits is each sample's own gradient.
-    """
-    grads = []
-    for part in batches(x.shape[0], ctx.max_batch):
-        ctx.budget.charge(part.stop - part.start, stage)
-        xb = x[part].detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = ctx.model(xb)
-            (grad,) = torch.autograd.grad(target_logits(logits, target[part]).sum(), xb)
-        grads.append(grad)
-    return torch.cat(grads)
+    """d logit[target] / d x for every row of x, in counted gradient batches through the
+    executor. x: M x C x *spatial; target: M. ``variant`` names the backward ``rules``
+    (None: the model's own backward), for the executor's packing key."""
+    run = gradient_of_targets(ctx.model, rules)
+    return torch.cat(
+        [single(r) for r in on_device(ctx, ("gradient", variant), run, x, target, stage)]
+    )

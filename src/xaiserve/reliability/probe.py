@@ -10,6 +10,7 @@ of the search.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,18 +30,37 @@ MAX_IMAGES_PER_CALL = 512
 """Perturbed images built at once (memory bound); a round with more takes several calls."""
 
 
+SignAndLogits = Callable[[torch.Tensor, int, Budget, str], tuple[torch.Tensor, torch.Tensor]]
+"""(x C x *spatial, y, budget, stage) -> (sign(grad_x CE(f(x), y)), logits K), charged."""
+
+
+def loss_gradient_pass(
+    module: nn.Module,
+) -> Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]:
+    """The pass (rows N x C x *spatial, classes N) -> (grad of CE(f(row), class) per row,
+    logits N x K): the summed loss's gradient is each row's own (eval mode)."""
+
+    def run(rows: torch.Tensor, classes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if classes is None:
+            raise ValueError("a loss gradient pass needs a class per row")
+        xb = rows.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = module(xb)
+            loss = F.cross_entropy(logits, classes, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, xb)
+        return grad, logits.detach()
+
+    return run
+
+
 def gradient_sign_and_logits(
     module: nn.Module, x: torch.Tensor, y: int, budget: Budget, stage: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sign(grad_x CE(f(x), y)) C x *spatial, logits K) of the unperturbed x: one forward
-    + backward, charged to ``budget`` at ``stage``."""
+    + backward of ``module`` in this thread, charged to ``budget`` at ``stage``."""
     budget.charge(1, stage)
-    xb = x.detach().unsqueeze(0).requires_grad_(True)
-    with torch.enable_grad():
-        logits = module(xb)
-        loss = F.cross_entropy(logits, torch.tensor([y]))
-        (grad,) = torch.autograd.grad(loss, xb)
-    return grad[0].sign(), logits[0].detach()
+    grad, logits = loss_gradient_pass(module)(x[None], torch.tensor([y], device=x.device))
+    return grad[0].sign(), logits[0]
 
 
 @dataclass
@@ -51,7 +71,7 @@ class SharedGradient:
     filters all perturb the same image along the same gradient sign, so one pass serves
     them all."""
 
-    module: nn.Module
+    compute: SignAndLogits
     stage: str | None = None
     value: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -89,10 +109,13 @@ class Probe:
         stage: str = STAGE,
         batch: int = DEFAULT_BATCH,
         gradient_stage: str | None = None,
+        sign_and_logits: SignAndLogits | None = None,
     ) -> Probe:
         """A probe with its own gradient, charged when first needed to ``gradient_stage``
-        (None: the stage of the probe that needs it, ``stage`` or a derived probe's)."""
-        gradient = SharedGradient(module, gradient_stage)
+        (None: the stage of the probe that needs it, ``stage`` or a derived probe's), and
+        computed by ``sign_and_logits`` (None: ``module`` in the calling thread)."""
+        compute = sign_and_logits or functools.partial(gradient_sign_and_logits, module)
+        gradient = SharedGradient(compute, gradient_stage)
         return cls(forward, x, y, budget, gradient, stage, batch)
 
     @property
@@ -104,9 +127,7 @@ class Probe:
         once for all probes sharing ``gradient``."""
         shared = self.gradient
         if shared.value is None:
-            shared.value = gradient_sign_and_logits(
-                shared.module, self.x, self.y, self.budget, shared.stage or self.stage
-            )
+            shared.value = shared.compute(self.x, self.y, self.budget, shared.stage or self.stage)
         return shared.value
 
     def flips(

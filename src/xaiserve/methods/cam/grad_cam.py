@@ -13,8 +13,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xaiserve.methods.base import AttributionMethod, MethodContext, target_logits
-from xaiserve.runtime.forward.counted import batches
+from xaiserve.methods.base import AttributionMethod, MethodContext, on_device, target_logits
+from xaiserve.methods.hooks import captured
 
 
 def layer_activations_and_gradients(
@@ -24,28 +24,20 @@ def layer_activations_and_gradients(
 
     x: N x C x *spatial -> (A, G), both N x K x *s.
     """
-    layer = ctx.cam_layer
+    layer, module = ctx.cam_layer, ctx.model
     if layer is None:
         raise RuntimeError("no CAM layer")  # unsupported_reason() stops this earlier
-    acts, grads = [], []
-    for part in batches(x.shape[0], ctx.max_batch):
-        ctx.budget.charge(part.stop - part.start, stage)
-        captured: list[torch.Tensor] = []
-        handle = layer.register_forward_hook(
-            lambda _m, _i, out, captured=captured: captured.append(out)
-        )
-        try:
-            with torch.enable_grad():
-                xb = x[part].detach().requires_grad_(True)
-                logits = ctx.model(xb)
-                (grad,) = torch.autograd.grad(
-                    target_logits(logits, target[part]).sum(), captured[0]
-                )
-        finally:
-            handle.remove()
-        acts.append(captured[0].detach())
-        grads.append(grad)
-    return torch.cat(acts), torch.cat(grads)
+
+    def run(rows: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        if targets is None:
+            raise ValueError("a layer gradient pass needs a target per row")
+        with torch.enable_grad(), captured(layer) as outputs:
+            logits = module(rows.detach().requires_grad_(True))
+            (grad,) = torch.autograd.grad(target_logits(logits, targets).sum(), outputs[0])
+        return outputs[0].detach(), grad
+
+    parts = on_device(ctx, ("layer",), run, x, target, stage)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def upsample(cam: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:

@@ -24,8 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from xaiserve.methods.base import MethodContext
+from xaiserve.methods.base import MethodContext, on_device
 from xaiserve.methods.cam.grad_cam import GradCam, upsample
+from xaiserve.methods.hooks import captured
+from xaiserve.runtime.execution.executor import single
 from xaiserve.runtime.forward.counted import batches
 from xaiserve.runtime.model import ServedModel
 
@@ -37,23 +39,16 @@ def layer_activations(
     ctx: MethodContext, x: torch.Tensor, stage: str = "attribute"
 ) -> torch.Tensor:
     """The CAM layer's output for x (N x C x *spatial): N x K x *s, counted, no gradients."""
-    layer = ctx.cam_layer
+    layer, module = ctx.cam_layer, ctx.model
     if layer is None:
         raise RuntimeError("no CAM layer")  # unsupported_reason() stops this earlier
-    acts = []
-    for part in batches(x.shape[0], ctx.max_batch):
-        ctx.budget.charge(part.stop - part.start, stage)
-        captured: list[torch.Tensor] = []
-        handle = layer.register_forward_hook(
-            lambda _m, _i, out, captured=captured: captured.append(out)
-        )
-        try:
-            with torch.no_grad():
-                ctx.model(x[part])
-        finally:
-            handle.remove()
-        acts.append(captured[0])
-    return torch.cat(acts)
+
+    def run(rows: torch.Tensor, _targets: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad(), captured(layer) as outputs:
+            module(rows)
+        return outputs[0]
+
+    return torch.cat([single(p) for p in on_device(ctx, ("layer_forward",), run, x, None, stage)])
 
 
 def layer_channels(served: ServedModel) -> int:
@@ -67,14 +62,9 @@ def layer_channels(served: ServedModel) -> int:
         raise RuntimeError("no CAM layer")  # unsupported_reason() stops this earlier
     with _CHANNELS_LOCK:
         if layer not in _CHANNELS:
-            captured: list[torch.Tensor] = []
-            handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
-            try:
-                with torch.no_grad():
-                    served.module(torch.zeros(1, *served.config.input_shape))
-            finally:
-                handle.remove()
-            _CHANNELS[layer] = int(captured[0].shape[1]) if captured else 0
+            with torch.no_grad(), captured(layer) as outputs:
+                served.module(torch.zeros(1, *served.config.input_shape))
+            _CHANNELS[layer] = int(outputs[0].shape[1]) if outputs else 0
         return _CHANNELS[layer]
 
 
@@ -115,7 +105,7 @@ class ScoreCam(GradCam):
     ) -> torch.Tensor:
         acts = layer_activations(ctx, x)
         spatial = tuple(x.shape[2:])
-        weights = torch.zeros(acts.shape[:2])
+        weights = torch.zeros(acts.shape[:2], device=acts.device)
         for i in range(x.shape[0]):
             masks = channel_masks(acts[i], spatial)
             live = torch.nonzero(masks.flatten(1).amax(1) > 0).squeeze(1)

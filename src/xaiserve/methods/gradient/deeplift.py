@@ -34,14 +34,20 @@ import torch
 from torch import nn
 
 from xaiserve.methods.backward_override import overridden_backward
-from xaiserve.methods.base import AttributionMethod, MethodContext, Param, target_logits
+from xaiserve.methods.base import (
+    AttributionMethod,
+    MethodContext,
+    Param,
+    on_device,
+    target_logits,
+)
 from xaiserve.methods.graph_inspect import (
     NONLINEAR_FUNCTIONS,
     first_unhandled_module,
     functional_uses,
     traced,
 )
-from xaiserve.runtime.forward.counted import batches
+from xaiserve.runtime.execution.executor import single
 from xaiserve.runtime.model import ServedModel
 
 EPS = 1e-10
@@ -156,16 +162,19 @@ class DeepLift(AttributionMethod):
     def attribute(
         self, ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, params: dict[str, Any]
     ) -> torch.Tensor:
-        reference = torch.full_like(x, params["baseline"])
-        out = []
-        for part in batches(x.shape[0], max(1, ctx.max_batch // 2)):
-            n = part.stop - part.start
-            ctx.budget.charge(2 * n, "attribute")
-            both = torch.cat([x[part], reference[part]]).requires_grad_(True)
-            with torch.enable_grad(), overridden_backward(ctx.model, RULES):
-                logits = ctx.model(both)
+        baseline, module = float(params["baseline"]), ctx.model
+
+        def run(rows: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+            if targets is None:
+                raise ValueError("a DeepLIFT pass needs a target per row")
+            n, reference = rows.shape[0], torch.full_like(rows, baseline)
+            both = torch.cat([rows, reference]).requires_grad_(True)
+            with torch.enable_grad(), overridden_backward(module, RULES):
+                logits = module(both)
                 # both halves' scores: the max-pool rule mixes their gradients (as Captum)
-                score = target_logits(logits, target[part].repeat(2)).sum()
+                score = target_logits(logits, targets.repeat(2)).sum()
                 (grad,) = torch.autograd.grad(score, both)
-            out.append((x[part] - reference[part]) * grad[:n])
-        return torch.cat(out)
+            return (rows - reference) * grad[:n]
+
+        parts = on_device(ctx, ("deeplift", baseline), run, x, target, passes_per_row=2)
+        return torch.cat([single(p) for p in parts])

@@ -19,16 +19,15 @@ backward per image.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xaiserve.methods.base import AttributionMethod, MethodContext, target_logits
+from xaiserve.methods.base import AttributionMethod, MethodContext, on_device, target_logits
+from xaiserve.methods.hooks import captured_calls
 from xaiserve.methods.numerics import batchnorm_scale_shift
-from xaiserve.runtime.forward.counted import batches
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -48,41 +47,29 @@ def fullgrad_parts(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """grad_x f_y (N x C x *spatial) and, per call of a biased layer in forward order,
     grad_{z_l} f_y * b_l (N x K_l x *s_l)."""
-    biased = [(m, b) for m in ctx.model.modules() if (b := layer_bias(m)) is not None]
-    input_grads: list[torch.Tensor] = []
-    per_batch: list[list[torch.Tensor]] = []
-    for part in batches(x.shape[0], ctx.max_batch):
-        ctx.budget.charge(part.stop - part.start, "attribute")
-        calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (output, bias) per call
-        handles = [m.register_forward_hook(_recorder(calls, b)) for m, b in biased]
-        try:
-            with torch.enable_grad():
-                xb = x[part].detach().requires_grad_(True)
-                score = target_logits(ctx.model(xb), target[part]).sum()
-                grads = torch.autograd.grad(
-                    score, [xb, *(out for out, _ in calls)], allow_unused=True
-                )
-        finally:
-            for handle in handles:
-                handle.remove()
-        input_grads.append(grads[0])
-        per_batch.append(
-            [
-                (torch.zeros_like(out) if g is None else g)
-                * b.view(1, -1, *([1] * (out.dim() - 2)))
-                for (out, b), g in zip(calls, grads[1:], strict=True)
-            ]
-        )
-    return torch.cat(input_grads), [torch.cat(terms) for terms in zip(*per_batch, strict=True)]
+    module = ctx.model
+    biased = [(m, b) for m in module.modules() if (b := layer_bias(m)) is not None]
 
+    def run(rows: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        if targets is None:
+            raise ValueError("a fullgrad pass needs a target per row")
+        layers = [m for m, _ in biased]
+        bias_of = {id(m): b for m, b in biased}
+        with torch.enable_grad(), captured_calls(*layers) as calls:
+            xb = rows.detach().requires_grad_(True)
+            score = target_logits(module(xb), targets).sum()
+            outs = [out for _, out in calls]
+            grads = torch.autograd.grad(score, [xb, *outs], allow_unused=True)
+        terms = [
+            (torch.zeros_like(out) if g is None else g)
+            * bias_of[id(m)].view(1, -1, *([1] * (out.dim() - 2)))
+            for (m, out), g in zip(calls, grads[1:], strict=True)
+        ]
+        return (grads[0], *terms)
 
-def _recorder(
-    calls: list[tuple[torch.Tensor, torch.Tensor]], bias: torch.Tensor
-) -> Callable[..., None]:
-    def hook(_module: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
-        calls.append((out, bias))
-
-    return hook
+    parts = on_device(ctx, ("fullgrad",), run, x, target)
+    columns = list(zip(*parts, strict=True))
+    return torch.cat(columns[0]), [torch.cat(column) for column in columns[1:]]
 
 
 def psi(t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

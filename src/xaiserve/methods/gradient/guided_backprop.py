@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from xaiserve.methods.backward_override import overridden_backward
+from xaiserve.methods.backward_override import BackwardRule
 from xaiserve.methods.base import AttributionMethod, MethodContext, input_gradients
 from xaiserve.methods.graph_inspect import RELU_FUNCTIONS, functional_uses, traced
 from xaiserve.runtime.model import ServedModel
@@ -55,5 +55,5 @@ class GuidedBackprop(AttributionMethod):
     def attribute(
         self, ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, params: dict[str, Any]
     ) -> torch.Tensor:
-        with overridden_backward(ctx.model, {nn.ReLU: self.relu_backward}):
-            return input_gradients(ctx, x, target)
+        rules: dict[type[nn.Module], BackwardRule] = {nn.ReLU: self.relu_backward}
+        return input_gradients(ctx, x, target, variant=self.name, rules=rules)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from xaiserve.methods.base import AttributionMethod, MethodContext, Param
+from xaiserve.methods.base import AttributionMethod, MethodContext, Param, on_device
 from xaiserve.methods.lrp.graph import LrpGraph, lrp_graph
 from xaiserve.methods.lrp.rules import (
     Rule,
@@ -33,7 +33,7 @@ from xaiserve.methods.lrp.rules import (
     moved_relevance,
     sum_relevance,
 )
-from xaiserve.runtime.forward.counted import batches
+from xaiserve.runtime.execution.executor import single
 from xaiserve.runtime.model import ServedModel
 
 
@@ -154,8 +154,12 @@ class Lrp(AttributionMethod):
         if isinstance(graph, str):
             raise RuntimeError(graph)  # unsupported_reason() stops this earlier
         rule = Rule(params["rule"], params["epsilon"], params["alpha"])
-        out = []
-        for part in batches(x.shape[0], ctx.max_batch):
-            ctx.budget.charge(part.stop - part.start, "attribute")
-            out.append(propagate(graph, normalized(ctx.served, x[part]), target[part], rule))
-        return torch.cat(out)
+        served = ctx.served
+
+        def run(rows: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+            if targets is None:
+                raise ValueError("an LRP pass needs a target per row")
+            return propagate(graph, normalized(served, rows), targets, rule)
+
+        key = ("lrp", rule.name, rule.epsilon, rule.alpha)
+        return torch.cat([single(p) for p in on_device(ctx, key, run, x, target)])

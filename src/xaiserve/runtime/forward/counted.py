@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from xaiserve.api.errors import DeadlineExceeded, ResourceExhausted
+from xaiserve.runtime.execution.executor import Executor, Pass, single
 
 PROBE_SECONDS = 1.0
 """Time ``fastest_batch`` spends per backend, roughly: past it, no smaller batch is tried."""
@@ -54,6 +55,9 @@ class Budget:
     deadline: float | None = None
     spent: int = 0
     by_stage: dict[str, int] = field(default_factory=dict)
+    device_calls: float = 0.0
+    """The request's share of the device calls that ran its work: each call counts 1/k
+    for each of the k requests whose rows it ran (:mod:`..execution.executor`)."""
 
     def charge(self, images: int, stage: str) -> None:
         """Records ``images`` forward passes; raises when over the budget or the deadline."""
@@ -103,6 +107,7 @@ class CountedForward:
         self.seconds = 0.0
         self.label = self.backend
         self.occluders: OccluderSource | None = None
+        self.executor: Executor | None = None
 
     def occluder(self, window: int, starts: Sequence[Sequence[int]]) -> Any | None:
         """The incremental occluder (:class:`~.incremental.run.IncrementalOcclusion`) of
@@ -125,9 +130,13 @@ class CountedForward:
         start = time.perf_counter()
         try:
             outputs = []
+            work = Pass(("forward", self.backend), self._packed_logits, self.call_batch)
             for part in batches(x.shape[0], self.call_batch):
                 self.budget.charge(part.stop - part.start, stage)
-                outputs.append(self._logits(x[part]))
+                if self.executor is None:
+                    outputs.append(self._logits(x[part]))
+                else:
+                    outputs.append(single(self.executor.run(work, x[part], None, self.budget)))
             return torch.cat(outputs)
         finally:
             self.seconds += time.perf_counter() - start
@@ -135,6 +144,9 @@ class CountedForward:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of one batch (B x C x *spatial -> B x K), no gradients."""
         raise NotImplementedError
+
+    def _packed_logits(self, x: torch.Tensor, _targets: torch.Tensor | None) -> torch.Tensor:
+        return self._logits(x)
 
 
 class TorchForward(CountedForward):

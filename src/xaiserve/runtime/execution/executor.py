@@ -1,0 +1,225 @@
+"""One executor per model and device: the device work of every request in flight, packed
+into shared calls.
+
+Requests run at once, each in its own thread. Whatever a request asks of the model (a
+forward-only batch, input gradients with a target per row, a pass that captures a layer)
+it hands to the model's executor as a work item: a :class:`Pass` (what to run, and the key
+of the passes it may share a call with) and its rows. The executor's one thread takes the
+oldest item and every other waiting item with the same key, up to the pass's row limit,
+runs them as one call, and routes each item's rows of the result back to it. Rows are
+independent (the model is in eval mode), so a row's result does not depend on what shares
+its call, up to the summation order of a larger batch.
+
+No request starves: a request hands over one item at a time (each at most the pass's row
+limit) and waits for it, so its next item queues behind what other requests handed over
+meanwhile: a large request's calls interleave with small ones, and a small request waits
+for at most one call per request ahead of it.
+
+Counts stay per request: the caller charges its budget before it hands an item over, and
+each call adds 1/k to the ``device_calls`` of each of the k requests whose rows it ran.
+A packed call that raises is run again item by item, so one request's bad rows fail that
+request alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Result = torch.Tensor | tuple[torch.Tensor, ...]
+"""What a pass returns: one tensor, or a tuple of tensors, each with the rows first."""
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One kind of device work.
+
+    key: passes with equal keys are interchangeable, so their items may share one call
+        (the first item's ``run`` runs it): include every parameter ``run`` depends on.
+    run: (rows R x ..., targets R or None) -> the result, R rows first; rows and
+        targets arrive on the executor's device.
+    max_rows: the most rows one call takes (the memory budget's batch of this work).
+    """
+
+    key: Hashable
+    run: Callable[[torch.Tensor, torch.Tensor | None], Result]
+    max_rows: int
+
+
+class Share(Protocol):
+    """What a request's share of device calls is added to (its ``Budget``)."""
+
+    device_calls: float
+
+
+@dataclass
+class _Unshared:
+    device_calls: float = 0.0
+
+
+@dataclass
+class _Item:
+    work: Pass
+    rows: torch.Tensor
+    targets: torch.Tensor | None
+    share: Share
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Result | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class Counts:
+    """Device calls and rows an executor ran, by the first element of the pass key."""
+
+    calls: dict[str, int] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+
+
+class Executor:
+    """Runs passes for one model on ``device``. ``run`` is thread-safe; the calls
+    themselves happen one at a time on the executor's own (daemon) thread, started on
+    first use."""
+
+    def __init__(self, name: str, device: torch.device | str | None = "cpu") -> None:
+        """device: where rows are moved before a call (None: left where they are)."""
+        self.name = name
+        self.device = None if device is None else torch.device(device)
+        self.counts = Counts()
+        self._queue: deque[_Item] = deque()
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def run(
+        self,
+        work: Pass,
+        rows: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        share: Share | None = None,
+    ) -> Result:
+        """``work.run`` on these rows (at most ``work.max_rows``), possibly in one call with
+        other requests' rows; blocks until done. Results are on the executor's device.
+        share: the request's budget, whose ``device_calls`` gets its share of the call (the
+        caller charges the forward passes before it calls)."""
+        if rows.shape[0] > work.max_rows:
+            raise ValueError(f"{rows.shape[0]} rows, more than the pass takes ({work.max_rows})")
+        item = _Item(work, rows, targets, share or _Unshared())
+        with self._ready:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._serve, name=f"xaiserve-executor-{self.name}", daemon=True
+                )
+                self._thread.start()
+            self._queue.append(item)
+            self._ready.notify()
+        item.done.wait()
+        if item.result is None:
+            raise item.error or RuntimeError("the executor finished an item without a result")
+        return item.result
+
+    def _serve(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                items = self._take()
+            self._call(items)
+
+    def _take(self) -> list[_Item]:
+        """The oldest item and the waiting items of its key that fit beside it, oldest
+        first; removed from the queue."""
+        first = self._queue[0]
+        taken, rows = [first], first.rows.shape[0]
+        for item in list(self._queue)[1:]:
+            n = item.rows.shape[0]
+            if item.work.key == first.work.key and rows + n <= first.work.max_rows:
+                taken.append(item)
+                rows += n
+        for item in taken:
+            self._queue.remove(item)
+        return taken
+
+    def _call(self, items: list[_Item]) -> None:
+        try:
+            results = self._packed(items)
+        except Exception as err:
+            if len(items) == 1:
+                items[0].error = err
+                items[0].done.set()
+                return
+            log.warning(
+                "model %s: a call of %d packed items failed (%s: %s); running them one by one",
+                self.name,
+                len(items),
+                type(err).__name__,
+                err,
+            )
+            for item in items:
+                self._call([item])
+            return
+        for item, result in zip(items, results, strict=True):
+            item.result = result
+            item.done.set()
+
+    def _packed(self, items: Sequence[_Item]) -> list[Result]:
+        """Runs the items as one call; the result of each, split by rows."""
+        work = items[0].work
+        rows = torch.cat([self._moved(i.rows) for i in items])
+        targets = None
+        if items[0].targets is not None:
+            targets = torch.cat([self._moved(_required(i.targets)) for i in items])
+        out = work.run(rows, targets)
+        sizes = [i.rows.shape[0] for i in items]
+        kind = str(work.key[0] if isinstance(work.key, tuple) else work.key)
+        self.counts.calls[kind] = self.counts.calls.get(kind, 0) + 1
+        self.counts.rows[kind] = self.counts.rows.get(kind, 0) + sum(sizes)
+        shares = {id(i.share): i.share for i in items}
+        for share in shares.values():
+            share.device_calls += 1 / len(shares)
+        if isinstance(out, torch.Tensor):
+            return list(out.split(sizes))
+        parts = [t.split(sizes) for t in out]
+        return [tuple(p[k] for p in parts) for k in range(len(items))]
+
+    def _moved(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.device is None else t.to(self.device)
+
+
+def single(result: Result) -> torch.Tensor:
+    """The result of a pass that returns one tensor."""
+    if not isinstance(result, torch.Tensor):
+        raise TypeError(f"expected one tensor, the pass returned {len(result)}")
+    return result
+
+
+def _required(targets: torch.Tensor | None) -> torch.Tensor:
+    if targets is None:
+        raise ValueError("items of one pass must all have targets or all have none")
+    return targets
+
+
+class InlineExecutor(Executor):
+    """Runs each pass at once in the calling thread, packing nothing, rows where they
+    are: for modules that run outside the executors (GAD's support models, offline
+    tools, tests)."""
+
+    def __init__(self, name: str = "inline", device: torch.device | str | None = None) -> None:
+        super().__init__(name, device)
+
+    def run(
+        self,
+        work: Pass,
+        rows: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        share: Share | None = None,
+    ) -> Result:
+        item = _Item(work, rows, targets, share or _Unshared())
+        return self._packed([item])[0]
