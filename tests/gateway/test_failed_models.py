@@ -45,8 +45,10 @@ def test_list_models_shows_each_status_and_reason(
     assert set(models) == {GOOD, *BROKEN}
     assert models[GOOD].status == pb.MODEL_AVAILABLE and models[GOOD].status_reason == ""
     assert pb.SALIENCY in models[GOOD].methods
+    assert models[GOOD].device == "cpu"  # this machine has no GPU: auto is the CPU
     for name, (_, reason) in BROKEN.items():
         assert models[name].status == pb.MODEL_FAILED, name
+        assert models[name].device == ""
         assert reason in models[name].status_reason, (name, models[name].status_reason)
         assert not models[name].methods
 

@@ -221,6 +221,7 @@ def test_list_models_command_describes_the_archive_model(handler: Any, model_dir
     assert [m.name for m in models] == ["tiny"]
     assert list(models[0].input_shape) == [3, 16, 16]
     assert pb.GRAD_CAM in models[0].methods
+    assert models[0].device == "cpu"  # no GPU on this machine
 
 
 def test_a_bug_becomes_an_internal_error_answer_with_an_id(

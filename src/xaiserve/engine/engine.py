@@ -56,12 +56,17 @@ class Engine:
         limits: EngineLimits,
         forward_config: ForwardConfig | None = None,
         failed: Sequence[FailedModel] = (),
+        *,
+        serial: bool = False,
     ) -> None:
         """forward_config: how forward-only batches run (ONNX Runtime or torch, threads,
         providers, memory budget); each model's ONNX forward is prepared here, and a model
-        whose preparation fails joins ``failed`` (the models that failed to load)."""
+        whose preparation fails joins ``failed`` (the models that failed to load).
+        serial: one request at a time per model (``--concurrency serial``), the behaviour
+        before issue 22, kept for the side-by-side benchmark."""
         if not models and not failed:
             raise ModelLoadError("no models to serve")
+        self.serial = serial
         self.limits = limits
         self.forward_config = forward_config or ForwardConfig()
         self.forwards: dict[str, ModelForwards] = {}
@@ -167,6 +172,7 @@ class Engine:
                     calibrated=m.calibration is not None,
                     gad_class_pairs=m.gad.names(m.config.labels) if m.gad else (),
                     unsupported_methods=tuple(f"{n}: {why}" for n, why in reasons.items() if why),
+                    device=str(m.device),
                 )
             )
         infos += [
