@@ -78,10 +78,14 @@ def test_the_server_starts_on_a_store_with_one_good_model(
 
     write_store(tmp_path)
     settings = Settings(
-        model_store=str(tmp_path), forward_call_batch=16, incremental_occlusion=False
+        model_store=str(tmp_path),
+        forward_call_batch=16,
+        incremental_occlusion=False,
+        concurrency="serial",
     )
     backend = build_backend(settings)
     try:
+        assert backend._engine.serial  # --concurrency serial reached the engine
         assert asyncio.run(backend.ready())
         models = asyncio.run(backend.list_models())
         assert [m.name for m in models if m.status == "AVAILABLE"] == [GOOD]

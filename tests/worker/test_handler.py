@@ -289,6 +289,24 @@ def test_onnx_runtime_runs_on_the_gpu_torchserve_gives_the_worker(model_dir: Pat
     assert on_cpu.engine.forwards["tiny"].config.onnx_device_id == 0
 
 
+def test_concurrency_from_the_archive_then_the_environment() -> None:
+    serial = handler_module.serial
+    assert not serial(None, {})  # batched by default
+    assert serial(None, {"XAISERVE_CONCURRENCY": "serial"})
+    assert not serial({"xaiserve": {"concurrency": "batched"}}, {"XAISERVE_CONCURRENCY": "serial"})
+    assert serial({"xaiserve": {"concurrency": "serial"}}, {})
+    with pytest.raises(ModelLoadError, match=r"xaiserve\.concurrency: 'parallel': choose from"):
+        serial({"xaiserve": {"concurrency": "parallel"}}, {})
+    with pytest.raises(ModelLoadError, match="XAISERVE_CONCURRENCY: 'one': choose from"):
+        serial(None, {"XAISERVE_CONCURRENCY": "one"})
+
+
+def test_the_engine_of_a_serial_archive_is_serial(model_dir: Path) -> None:
+    handler = handler_module.XaiHandler()
+    handler.initialize(_context(model_dir, {"xaiserve": {"concurrency": "serial"}}))
+    assert handler.engine.serial
+
+
 def test_an_archives_forward_section_reads_back() -> None:
     from xaiserve.model_store.archive import ArchiveSettings
     from xaiserve.runtime.forward.config import ForwardConfig

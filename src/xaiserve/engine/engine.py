@@ -112,9 +112,15 @@ class Engine:
 
     @classmethod
     def from_model_store(
-        cls, root: Path, limits: EngineLimits, forward_config: ForwardConfig | None = None
+        cls,
+        root: Path,
+        limits: EngineLimits,
+        forward_config: ForwardConfig | None = None,
+        *,
+        serial: bool = False,
     ) -> Engine:
-        """Loads every subdirectory of ``root`` that holds a ``config.yaml``.
+        """Loads every subdirectory of ``root`` that holds a ``config.yaml``; ``serial``
+        as in the constructor.
 
         A directory that fails to load is logged and listed as failed (see the class);
         the first of two directories with the same model name is served.
@@ -146,7 +152,7 @@ class Engine:
                 failed.append(failed_model(directory, err))
                 continue
             models[served.config.name] = served
-        engine = cls(models, limits, forward_config, failed)
+        engine = cls(models, limits, forward_config, failed, serial=serial)
         if not engine.models:
             reasons = "; ".join(f"{f.directory.name}: {f.reason}" for f in engine.failed)
             raise ModelLoadError(f"{root}: no model could be loaded ({reasons})")
