@@ -305,6 +305,7 @@ def _result() -> ExplainResult:
             ),
         ),
         timings={"decode": 0.125, "predict": 0.25, "total": 1.0},
+        device_calls=0.75,
     )
 
 
@@ -313,6 +314,7 @@ def test_response_carries_maps_records_and_timings() -> None:
     response = convert.response_to_proto(result, want_array=True, want_png=False)
 
     assert (response.model_name, response.model_version) == ("demo", "1")
+    assert response.device_calls == 0.75
     assert [s.index for s in response.prediction.top_k] == [2, 0]
     target = response.prediction.target
     scores = (target.index, target.label, target.probability, target.logit)
@@ -386,6 +388,7 @@ def test_models_are_sorted_and_unknown_methods_dropped() -> None:
     assert [m.name for m in response.models] == ["demo", "zeta"]
     demo, zeta = response.models
     assert list(demo.input_shape) == [3, 4, 4] and demo.cam_layer == "features.3"
+    assert (demo.device, zeta.device) == ("cuda:1", "")
     assert list(demo.methods) == [pb.SALIENCY, pb.GRAD_CAM, pb.OCCLUSION]
     assert list(zeta.methods) == [pb.SALIENCY, pb.OCCLUSION]  # "quantum_cam" is not in the API
     assert list(zeta.labels) == ["a", "b"]

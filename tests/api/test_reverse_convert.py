@@ -153,6 +153,7 @@ def _full_response() -> pb.ExplainResponse:
             pb.StageTiming(stage="total", seconds=1.5),
         ],
         forward_passes={"predict": 1, "attribute": 26, "apem_filter": 9},
+        device_calls=2.5,
     )
 
 
@@ -177,6 +178,7 @@ def test_response_survives_the_trip_through_plain_types(want_array: bool, want_p
     result = reverse_convert.result_from_proto(message)
     assert convert.response_to_proto(result, want_array, want_png) == message
     assert result.forward_passes == {"predict": 1, "attribute": 26, "apem_filter": 9}
+    assert result.device_calls == 2.5
     assert result.explanations[0].reliability.apem_norm == pytest.approx(0.7)
     assert result.explanations[1].reliability.apem_norm is None
 
@@ -204,6 +206,7 @@ def test_models_survive_the_trip() -> None:
                 unsupported_methods=["lime: no"],
                 onnx_providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
                 status=pb.MODEL_AVAILABLE,
+                device="cuda:1",
             ),
         ]
     )
@@ -212,6 +215,7 @@ def test_models_survive_the_trip() -> None:
         ("FAILED", "broken/weights.pt: weights file not found"),
         ("AVAILABLE", ""),
     ]
+    assert [m.device for m in plain] == ["", "cuda:1"]
     assert convert.models_to_proto(plain) == message
 
 

@@ -89,11 +89,13 @@ def test_models_prints_the_served_models(
     assert "forward    onnxruntime on CUDAExecutionProvider, CPUExecutionProvider" in printed
     assert "forward    torch (no ONNX Runtime: check failed: max |logit difference|" in printed
     assert "not served s_grad_cam: needs a calibration (xaiserve calibrate)" in printed
+    assert "device     cuda:1" in printed and "device     -" in printed
 
     assert cli.main(["models", "--server", served.target, "--json"]) == 0
     models = json.loads(capsys.readouterr().out)
     assert models[0]["methods"] == ["saliency", "grad_cam", "occlusion"]
     assert models[0]["onnx_providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert [m["device"] for m in models] == ["cuda:1", ""]
     assert models[0]["unsupported_methods"] == [
         "s_grad_cam: needs a calibration (xaiserve calibrate)"
     ]

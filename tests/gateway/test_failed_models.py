@@ -45,8 +45,10 @@ def test_list_models_shows_each_status_and_reason(
     assert set(models) == {GOOD, *BROKEN}
     assert models[GOOD].status == pb.MODEL_AVAILABLE and models[GOOD].status_reason == ""
     assert pb.SALIENCY in models[GOOD].methods
+    assert models[GOOD].device == "cpu"  # this machine has no GPU: auto is the CPU
     for name, (_, reason) in BROKEN.items():
         assert models[name].status == pb.MODEL_FAILED, name
+        assert models[name].device == ""
         assert reason in models[name].status_reason, (name, models[name].status_reason)
         assert not models[name].methods
 
@@ -76,10 +78,14 @@ def test_the_server_starts_on_a_store_with_one_good_model(
 
     write_store(tmp_path)
     settings = Settings(
-        model_store=str(tmp_path), forward_call_batch=16, incremental_occlusion=False
+        model_store=str(tmp_path),
+        forward_call_batch=16,
+        incremental_occlusion=False,
+        concurrency="serial",
     )
     backend = build_backend(settings)
     try:
+        assert backend._engine.serial  # --concurrency serial reached the engine
         assert asyncio.run(backend.ready())
         models = asyncio.run(backend.list_models())
         assert [m.name for m in models if m.status == "AVAILABLE"] == [GOOD]

@@ -85,6 +85,7 @@ def test_explain_round_trip(serve_fake: ServeFake) -> None:
         assert explanation.map.png_overlay == FAKE_PNG
         assert explanation.forward_passes == index + 1
     assert [t.stage for t in response.timings] == ["decode", "predict", "total"]
+    assert response.device_calls == 1.5
 
 
 def test_list_models(serve_fake: ServeFake) -> None:
@@ -93,6 +94,7 @@ def test_list_models(serve_fake: ServeFake) -> None:
         models = client.list_models().models
     assert [m.name for m in models] == ["demo", "zeta"]
     assert list(models[0].methods) == [pb.SALIENCY, pb.GRAD_CAM, pb.OCCLUSION]
+    assert [m.device for m in models] == ["cuda:1", ""]
 
 
 def test_params_for_the_wrong_method_are_invalid(serve_fake: ServeFake) -> None:

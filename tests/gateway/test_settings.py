@@ -101,12 +101,31 @@ def test_forward_settings_reach_the_forward_config() -> None:
         (["--onnx-device-id", "-1"], {}),
         (["--max-in-flight", "0"], {}),
         ([], {"XAISERVE_INCREMENTAL_OCCLUSION": "sometimes"}),
+        (["--concurrency", "parallel"], {}),
+        ([], {"XAISERVE_CONCURRENCY": "parallel"}),
     ],
 )
 def test_bad_values_are_refused(argv: list[str], environ: dict[str, str]) -> None:
     with pytest.raises(SystemExit) as caught:
         parse_settings(argv, environ)
     assert caught.value.code == 2
+
+
+def test_concurrency_is_batched_unless_set_to_serial() -> None:
+    assert parse_settings([], {}).concurrency == "batched" and not parse_settings([], {}).serial
+    assert parse_settings([], {"XAISERVE_CONCURRENCY": "serial"}).serial
+    assert parse_settings(["--concurrency", "SERIAL"], {}).serial
+    assert not parse_settings(
+        ["--concurrency", "batched"], {"XAISERVE_CONCURRENCY": "serial"}
+    ).serial
+
+
+def test_a_bad_concurrency_names_the_setting_and_the_choices(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_settings([], {"XAISERVE_CONCURRENCY": "parallel"})
+    assert "XAISERVE_CONCURRENCY='parallel': choose from batched, serial" in capsys.readouterr().err
 
 
 def test_help_documents_every_setting_with_its_variable_and_default() -> None:

@@ -39,6 +39,7 @@ def _answer_for(request: pb.ExplainRequest) -> bytes:
             for m in request.methods
         ],
         forward_passes={"predict": 1},
+        device_calls=0.5,
     ).SerializeToString()
 
 
@@ -73,7 +74,9 @@ class FakeTorchServe(inference_pb2_grpc.InferenceAPIsServiceServicer):
             )
         inputs = dict(request.input)
         if worker_protocol.command_of(inputs) == worker_protocol.LIST_MODELS:
-            body = pb.ListModelsResponse(models=[pb.ModelInfo(name="demo", version="1")])
+            body = pb.ListModelsResponse(
+                models=[pb.ModelInfo(name="demo", version="1", device="cuda:0")]
+            )
             return inference_pb2.PredictionResponse(prediction=body.SerializeToString())
         explain = pb.ExplainRequest.FromString(inputs["body"])
         if explain.top_k == 99:
@@ -143,6 +146,7 @@ def test_explain_sends_the_request_the_key_and_the_deadline(setup: Setup) -> Non
     result = setup.run(setup.backend.explain(_plain(), deadline))
     assert [e.method for e in result.explanations] == ["saliency", "grad_cam"]
     assert result.prediction.target.index == 1 and result.forward_passes == {"predict": 1}
+    assert result.device_calls == 0.5
     model, inputs, remaining = setup.fake.seen[-1]
     assert model == "demo"
     assert convert.request_from_proto(pb.ExplainRequest.FromString(inputs["body"])) == _plain()
@@ -218,7 +222,8 @@ def test_a_rotated_key_is_picked_up_and_a_wrong_one_is_unavailable(setup: Setup)
 
 
 def test_list_models_and_readiness(setup: Setup) -> None:
-    assert [m.name for m in setup.run(setup.backend.list_models())] == ["demo"]
+    models = setup.run(setup.backend.list_models())
+    assert [(m.name, m.device) for m in models] == [("demo", "cuda:0")]
     assert setup.run(setup.backend.ready())
     setup.fake.health = '{"status": "Unhealthy"}'
     assert not setup.run(setup.backend.ready())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -60,6 +61,7 @@ def test_archive_holds_the_model_directory_handler_and_settings(tmp_path: Path) 
     assert config["responseTimeout"] == 30 and config["jobQueueSize"] == 10
     assert (config["minWorkers"], config["maxWorkers"]) == (1, 2)
     assert config["xaiserve"]["limits"]["max_methods"] == 5
+    assert "concurrency" not in config["xaiserve"]  # the worker's XAISERVE_CONCURRENCY decides
     assert model_names(tmp_path / "store") == ["tiny"]
 
 
@@ -87,6 +89,8 @@ def test_command_line_builds_one_archive_per_directory(
             "--forward-backend",
             "torch",
             "--no-incremental-occlusion",
+            "--concurrency",
+            "serial",
         ]
     )
 
@@ -99,6 +103,7 @@ def test_command_line_builds_one_archive_per_directory(
     settings = yaml.safe_load(_contents(tmp_path / "s" / "tiny-two.mar")["model-config.yaml"])
     assert settings["batchSize"] == 2
     assert settings["xaiserve"]["limits"]["max_forward_passes"] == 500
+    assert settings["xaiserve"]["concurrency"] == "serial"
     forward = settings["xaiserve"]["forward"]
     assert forward["backend"] == "torch" and forward["incremental_occlusion"] is False
     assert forward["onnx_providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -113,9 +118,14 @@ def test_missing_weights_are_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "changes",
-    [{"batch_size": 0}, {"max_batch_delay_ms": -1}, {"min_workers": 2, "max_workers": 1}],
+    [
+        {"batch_size": 0},
+        {"max_batch_delay_ms": -1},
+        {"min_workers": 2, "max_workers": 1},
+        {"concurrency": "parallel"},
+    ],
 )
-def test_bad_settings_are_refused(changes: dict[str, int]) -> None:
+def test_bad_settings_are_refused(changes: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         archive.ArchiveSettings(**changes)
 

@@ -45,6 +45,7 @@ MODELS = [
         forward_backend="onnxruntime",
         onnx_providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
         unsupported_methods=("s_grad_cam: needs a calibration (xaiserve calibrate)",),
+        device="cuda:1",
     ),
 ]
 
@@ -94,6 +95,7 @@ class FakeEngine:
             prediction=Prediction(top_k=(score,), target=target),
             explanations=explanations,
             timings={"decode": 0.001, "predict": 0.002, "total": 0.05},
+            device_calls=1.5,
         )
 
     def list_models(self) -> list[ModelInfo]:

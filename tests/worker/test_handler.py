@@ -221,6 +221,7 @@ def test_list_models_command_describes_the_archive_model(handler: Any, model_dir
     assert [m.name for m in models] == ["tiny"]
     assert list(models[0].input_shape) == [3, 16, 16]
     assert pb.GRAD_CAM in models[0].methods
+    assert models[0].device == "cpu"  # no GPU on this machine
 
 
 def test_a_bug_becomes_an_internal_error_answer_with_an_id(
@@ -286,6 +287,24 @@ def test_onnx_runtime_runs_on_the_gpu_torchserve_gives_the_worker(model_dir: Pat
     on_cpu = handler_module.XaiHandler()
     on_cpu.initialize(_context(model_dir))
     assert on_cpu.engine.forwards["tiny"].config.onnx_device_id == 0
+
+
+def test_concurrency_from_the_archive_then_the_environment() -> None:
+    serial = handler_module.serial
+    assert not serial(None, {})  # batched by default
+    assert serial(None, {"XAISERVE_CONCURRENCY": "serial"})
+    assert not serial({"xaiserve": {"concurrency": "batched"}}, {"XAISERVE_CONCURRENCY": "serial"})
+    assert serial({"xaiserve": {"concurrency": "serial"}}, {})
+    with pytest.raises(ModelLoadError, match=r"xaiserve\.concurrency: 'parallel': choose from"):
+        serial({"xaiserve": {"concurrency": "parallel"}}, {})
+    with pytest.raises(ModelLoadError, match="XAISERVE_CONCURRENCY: 'one': choose from"):
+        serial(None, {"XAISERVE_CONCURRENCY": "one"})
+
+
+def test_the_engine_of_a_serial_archive_is_serial(model_dir: Path) -> None:
+    handler = handler_module.XaiHandler()
+    handler.initialize(_context(model_dir, {"xaiserve": {"concurrency": "serial"}}))
+    assert handler.engine.serial
 
 
 def test_an_archives_forward_section_reads_back() -> None:

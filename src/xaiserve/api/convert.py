@@ -236,6 +236,7 @@ def response_to_proto(
         explanations=[_explanation(e, want_array, want_png) for e in result.explanations],
         timings=timings_to_proto(result.timings),
         forward_passes={stage: int(n) for stage, n in result.forward_passes.items()},
+        device_calls=float(result.device_calls),
     )
 
 
@@ -334,6 +335,7 @@ def models_to_proto(models: Iterable[ModelInfo]) -> pb.ListModelsResponse:
                 unsupported_methods=list(m.unsupported_methods),
                 status=MODEL_STATUS_VALUES[m.status],
                 status_reason=m.status_reason,
+                device=m.device,
             )
             for m in sorted(models, key=lambda m: (m.name, m.version))
         ]

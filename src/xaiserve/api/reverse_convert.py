@@ -160,6 +160,7 @@ def result_from_proto(message: pb.ExplainResponse) -> ExplainResult:
         explanations=tuple(_explanation(e) for e in message.explanations),
         timings=_timings(message.timings),
         forward_passes=dict(message.forward_passes),
+        device_calls=message.device_calls,
     )
 
 
@@ -237,6 +238,7 @@ def models_from_proto(message: pb.ListModelsResponse) -> list[ModelInfo]:
             unsupported_methods=tuple(m.unsupported_methods),
             status=MODEL_FAILED if m.status == pb.MODEL_FAILED else MODEL_AVAILABLE,
             status_reason=m.status_reason,
+            device=m.device,
         )
         for m in message.models
     ]

@@ -137,12 +137,20 @@ class Explanation:
 
 @dataclass(frozen=True)
 class ExplainResult:
+    """The answer to one request.
+
+    forward_passes: images the model evaluated for the request, by stage.
+    device_calls: this request's share of the device calls that ran its work: each call
+        counts 1/k for each of the k requests packed into it.
+    """
+
     model: str
     version: str
     prediction: Prediction
     explanations: tuple[Explanation, ...]
     timings: dict[str, float]
     forward_passes: dict[str, int] = field(default_factory=dict)  # by stage
+    device_calls: float = 0.0
 
 
 #: ModelInfo.status of a model that answers requests.
@@ -170,3 +178,4 @@ class ModelInfo:
     unsupported_methods: tuple[str, ...] = ()  # "method: reason"
     status: str = MODEL_AVAILABLE
     status_reason: str = ""
+    device: str = ""  # the torch device of its weights ("cpu", "cuda:0"); "" when failed

@@ -66,9 +66,12 @@ class Engine:
     ) -> None:
         """forward_config: how forward-only batches run (ONNX Runtime or torch, threads,
         providers, memory budget); each model's ONNX forward is prepared here, and a model
-        whose preparation fails joins ``failed`` (the models that failed to load)."""
+        whose preparation fails joins ``failed`` (the models that failed to load).
+        serial: one request at a time per model (``--concurrency serial``), the behaviour
+        before issue 22, kept for the side-by-side benchmark."""
         if not models and not failed:
             raise ModelLoadError("no models to serve")
+        self.serial = serial
         self.limits = limits
         self.forward_config = forward_config or ForwardConfig()
         self.forwards: dict[str, ModelForwards] = {}
@@ -114,9 +117,15 @@ class Engine:
 
     @classmethod
     def from_model_store(
-        cls, root: Path, limits: EngineLimits, forward_config: ForwardConfig | None = None
+        cls,
+        root: Path,
+        limits: EngineLimits,
+        forward_config: ForwardConfig | None = None,
+        *,
+        serial: bool = False,
     ) -> Engine:
-        """Loads every subdirectory of ``root`` that holds a ``config.yaml``.
+        """Loads every subdirectory of ``root`` that holds a ``config.yaml``; ``serial``
+        as in the constructor.
 
         A directory that fails to load is logged and listed as failed (see the class);
         the first of two directories with the same model name is served.
@@ -148,7 +157,7 @@ class Engine:
                 failed.append(failed_model(directory, err))
                 continue
             models[served.config.name] = served
-        engine = cls(models, limits, forward_config, failed)
+        engine = cls(models, limits, forward_config, failed, serial=serial)
         if not engine.models:
             reasons = "; ".join(f"{f.directory.name}: {f.reason}" for f in engine.failed)
             raise ModelLoadError(f"{root}: no model could be loaded ({reasons})")
@@ -174,6 +183,7 @@ class Engine:
                     calibrated=m.calibration is not None,
                     gad_class_pairs=m.gad.names(m.config.labels) if m.gad else (),
                     unsupported_methods=tuple(f"{n}: {why}" for n, why in reasons.items() if why),
+                    device=str(m.device),
                 )
             )
         infos += [

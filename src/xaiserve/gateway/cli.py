@@ -302,6 +302,7 @@ def run_models(args: argparse.Namespace) -> int:
             "unsupported_methods": list(m.unsupported_methods),
             "status": "failed" if m.status == pb.MODEL_FAILED else "available",
             "status_reason": m.status_reason,
+            "device": m.device,
         }
         for m in response.models
     ]
@@ -320,6 +321,7 @@ def run_models(args: argparse.Namespace) -> int:
         print(f"  labels     {len(m['labels'])}: {labels}")
         print(f"  methods    {', '.join(m['methods'])}")
         print(f"  cam layer  {m['cam_layer'] or '-'}")
+        print(f"  device     {m['device'] or '-'}")
         print(f"  forward    {_forward_line(m)}")
         print(f"  calibrated {'yes' if m['calibrated'] else 'no (xaiserve calibrate)'}")
         print(f"  GAD pairs  {'; '.join(m['gad_class_pairs']) or '-'}")

@@ -256,7 +256,10 @@ def build_backend(settings: Settings) -> Backend:
         from xaiserve.engine.engine import Engine  # torch: imported only when serving
 
         engine = Engine.from_model_store(
-            Path(settings.model_store), settings.engine_limits(), settings.forward_config()
+            Path(settings.model_store),
+            settings.engine_limits(),
+            settings.forward_config(),
+            serial=settings.serial,
         )
         models = ", ".join(sorted(engine.models))
         logger.info("local backend: models %s from %s", models, settings.model_store)

@@ -16,7 +16,7 @@ from typing import Any
 
 from xaiserve.engine.limits import EngineLimits
 from xaiserve.runtime.forward.config import BACKENDS as FORWARD_BACKENDS
-from xaiserve.runtime.forward.config import ForwardConfig
+from xaiserve.runtime.forward.config import CONCURRENCY, SERIAL, ForwardConfig
 
 ENV_PREFIX = "XAISERVE_"
 #: Backends that can be selected.
@@ -45,6 +45,10 @@ class Settings:
     backend: where requests go: ``local`` (the engine in this process) or ``torchserve``
         (TorchServe's gRPC inference API, see ``xaiserve.gateway.torchserve_backend``).
     workers: requests the local backend runs at once (threads).
+    concurrency: how the local backend runs requests on one model: ``batched`` (the work
+        of the requests in flight shares device calls) or ``serial`` (one request at a
+        time per model, the behaviour before issue 22, kept for the side-by-side
+        benchmark).
     max_in_flight: Explain and ListModels calls the gateway handles at once, for either
         backend; a call beyond that is refused at once with RESOURCE_EXHAUSTED.
     torchserve_target: ``host:port`` of TorchServe's gRPC inference API.
@@ -78,6 +82,7 @@ class Settings:
     build_demo: bool = False
     backend: str = "local"
     workers: int = 2
+    concurrency: str = CONCURRENCY[0]
     max_in_flight: int = 64
     torchserve_target: str = "127.0.0.1:7070"
     torchserve_key_file: str = "var/stack/torchserve/key_file.json"
@@ -119,6 +124,11 @@ class Settings:
             max_methods=self.max_methods,
             max_forward_passes=self.max_forward_passes,
         )
+
+    @property
+    def serial(self) -> bool:
+        """One request at a time per model (``--concurrency serial``)."""
+        return self.concurrency == SERIAL
 
     def forward_config(self) -> ForwardConfig:
         """How the engine runs forward-only batches (torch or ONNX Runtime)."""
@@ -211,6 +221,11 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "build_demo": (_boolean, "build the demo model into MODEL_STORE/demo first if it is missing"),
     "backend": (str, "where requests go"),
     "workers": (_positive_int, "requests the local backend runs at once"),
+    "concurrency": (
+        str.lower,
+        "batched: the work of the requests in flight on a model shares device calls; "
+        "serial: one request at a time per model (as before issue 22, for comparison)",
+    ),
     "max_in_flight": (
         _positive_int,
         "Explain/ListModels calls handled at once (either backend); more get "
@@ -276,6 +291,7 @@ _CHOICES: dict[str, Sequence[str]] = {
     "backend": BACKENDS,
     "log_level": LOG_LEVELS,
     "forward_backend": FORWARD_BACKENDS,
+    "concurrency": CONCURRENCY,
 }
 
 

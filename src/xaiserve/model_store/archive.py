@@ -35,7 +35,7 @@ import yaml
 from xaiserve.api.errors import ModelLoadError
 from xaiserve.engine.limits import EngineLimits
 from xaiserve.runtime.calibration import CALIBRATION_FILES
-from xaiserve.runtime.forward.config import BACKENDS, ForwardConfig
+from xaiserve.runtime.forward.config import BACKENDS, CONCURRENCY, ForwardConfig
 from xaiserve.runtime.forward.onnx_export import ONNX_FILE, export_model_dir
 from xaiserve.runtime.gad_store import index_files, read_index
 from xaiserve.runtime.model import read_config
@@ -60,6 +60,8 @@ class ArchiveSettings:
     job_queue_size: requests that may wait for a worker; more are refused by TorchServe.
     limits: per-request limits the engine enforces in the worker.
     forward: how the worker runs forward-only batches.
+    concurrency: ``batched`` or ``serial`` (see ``--concurrency`` of the server); "" leaves
+        it to the worker's ``XAISERVE_CONCURRENCY`` (``batched`` when unset).
     """
 
     batch_size: int = 8
@@ -70,8 +72,11 @@ class ArchiveSettings:
     job_queue_size: int = 100
     limits: EngineLimits = field(default_factory=EngineLimits)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
+    concurrency: str = ""
 
     def __post_init__(self) -> None:
+        if self.concurrency not in ("", *CONCURRENCY):
+            raise ValueError(f"concurrency must be one of {CONCURRENCY}, got {self.concurrency!r}")
         for name in ("batch_size", "response_timeout_s", "min_workers", "max_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -84,6 +89,12 @@ class ArchiveSettings:
 
     def model_config(self) -> dict[str, Any]:
         """The contents of model-config.yaml (TorchServe's keys, then the xaiserve section)."""
+        section: dict[str, Any] = {
+            "limits": dataclasses.asdict(self.limits),
+            "forward": self._forward_section(),
+        }
+        if self.concurrency:
+            section["concurrency"] = self.concurrency
         return {
             "minWorkers": self.min_workers,
             "maxWorkers": self.max_workers,
@@ -91,10 +102,7 @@ class ArchiveSettings:
             "maxBatchDelay": self.max_batch_delay_ms,
             "responseTimeout": self.response_timeout_s,
             "jobQueueSize": self.job_queue_size,
-            "xaiserve": {
-                "limits": dataclasses.asdict(self.limits),
-                "forward": self._forward_section(),
-            },
+            "xaiserve": section,
         }
 
     def _forward_section(self) -> dict[str, Any]:
@@ -219,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-workers", type=int, default=defaults.min_workers)
     parser.add_argument("--max-workers", type=int, default=defaults.max_workers)
     parser.add_argument("--job-queue-size", type=int, default=defaults.job_queue_size)
+    parser.add_argument(
+        "--concurrency",
+        choices=CONCURRENCY,
+        default=defaults.concurrency,
+        help="batched: the work of a worker's requests in flight shares device calls; serial: "
+        "one request at a time (as before issue 22); unset: the worker's XAISERVE_CONCURRENCY",
+    )
     for spec in dataclasses.fields(EngineLimits):
         parser.add_argument(
             "--" + spec.name.replace("_", "-"),
@@ -287,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             min_workers=args.min_workers,
             max_workers=args.max_workers,
             job_queue_size=args.job_queue_size,
+            concurrency=args.concurrency,
             limits=limits,
             forward=ForwardConfig(
                 backend=args.forward_backend,

@@ -47,6 +47,8 @@ from xaiserve.runtime.pixel_space import PixelSpaceModel
 log = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+#: Where a model lives unless told otherwise.
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ class ServedModel:
 
     calibration: the data-set calibration of the CAM methods (seed 003), when stored.
     gad: the GAD support models (seed 002), when stored.
+    device: where ``module``'s weights live, and so every tensor of its requests.
     """
 
     config: ModelConfig
@@ -155,6 +158,7 @@ class ServedModel:
     directory: Path
     calibration: Calibration | None = None
     gad: GadSupport | None = None
+    device: torch.device = CPU
 
 
 @dataclass(frozen=True)

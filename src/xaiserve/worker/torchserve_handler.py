@@ -14,6 +14,7 @@ TorchServe forms can be observed.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections.abc import Mapping
@@ -31,7 +32,7 @@ from xaiserve.api.errors import DeadlineExceeded, InvalidArgument, ModelLoadErro
 from xaiserve.api.v1 import explain_pb2 as pb
 from xaiserve.engine.engine import Engine
 from xaiserve.engine.limits import EngineLimits
-from xaiserve.runtime.forward.config import ForwardConfig
+from xaiserve.runtime.forward.config import CONCURRENCY, SERIAL, ForwardConfig
 from xaiserve.runtime.model import failed_model, load_model_dir
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ logger = logging.getLogger(__name__)
 CONFIG_SECTION = "xaiserve"
 #: Counter of batches handled, by size.
 BATCH_METRIC = "XaiserveBatches"
+#: The worker's environment variable of ``concurrency`` (as the gateway's setting).
+CONCURRENCY_ENV = "XAISERVE_CONCURRENCY"
 
 
 def engine_limits(model_yaml_config: Mapping[str, Any] | None) -> EngineLimits:
@@ -90,6 +93,27 @@ def forward_config(model_yaml_config: Mapping[str, Any] | None) -> ForwardConfig
         raise ModelLoadError(f"model-config.yaml: xaiserve.forward: {err}") from err
 
 
+def serial(
+    model_yaml_config: Mapping[str, Any] | None, environ: Mapping[str, str] | None = None
+) -> bool:
+    """Whether the worker runs one request at a time (``concurrency: serial``): from
+    ``xaiserve.concurrency`` in model-config.yaml, else the worker's ``XAISERVE_CONCURRENCY``,
+    else ``batched``.
+
+    Raises:
+        ModelLoadError: a value other than ``batched`` or ``serial``.
+    """
+    section = (model_yaml_config or {}).get(CONFIG_SECTION) or {}
+    environ = os.environ if environ is None else environ
+    if section.get("concurrency"):
+        where, value = "model-config.yaml: xaiserve.concurrency", section["concurrency"]
+    else:
+        where, value = CONCURRENCY_ENV, environ.get(CONCURRENCY_ENV) or CONCURRENCY[0]
+    if str(value).strip().lower() not in CONCURRENCY:
+        raise ModelLoadError(f"{where}: {value!r}: choose from {', '.join(CONCURRENCY)}")
+    return str(value).strip().lower() == SERIAL
+
+
 def answer(engine: Engine, inputs: Mapping[str, Any]) -> bytes:
     """The answer to one request of a batch; never raises (errors become error answers)."""
     try:
@@ -128,7 +152,8 @@ class XaiHandler(BaseHandler):
         """Loads ``config.yaml``, the model code and weights from the extracted archive.
 
         The engine limits come from ``xaiserve.limits`` in the archive's model-config.yaml,
-        how forward-only batches run from ``xaiserve.forward``, the GPU of ONNX Runtime's
+        how forward-only batches run from ``xaiserve.forward``, whether requests run one at a
+        time from ``xaiserve.concurrency`` (see :func:`serial`), the GPU of ONNX Runtime's
         GPU providers from TorchServe (``gpu_id``, on hosts with GPUs); the archive's
         ``model.onnx``, when there, is checked and used (see ``forward_backends``).
 
@@ -144,6 +169,7 @@ class XaiHandler(BaseHandler):
         try:
             limits = engine_limits(yaml_config)
             config = forward_config(yaml_config)
+            one_at_a_time = serial(yaml_config)
             served = load_model_dir(model_dir)
         except Exception as err:
             logger.error(
@@ -162,7 +188,7 @@ class XaiHandler(BaseHandler):
         gpu = context.system_properties.get("gpu_id")
         if gpu is not None:  # TorchServe gives each worker of a GPU host one GPU
             config = replace(config, onnx_device_id=int(gpu))
-        self.engine = Engine({served.config.name: served}, limits, config)
+        self.engine = Engine({served.config.name: served}, limits, config, serial=one_at_a_time)
         self.engine.warm_up()
         self.initialized = True
         logger.info(

@@ -421,7 +421,7 @@ class Explanation(_message.Message):
     def __init__(self, method: _Optional[_Union[Method, str]] = ..., stage: _Optional[_Union[MapStage, str]] = ..., map: _Optional[_Union[AttributionMap, _Mapping]] = ..., reliability: _Optional[_Union[Reliability, _Mapping]] = ..., filtered: _Optional[_Union[FilteredMap, _Mapping]] = ..., forward_passes: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "prediction", "explanations", "timings", "forward_passes")
+    __slots__ = ("model_name", "model_version", "prediction", "explanations", "timings", "forward_passes", "device_calls")
     class ForwardPassesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -435,20 +435,22 @@ class ExplainResponse(_message.Message):
     EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_CALLS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     prediction: Prediction
     explanations: _containers.RepeatedCompositeFieldContainer[Explanation]
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     forward_passes: _containers.ScalarMap[str, int]
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., forward_passes: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    device_calls: float
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., forward_passes: _Optional[_Mapping[str, int]] = ..., device_calls: _Optional[float] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "input_shape", "labels", "methods", "cam_layer", "forward_backend", "onnx_status", "calibrated", "gad_class_pairs", "unsupported_methods", "onnx_providers", "status", "status_reason")
+    __slots__ = ("name", "version", "input_shape", "labels", "methods", "cam_layer", "forward_backend", "onnx_status", "calibrated", "gad_class_pairs", "unsupported_methods", "onnx_providers", "status", "status_reason", "device")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -463,6 +465,7 @@ class ModelInfo(_message.Message):
     ONNX_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     STATUS_REASON_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -477,7 +480,8 @@ class ModelInfo(_message.Message):
     onnx_providers: _containers.RepeatedScalarFieldContainer[str]
     status: ModelStatus
     status_reason: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., cam_layer: _Optional[str] = ..., forward_backend: _Optional[str] = ..., onnx_status: _Optional[str] = ..., calibrated: _Optional[bool] = ..., gad_class_pairs: _Optional[_Iterable[str]] = ..., unsupported_methods: _Optional[_Iterable[str]] = ..., onnx_providers: _Optional[_Iterable[str]] = ..., status: _Optional[_Union[ModelStatus, str]] = ..., status_reason: _Optional[str] = ...) -> None: ...
+    device: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[_Union[Method, str]]] = ..., cam_layer: _Optional[str] = ..., forward_backend: _Optional[str] = ..., onnx_status: _Optional[str] = ..., calibrated: _Optional[bool] = ..., gad_class_pairs: _Optional[_Iterable[str]] = ..., unsupported_methods: _Optional[_Iterable[str]] = ..., onnx_providers: _Optional[_Iterable[str]] = ..., status: _Optional[_Union[ModelStatus, str]] = ..., status_reason: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

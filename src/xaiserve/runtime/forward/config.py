@@ -16,6 +16,13 @@ FALLBACK = "torch_fallback"
 """The label (and timing ``forward.torch_fallback``) of torch running a request that asked
 for ONNX Runtime where it is unavailable."""
 DEFAULT_TOLERANCE = 1e-4
+BATCHED = "batched"
+SERIAL = "serial"
+CONCURRENCY = (BATCHED, SERIAL)
+"""How requests on one model run: ``batched`` (their device work shares calls) or
+``serial`` (one request at a time per model, the behaviour before issue 22, kept for the
+side-by-side benchmark); server flag ``--concurrency``, a TorchServe archive's
+``xaiserve.concurrency``, env ``XAISERVE_CONCURRENCY``."""
 _MIB = 1024 * 1024
 
 
