@@ -84,10 +84,9 @@ class Engine:
                 failure = failed_model(served.directory, err)
                 self.failed.append(replace(failure, name=name, version=served.config.version))
         self.models = {name: models[name] for name in self.forwards}
-        self.serial = serial
-        self.executors = {name: Executor(name, "cpu") for name in self.models}
+        self.executors = {name: Executor(name, m.device) for name, m in self.models.items()}
         self._serial_locks = {name: threading.Lock() for name in self.models}
-        for served in self.models.values():  # Score-CAM's cost, before requests hook layers
+        for served in self.models.values():  # Score-CAM's cost, once per model
             if served.cam_layer is not None:
                 layer_channels(served)
 
@@ -215,6 +214,7 @@ class Engine:
             x = decode_image(request.image, served.config, self.limits)
         else:
             x = tensor_from_raw(request.image, served.config, self.limits)
+        x = x.to(served.device)
         timings = {"decode": time.perf_counter() - t0}
 
         name = served.config.name
@@ -238,6 +238,7 @@ class Engine:
             explanations=explanations(drafts),
             timings=timings,
             forward_passes=dict(budget.by_stage),
+            device_calls=budget.device_calls,
         )
 
     def max_forward_passes(self, request: ExplainRequest) -> int:

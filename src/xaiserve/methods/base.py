@@ -169,15 +169,17 @@ def on_device(
     target: torch.Tensor | None = None,
     stage: str = "attribute",
     passes_per_row: int = 1,
+    packs: bool = True,
 ) -> list[Result]:
     """``run`` over the rows of x (and target), through the model's executor, in chunks of
     at most one gradient batch (``max_batch // passes_per_row`` rows), each charged
     ``passes_per_row`` forward passes per row to ``stage`` before it runs; the results of
     the chunks, in order. ``key`` must name everything ``run`` depends on besides its rows
-    (the executor packs rows of passes with equal keys, from any request, into one call).
+    (the executor packs rows of passes with equal keys, from any request, into one call,
+    unless ``packs`` is False).
     """
     size = max(1, ctx.max_batch // passes_per_row)
-    work = Pass(key, run, size)
+    work = Pass(key, run, size, packs)
     out = []
     for part in batches(x.shape[0], size):
         ctx.budget.charge(passes_per_row * (part.stop - part.start), stage)

@@ -162,4 +162,5 @@ class Lrp(AttributionMethod):
             return propagate(graph, normalized(served, rows), targets, rule)
 
         key = ("lrp", rule.name, rule.epsilon, rule.alpha)
-        return torch.cat([single(p) for p in on_device(ctx, key, run, x, target)])
+        parts = on_device(ctx, key, run, x, target, packs=False)  # see Pass.packs
+        return torch.cat([single(p) for p in parts])

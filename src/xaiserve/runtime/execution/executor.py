@@ -47,11 +47,16 @@ class Pass:
     run: (rows R x ..., targets R or None) -> the result, R rows first; rows and
         targets arrive on the executor's device.
     max_rows: the most rows one call takes (the memory budget's batch of this work).
+    packs: whether other items may share its calls; False for work whose numbers a
+        different batch would move past the 1e-5 that packing may cost elsewhere (a
+        batch of another size may sum in another order; LRP's epsilon rule divides by
+        sums near zero and amplifies that).
     """
 
     key: Hashable
     run: Callable[[torch.Tensor, torch.Tensor | None], Result]
     max_rows: int
+    packs: bool = True
 
 
 class Share(Protocol):
@@ -138,7 +143,7 @@ class Executor:
         first; removed from the queue."""
         first = self._queue[0]
         taken, rows = [first], first.rows.shape[0]
-        for item in list(self._queue)[1:]:
+        for item in list(self._queue)[1:] if first.work.packs else ():
             n = item.rows.shape[0]
             if item.work.key == first.work.key and rows + n <= first.work.max_rows:
                 taken.append(item)
