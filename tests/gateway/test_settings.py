@@ -15,7 +15,7 @@ def test_defaults() -> None:
     assert settings == Settings()
     assert settings.address == "127.0.0.1:50051"
     assert settings.max_message_bytes == 32 * 1024 * 1024
-    assert settings.workers == 2 and settings.backend == "local" and not settings.build_demo
+    assert settings.workers == 32 and settings.backend == "local" and not settings.build_demo
 
 
 def test_environment_then_flags() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -43,6 +44,15 @@ from xaiserve.runtime.model import FailedModel, ServedModel, failed_model, load_
 log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 5
+
+
+def executor_of(name: str, device: torch.device) -> Executor:
+    """The executor of a model on ``device``: one stream on a GPU; on a CPU one per usable
+    core, sharing torch's threads (see ``Executor``)."""
+    if device.type == "cuda":
+        return Executor(name, device)
+    cpus = len(os.sched_getaffinity(0))
+    return Executor(name, device, streams=cpus, threads=cpus)
 
 
 class Engine:
@@ -84,7 +94,7 @@ class Engine:
                 failure = failed_model(served.directory, err)
                 self.failed.append(replace(failure, name=name, version=served.config.version))
         self.models = {name: models[name] for name in self.forwards}
-        self.executors = {name: Executor(name, m.device) for name, m in self.models.items()}
+        self.executors = {name: executor_of(name, m.device) for name, m in self.models.items()}
         self._serial_locks = {name: threading.Lock() for name in self.models}
         for served in self.models.values():  # Score-CAM's cost, once per model
             if served.cam_layer is not None:

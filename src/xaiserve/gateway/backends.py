@@ -63,7 +63,7 @@ class LocalBackend:
     keeps its thread until the engine notices the deadline it was given.
     """
 
-    def __init__(self, engine: EngineLike, workers: int = 2) -> None:
+    def __init__(self, engine: EngineLike, workers: int = 32) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self._engine = engine

@@ -44,7 +44,8 @@ class Settings:
     build_demo: build the demo model into ``<model_store>/demo`` first if it is missing.
     backend: where requests go: ``local`` (the engine in this process) or ``torchserve``
         (TorchServe's gRPC inference API, see ``xaiserve.gateway.torchserve_backend``).
-    workers: requests the local backend runs at once (threads).
+    workers: requests the local backend runs at once (threads); their device work shares
+        each model's calls (the executor), so more requests in flight pack fuller calls.
     concurrency: how the local backend runs requests on one model: ``batched`` (the work
         of the requests in flight shares device calls) or ``serial`` (one request at a
         time per model, the behaviour before issue 22, kept for the side-by-side
@@ -81,7 +82,7 @@ class Settings:
     model_store: str = "var/models"
     build_demo: bool = False
     backend: str = "local"
-    workers: int = 2
+    workers: int = 32
     concurrency: str = CONCURRENCY[0]
     max_in_flight: int = 64
     torchserve_target: str = "127.0.0.1:7070"

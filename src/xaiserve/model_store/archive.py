@@ -53,8 +53,12 @@ DEFAULT_OUT = "var/model-archives"
 class ArchiveSettings:
     """Per-model TorchServe settings, written to the archive's model-config.yaml.
 
-    batch_size: requests TorchServe hands to one handler call at most.
-    max_batch_delay_ms: how long TorchServe waits to fill a batch.
+    batch_size: requests TorchServe hands to one handler call at most; the handler runs
+        them at once, their device work packed into shared calls by the engine.
+    max_batch_delay_ms: how long TorchServe waits to fill a batch. 0 (the default): a
+        batch is whatever waited while the worker answered the previous one, so a request
+        at low load waits for nothing, and under load the batches fill by themselves
+        (docs/torchserve.md, "Batching", has the measurements).
     response_timeout_s: a worker that takes longer for one batch is restarted.
     min_workers, max_workers: worker processes of the model.
     job_queue_size: requests that may wait for a worker; more are refused by TorchServe.
@@ -64,8 +68,8 @@ class ArchiveSettings:
         it to the worker's ``XAISERVE_CONCURRENCY`` (``batched`` when unset).
     """
 
-    batch_size: int = 8
-    max_batch_delay_ms: int = 50
+    batch_size: int = 16
+    max_batch_delay_ms: int = 0
     response_timeout_s: int = 120
     min_workers: int = 1
     max_workers: int = 1

@@ -13,11 +13,13 @@ TorchServe forms can be observed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -147,6 +149,7 @@ class XaiHandler(BaseHandler):
     def __init__(self) -> None:
         super().__init__()
         self.engine: Engine | None = None
+        self.pool: ThreadPoolExecutor | None = None
 
     def initialize(self, context: Any) -> None:
         """Loads ``config.yaml``, the model code and weights from the extracted archive.
@@ -164,6 +167,8 @@ class XaiHandler(BaseHandler):
         """
         self.context = context
         self.manifest = context.manifest
+        batch = int(context.system_properties.get("batch_size") or 1)
+        self.pool = ThreadPoolExecutor(max_workers=batch, thread_name_prefix="xaiserve-batch")
         model_dir = Path(context.system_properties["model_dir"])
         yaml_config = getattr(context, "model_yaml_config", None)
         try:
@@ -201,11 +206,13 @@ class XaiHandler(BaseHandler):
         )
 
     def handle(self, data: list[Mapping[str, Any]], context: Any) -> list[bytes]:
-        """One answer per request, in order (see :func:`answer`)."""
-        if self.engine is None:
+        """One answer per request, in order (see :func:`answer`). The batch's requests run
+        at once, each on a thread of the pool, so their device work shares the model's
+        calls (the engine's executor) as the requests of the embedded server do."""
+        if self.engine is None or self.pool is None:
             raise RuntimeError("handle() before initialize()")
         start = time.perf_counter()
-        answers = [answer(self.engine, inputs) for inputs in data]
+        answers = list(self.pool.map(functools.partial(answer, self.engine), data))
         size = len(data)
         logger.info("xaiserve batch size=%d seconds=%.3f", size, time.perf_counter() - start)
         metrics = getattr(context, "metrics", None)

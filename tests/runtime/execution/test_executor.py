@@ -205,3 +205,19 @@ def test_inline_executor_runs_in_the_calling_thread():
         single(InlineExecutor().run(work, torch.ones(2, 1), None, budget)), torch.ones(2, 1)
     )
     assert seen == [threading.get_ident()] and budget.device_calls == 1
+
+
+def test_streams_run_calls_side_by_side_with_the_threads_shared():
+    executor = Executor("m", streams=2, threads=2)
+    blocked = Blocked(executor)  # one stream held, alone when it started: 2 threads
+    seen: list[int] = []
+
+    def record(rows: torch.Tensor, _t: torch.Tensor | None) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return rows
+
+    # runs on the other stream while the first is held; two calls at once: 1 thread each
+    result = executor.run(Pass("other", record, 4), torch.ones(1, 1))
+    blocked.release()
+    assert torch.equal(single(result), torch.ones(1, 1))
+    assert seen == [1]

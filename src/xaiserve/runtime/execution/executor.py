@@ -4,16 +4,18 @@ into shared calls.
 Requests run at once, each in its own thread. Whatever a request asks of the model (a
 forward-only batch, input gradients with a target per row, a pass that captures a layer)
 it hands to the model's executor as a work item: a :class:`Pass` (what to run, and the key
-of the passes it may share a call with) and its rows. The executor's one thread takes the
-oldest item and every other waiting item with the same key, up to the pass's row limit,
-runs them as one call, and routes each item's rows of the result back to it. Rows are
-independent (the model is in eval mode), so a row's result does not depend on what shares
-its call, up to the summation order of a larger batch.
+of the passes it may share a call with) and its rows. Each of the executor's streams (its
+threads: one on a GPU, one per usable core on a CPU) takes the oldest waiting item and
+every other waiting item with the same key, up to the pass's row limit, runs them as one
+call, and routes each item's rows of the result back to it. Rows are independent (the
+model is in eval mode), so a row's result does not depend on what shares its call, up to
+the summation order of a larger batch. Hooks a pass sets act in its stream only
+(``methods.hooks``), so streams side by side on one module do not see each other's.
 
 No request starves: a request hands over one item at a time (each at most the pass's row
 limit) and waits for it, so its next item queues behind what other requests handed over
 meanwhile: a large request's calls interleave with small ones, and a small request waits
-for at most one call per request ahead of it.
+for at most one call per request ahead of it (the chunk each has handed over).
 
 Counts stay per request: the caller charges its budget before it hands an item over, and
 each call adds 1/k to the ``device_calls`` of each of the k requests whose rows it ran.
@@ -90,18 +92,36 @@ class Counts:
 
 
 class Executor:
-    """Runs passes for one model on ``device``. ``run`` is thread-safe; the calls
-    themselves happen one at a time on the executor's own (daemon) thread, started on
-    first use."""
+    """Runs passes for one model on ``device``. ``run`` is thread-safe; the calls run on
+    the executor's own (daemon) threads, its streams, started on first use."""
 
-    def __init__(self, name: str, device: torch.device | str | None = "cpu") -> None:
-        """device: where rows are moved before a call (None: left where they are)."""
+    def __init__(
+        self,
+        name: str,
+        device: torch.device | str | None = "cpu",
+        streams: int = 1,
+        threads: int = 0,
+    ) -> None:
+        """device: where rows are moved before a call (None: left where they are).
+        streams: calls that may run at once, each taking the oldest waiting work: 1 on a
+            GPU (one queue of kernels); on a CPU one per usable core, since the small
+            operations of a small model's call leave most cores idle however many
+            threads it may use, while calls side by side fill them.
+        threads: the CPU threads of torch, shared by the calls running at a time: a call
+            that runs alone gets them all (the latency of one request), k calls at once
+            ``threads // k`` each (0: torch's own setting, untouched).
+        """
+        if streams < 1:
+            raise ValueError(f"streams must be >= 1, got {streams}")
         self.name = name
         self.device = None if device is None else torch.device(device)
+        self.streams = streams
+        self.threads = threads
         self.counts = Counts()
         self._queue: deque[_Item] = deque()
         self._ready = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._started = False
+        self._busy = 0
 
     def run(
         self,
@@ -118,11 +138,11 @@ class Executor:
             raise ValueError(f"{rows.shape[0]} rows, more than the pass takes ({work.max_rows})")
         item = _Item(work, rows, targets, share or _Unshared())
         with self._ready:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._serve, name=f"xaiserve-executor-{self.name}", daemon=True
-                )
-                self._thread.start()
+            if not self._started:
+                for k in range(self.streams):
+                    name = f"xaiserve-executor-{self.name}-{k}"
+                    threading.Thread(target=self._serve, name=name, daemon=True).start()
+                self._started = True
             self._queue.append(item)
             self._ready.notify()
         item.done.wait()
@@ -136,7 +156,15 @@ class Executor:
                 while not self._queue:
                     self._ready.wait()
                 items = self._take()
-            self._call(items)
+                self._busy += 1
+                busy = self._busy
+            if self.threads:
+                torch.set_num_threads(max(1, self.threads // busy))  # this thread's calls
+            try:
+                self._call(items)
+            finally:
+                with self._ready:
+                    self._busy -= 1
 
     def _take(self) -> list[_Item]:
         """The oldest item and the waiting items of its key that fit beside it, oldest
@@ -184,8 +212,9 @@ class Executor:
         out = work.run(rows, targets)
         sizes = [i.rows.shape[0] for i in items]
         kind = str(work.key[0] if isinstance(work.key, tuple) else work.key)
-        self.counts.calls[kind] = self.counts.calls.get(kind, 0) + 1
-        self.counts.rows[kind] = self.counts.rows.get(kind, 0) + sum(sizes)
+        with self._ready:
+            self.counts.calls[kind] = self.counts.calls.get(kind, 0) + 1
+            self.counts.rows[kind] = self.counts.rows.get(kind, 0) + sum(sizes)
         shares = {id(i.share): i.share for i in items}
         for share in shares.values():
             share.device_calls += 1 / len(shares)
