@@ -76,12 +76,32 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=50051, help="port of the gateway")
     up.add_argument("--torchserve-grpc-port", type=int, default=7070)
     up.add_argument("--torchserve-metrics-port", type=int, default=8082)
-    up.add_argument("--batch-size", type=int, default=8, help="TorchServe batch size")
-    up.add_argument("--max-batch-delay-ms", type=int, default=20)
-    up.add_argument("--torchserve-workers", type=int, default=1, help="workers per model")
+    up.add_argument("--batch-size", type=int, default=16, help="TorchServe batch size")
+    up.add_argument(
+        "--max-batch-delay-ms",
+        type=int,
+        default=0,
+        help="how long TorchServe waits to fill a batch (0: it batches what queued meanwhile)",
+    )
+    up.add_argument(
+        "--torchserve-workers",
+        type=int,
+        default=0,
+        help="workers per model; 0: one per GPU, one on a host without GPUs (its engine's "
+        "executor uses every core)",
+    )
     commands.add_parser("down", help="stop the gateway, then TorchServe")
     commands.add_parser("status", help="say what is running")
     return parser
+
+
+def default_workers() -> int:
+    """Workers per model where none are asked for: one per GPU torch sees, else one (a
+    worker's executor runs calls side by side on every core; a second worker would split
+    the cores and pack fewer rows per call, and hold a second copy of the model)."""
+    import torch
+
+    return max(1, torch.cuda.device_count())
 
 
 def _archives(args: argparse.Namespace) -> None:
@@ -93,8 +113,8 @@ def _archives(args: argparse.Namespace) -> None:
     settings = ArchiveSettings(
         batch_size=args.batch_size,
         max_batch_delay_ms=args.max_batch_delay_ms,
-        min_workers=args.torchserve_workers,
-        max_workers=args.torchserve_workers,
+        min_workers=args.torchserve_workers or default_workers(),
+        max_workers=args.torchserve_workers or default_workers(),
     )
     for old in args.archives.glob("*.mar"):
         old.unlink()
