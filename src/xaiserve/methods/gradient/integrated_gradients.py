@@ -16,12 +16,13 @@ from xaiserve.methods.base import AttributionMethod, MethodContext, Param, input
 from xaiserve.runtime.model import ServedModel
 
 
-def gauss_legendre(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Points t in (0, 1) and weights (summing to 1) of the Gauss-Legendre rule."""
+def gauss_legendre(steps: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points t in (0, 1) and weights (summing to 1) of the Gauss-Legendre rule, on
+    ``device``."""
     nodes, weights = np.polynomial.legendre.leggauss(steps)
     return (
-        torch.tensor(0.5 * (nodes + 1.0), dtype=torch.float32),
-        torch.tensor(0.5 * weights, dtype=torch.float32),
+        torch.tensor(0.5 * (nodes + 1.0), dtype=torch.float32, device=device),
+        torch.tensor(0.5 * weights, dtype=torch.float32, device=device),
     )
 
 
@@ -41,7 +42,7 @@ class IntegratedGradients(AttributionMethod):
         self, ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, params: dict[str, Any]
     ) -> torch.Tensor:
         n = params["steps"]
-        alphas, weights = gauss_legendre(n)
+        alphas, weights = gauss_legendre(n, x.device)
         baseline = torch.full_like(x, params["baseline"])
         delta = x - baseline
         shape = (1, n) + (1,) * (x.dim() - 1)

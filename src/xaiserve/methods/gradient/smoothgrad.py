@@ -17,10 +17,12 @@ from xaiserve.runtime.model import ServedModel
 
 
 def noise_for_image(x: torch.Tensor, samples: int, noise_level: float, seed: int) -> torch.Tensor:
-    """The noise of one image's copies: x 1 x C x *spatial -> samples x C x *spatial."""
+    """The noise of one image's copies: x 1 x C x *spatial -> samples x C x *spatial, on
+    x's device. Drawn on the CPU (the same numbers on every device), then moved."""
     spread = float(x.max() - x.min()) * noise_level
-    std = torch.full((samples, *x.shape[1:]), spread)
-    return torch.normal(torch.zeros_like(std), std, generator=torch.Generator().manual_seed(seed))
+    std = torch.full((samples, *x.shape[1:]), spread, device="cpu")
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.normal(torch.zeros_like(std), std, generator=generator).to(x.device)
 
 
 def noisy_gradients(
