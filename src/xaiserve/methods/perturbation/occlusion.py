@@ -78,10 +78,11 @@ def coarse_step(params: dict[str, Any]) -> int:
     return max(1, round(spacing / params["stride"]))
 
 
-def coverage(side: int, starts: list[int], window: int) -> torch.Tensor:
-    """len(starts) x side, float64: 1 where the window starting at starts[i] covers a pixel."""
-    pixels = torch.arange(side)
-    begin = torch.tensor(starts).unsqueeze(1)
+def coverage(side: int, starts: list[int], window: int, device: torch.device) -> torch.Tensor:
+    """len(starts) x side, float64 on ``device``: 1 where the window starting at starts[i]
+    covers a pixel."""
+    pixels = torch.arange(side, device=device)
+    begin = torch.tensor(starts, device=device).unsqueeze(1)
     return ((pixels >= begin) & (pixels < begin + window)).double()
 
 
@@ -90,12 +91,13 @@ def accumulate(axes: list[list[int]], window: int, drops: torch.Tensor) -> torch
 
     axes: window starts per spatial axis; drops: n_1 x ... x n_d, one per window (the
     windows are the product of the axes' starts). A window's box is separable, so the sums
-    over covering windows are products with each axis's coverage matrix.
+    over covering windows are products with each axis's coverage matrix. On drops' device.
     """
     spatial = [max(starts) + window for starts in axes]
-    total, count = drops.double(), torch.ones(drops.shape, dtype=torch.float64)
+    device = drops.device
+    total, count = drops.double(), torch.ones(drops.shape, dtype=torch.float64, device=device)
     for axis, (side, starts) in enumerate(zip(spatial, axes, strict=True)):
-        cover = coverage(side, starts, window)
+        cover = coverage(side, starts, window, device)
         total = torch.tensordot(total, cover, dims=([axis], [0])).movedim(-1, axis)
         count = torch.tensordot(count, cover, dims=([axis], [0])).movedim(-1, axis)
     return (total / count).float().unsqueeze(0)
@@ -198,7 +200,7 @@ class Occlusion(AttributionMethod):
                 estimate, _ = adaptive_drops(
                     evaluate, counts, coarse_step(params), params[ADAPTIVE]["refine_fraction"]
                 )
-                drops = torch.from_numpy(estimate)
+                drops = torch.from_numpy(estimate).to(x.device)
             else:
                 drops = evaluate(list(itertools.product(*map(range, counts)))).view(counts)
             maps.append(accumulate(axes, w, drops))
@@ -266,7 +268,8 @@ class _TargetScores:
         moved = [c for c, change in zip(corners, changes, strict=True) if change]
         if moved:
             logits = occluder.logits(self.activations, moved, self.baseline)
-            scores[torch.tensor(changes)] = target_logits(logits, self.yi.expand(len(moved)))
+            changed = torch.tensor(changes, device=scores.device)
+            scores[changed] = target_logits(logits, self.yi.expand(len(moved)))
         return scores
 
     def _box(self, corner: tuple[int, ...]) -> tuple[slice, ...]:
@@ -277,13 +280,13 @@ class _TargetScores:
         numpy on one thread: torch's copy of a whole batch wakes its OpenMP threads,
         which then spin and slow the ONNX Runtime calls that follow
         (docs/performance.md)."""
-        original = self.xi.detach().numpy()
+        original = self.xi.detach().cpu().numpy()
         occluded = np.empty((len(corners), *original.shape[1:]), dtype=original.dtype)
         occluded[...] = original
         for j, corner in enumerate(corners):
             index: tuple[int | slice, ...] = (j, slice(None), *self._box(corner))
             occluded[index] = self.baseline
-        return torch.from_numpy(occluded)
+        return torch.from_numpy(occluded)  # the forward moves it to the model's device
 
 
 def windows_that_change(
@@ -296,8 +299,9 @@ def windows_that_change(
     table = torch.nn.functional.pad(differs, (1, 0) * differs.dim())
     for axis in range(differs.dim()):
         table = table.cumsum(axis)
-    at = torch.tensor(corners, dtype=torch.int64).view(len(corners), differs.dim())
-    count = torch.zeros(len(corners), dtype=torch.int64)
+    at = torch.tensor(corners, dtype=torch.int64, device=xi.device)
+    at = at.view(len(corners), differs.dim())
+    count = torch.zeros(len(corners), dtype=torch.int64, device=xi.device)
     for far in itertools.product((0, 1), repeat=differs.dim()):
         sign = (-1) ** (differs.dim() - sum(far))
         count += sign * table[tuple((at[:, i] + window * f) for i, f in enumerate(far))]
