@@ -23,14 +23,24 @@ class KernelShap(SurrogateMethod):
 
     def sample(self, cells: int, samples: int, generator: torch.Generator) -> torch.Tensor:
         m = cells
-        ends = torch.stack([torch.ones(m, dtype=torch.long), torch.zeros(m, dtype=torch.long)])
+        cpu = torch.device("cpu")
+        ends = torch.stack(
+            [
+                torch.ones(m, dtype=torch.long, device=cpu),
+                torch.zeros(m, dtype=torch.long, device=cpu),
+            ]
+        )
         if m < 2:
             return ends[:samples]
-        k = torch.arange(1, m, dtype=torch.float64)
+        k = torch.arange(1, m, dtype=torch.float64, device=cpu)
         sizes = (
             torch.multinomial((m - 1) / (k * (m - k)), samples - 2, True, generator=generator) + 1
         )
-        ranks = torch.rand(samples - 2, m, generator=generator).argsort(dim=1).argsort(dim=1)
+        ranks = (
+            torch.rand(samples - 2, m, generator=generator, device=cpu)
+            .argsort(dim=1)
+            .argsort(dim=1)
+        )
         return torch.cat([ends, (ranks < sizes.unsqueeze(1)).long()])
 
     def weights(self, z: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,8 @@ class Lime(SurrogateMethod):
     name = "lime"
 
     def sample(self, cells: int, samples: int, generator: torch.Generator) -> torch.Tensor:
-        coins = torch.rand(samples - 1, cells, generator=generator) < 0.5
-        return torch.cat([torch.ones(1, cells, dtype=torch.long), coins.long()])
+        coins = torch.rand(samples - 1, cells, generator=generator, device="cpu") < 0.5
+        return torch.cat([torch.ones(1, cells, dtype=torch.long, device="cpu"), coins.long()])
 
     def weights(self, z: torch.Tensor) -> torch.Tensor:
         kept = z.sum(dim=1).float()

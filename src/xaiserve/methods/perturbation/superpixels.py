@@ -17,13 +17,16 @@ from xaiserve.runtime.forward.counted import batches
 
 
 def grid_segments(spatial: tuple[int, ...], segments: int) -> tuple[torch.Tensor, int]:
-    """(labels: *spatial long tensor of cell indices, row-major; number of cells)."""
+    """(labels: *spatial long tensor of cell indices, row-major, on the CPU; number of
+    cells)."""
     side = max(1, round((math.prod(spatial) / segments) ** (1.0 / len(spatial))))
-    labels = torch.zeros(spatial, dtype=torch.long)
+    labels = torch.zeros(spatial, dtype=torch.long, device="cpu")
     count = 1
     for axis, d in enumerate(spatial):
         cells = math.ceil(d / side)
-        index = (torch.arange(d) // side).view(*([1] * axis), d, *([1] * (len(spatial) - axis - 1)))
+        index = (torch.arange(d, device="cpu") // side).view(
+            *([1] * axis), d, *([1] * (len(spatial) - axis - 1))
+        )
         labels = labels * cells + index
         count *= cells
     return labels, count
@@ -39,12 +42,13 @@ def masked_logits(
 ) -> torch.Tensor:
     """Target logits of one image with cells switched off.
 
-    x: 1 x C x *spatial; target: 1; z: S x M in {0, 1}; labels: *spatial -> S logits.
-    Batches of ``ctx.forward.batch_size`` go through the counted forward (ONNX-ready).
+    x: 1 x C x *spatial; target: 1; z: S x M in {0, 1}; labels: *spatial (z's device) -> S
+    logits. Batches of ``ctx.forward.batch_size`` go through the counted forward
+    (ONNX-ready); each batch's masks are moved to x's device.
     """
     scores = []
     for part in batches(z.shape[0], ctx.forward.batch_size):
-        keep = z[part][:, labels].unsqueeze(1).to(x.dtype)  # s x 1 x *spatial
+        keep = z[part][:, labels].unsqueeze(1).to(x.device, x.dtype)  # s x 1 x *spatial
         images = x * keep + baseline * (1 - keep)
         logits = ctx.forward(images, "attribute")
         scores.append(target_logits(logits, target.expand(images.shape[0])))
@@ -58,7 +62,7 @@ def weighted_linear_fit(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> to
     when the system is underdetermined.
     """
     z, y, w = z.double(), y.double(), w.double()
-    design = torch.cat([torch.ones(z.shape[0], 1, dtype=z.dtype), z], dim=1)
+    design = torch.cat([torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device), z], dim=1)
     root = w.sqrt().unsqueeze(1)
     solution = torch.linalg.lstsq(design * root, (y.unsqueeze(1) * root), driver="gelsd")
     return solution.solution[1:, 0]

@@ -43,23 +43,25 @@ class SurrogateMethod(AttributionMethod):
         return int(params["samples"])
 
     def sample(self, cells: int, samples: int, generator: torch.Generator) -> torch.Tensor:
-        """S x M binary masks (long)."""
+        """S x M binary masks (long, CPU; ``generator`` is a CPU generator)."""
         raise NotImplementedError
 
     def weights(self, z: torch.Tensor) -> torch.Tensor:
-        """S float32 sample weights of the fit."""
+        """S float32 sample weights of the fit (z's device)."""
         raise NotImplementedError
 
     def attribute(
         self, ctx: MethodContext, x: torch.Tensor, target: torch.Tensor, params: dict[str, Any]
     ) -> torch.Tensor:
+        """Masks, weights and the fit on the CPU (the same draws on every device; the
+        fit's driver is CPU-only), the masked images on x's device; returns on x's device."""
         labels, cells = grid_segments(tuple(x.shape[2:]), params["segments"])
-        generator = torch.Generator().manual_seed(params["seed"])
+        generator = torch.Generator(device="cpu").manual_seed(params["seed"])
         z = self.sample(cells, params["samples"], generator)
         w = self.weights(z)
         out = []
         for i in range(x.shape[0]):
             y = masked_logits(ctx, x[i : i + 1], target[i : i + 1], z, labels, params["baseline"])
-            coef = weighted_linear_fit(z, y, w).to(x.dtype)
+            coef = weighted_linear_fit(z, y.cpu(), w).to(x.dtype)
             out.append(coef[labels].expand(x.shape[1], *labels.shape))
-        return torch.stack(out)
+        return torch.stack(out).to(x.device)
