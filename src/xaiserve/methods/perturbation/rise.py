@@ -31,13 +31,13 @@ from xaiserve.runtime.model import ServedModel
 def rise_masks(
     grids: torch.Tensor, shifts: torch.Tensor, spatial: tuple[int, ...], cells: int
 ) -> torch.Tensor:
-    """grids: n x 1 x cells^d (0/1), shifts: n x d -> masks n x 1 x *spatial."""
+    """grids: n x 1 x cells^d (0/1), shifts: n x d -> masks n x 1 x *spatial, on the CPU."""
     step = [math.ceil(s / cells) for s in spatial]
     mode = "bilinear" if len(spatial) == 2 else "trilinear"
     up = F.interpolate(grids, size=[(cells + 1) * c for c in step], mode=mode, align_corners=False)
     # every mask's crop in one copy of a strided view, not a slice per mask
     # (docs/performance.md)
-    return torch.from_numpy(boxes_at(up.numpy(), shifts.numpy(), spatial))
+    return torch.from_numpy(boxes_at(up.cpu().numpy(), shifts.cpu().numpy(), spatial))
 
 
 class Rise(AttributionMethod):
@@ -76,14 +76,21 @@ class Rise(AttributionMethod):
     ) -> torch.Tensor:
         n, cells, p = params["masks"], params["cells"], params["keep_probability"]
         spatial = tuple(x.shape[2:])
-        generator = torch.Generator().manual_seed(params["seed"])
-        grids = (torch.rand(n, 1, *([cells] * len(spatial)), generator=generator) < p).float()
+        # the masks are drawn and built on the CPU (the same on every device), then moved
+        cpu = torch.device("cpu")
+        generator = torch.Generator(device=cpu).manual_seed(params["seed"])
+        grid_shape = (n, 1, *([cells] * len(spatial)))
+        grids = (torch.rand(grid_shape, generator=generator, device=cpu) < p).float()
         shifts = torch.stack(
-            [torch.randint(0, math.ceil(s / cells), (n,), generator=generator) for s in spatial], 1
+            [
+                torch.randint(0, math.ceil(s / cells), (n,), generator=generator, device=cpu)
+                for s in spatial
+            ],
+            1,
         )
-        total = torch.zeros(x.shape[0], 1, *spatial)
+        total = torch.zeros(x.shape[0], 1, *spatial, device=x.device)
         for part in batches(n, ctx.forward.batch_size):
-            masks = rise_masks(grids[part], shifts[part], spatial, cells)
+            masks = rise_masks(grids[part], shifts[part], spatial, cells).to(x.device)
             for i in range(x.shape[0]):
                 probs = torch.softmax(ctx.forward(x[i : i + 1] * masks, "attribute"), dim=1)
                 score = probs[:, target[i]].view(-1, *([1] * (masks.dim() - 1)))
