@@ -92,7 +92,7 @@ class ScaledCam(AttributionMethod):
         weighted = self.weighted_features(acts, grads)
         fraction = float(params["principal_fraction"])
         if fraction < 1.0:
-            mask = scale.principal_mask(target, fraction).to(weighted.dtype)
+            mask = scale.principal_mask(target, fraction).to(weighted.device, weighted.dtype)
             weighted = weighted * mask.view(*mask.shape, *([1] * (weighted.dim() - 2)))
         cam = upsample(weighted.sum(dim=1, keepdim=True), tuple(x.shape[2:]))
         return tanh_scale(cam, scale.p10, scale.p90)

@@ -63,7 +63,7 @@ def layer_channels(served: ServedModel) -> int:
     with _CHANNELS_LOCK:
         if layer not in _CHANNELS:
             with torch.no_grad(), captured(layer) as outputs:
-                served.module(torch.zeros(1, *served.config.input_shape))
+                served.module(torch.zeros(1, *served.config.input_shape, device=served.device))
             _CHANNELS[layer] = int(outputs[0].shape[1]) if outputs else 0
         return _CHANNELS[layer]
 
