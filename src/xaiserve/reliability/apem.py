@@ -144,7 +144,7 @@ def _score_group(
     APEM_norm and the images its searches evaluated."""
     members = []
     for relevance, count in zip(maps, shuffles, strict=True):
-        generator = torch.Generator().manual_seed(SHUFFLE_SEED)
+        generator = torch.Generator(device="cpu").manual_seed(SHUFFLE_SEED)
         copies = [shuffled(relevance, generator) for _ in range(count)]
         members.append(_Scored(relevance, copies, norm=math.nan if copies else None))
     turn = 0

@@ -128,7 +128,7 @@ def _record(
     original has none). APEMs are NaN when undefined."""
     positive = int((original > 0).sum())
     return FilteredRecord(
-        map=kept.detach().numpy().astype(np.float32),
+        map=kept.detach().cpu().numpy().astype(np.float32),
         kept_fraction=int((kept > 0).sum()) / positive if positive else 1.0,
         apem_before=before.apem if before is not None else math.nan,
         apem_after=after.apem if after is not None else math.nan,

@@ -47,8 +47,9 @@ def quantile_steps(
     """
     if len(open_steps) <= count:
         return list(open_steps)
-    cumulative = counts[torch.tensor(open_steps) - 1].double().cumsum(0)
-    fractions = torch.arange(1, count + 1, dtype=torch.float64) / (count + 1)
+    device = counts.device
+    cumulative = counts[torch.tensor(open_steps, device=device) - 1].double().cumsum(0)
+    fractions = torch.arange(1, count + 1, dtype=torch.float64, device=device) / (count + 1)
     total = cumulative[-1]
     levels = total**fractions if front_loaded else total * fractions
     picks = torch.searchsorted(cumulative, levels).clamp(max=len(open_steps) - 1)

@@ -153,11 +153,11 @@ class Probe:
         together) with numpy on one thread, into one preallocated array (``docs/apem.md``,
         "Building the perturbed images", says why)."""
         x = self.x
-        base = x.detach().numpy()
-        every = directions.detach().numpy()
-        scale = eps.to(x.dtype).numpy().reshape((-1,) + (1,) * x.dim())
+        base = x.detach().cpu().numpy()
+        every = directions.detach().cpu().numpy()
+        scale = eps.to(x.dtype).cpu().numpy().reshape((-1,) + (1,) * x.dim())
         images = np.empty((len(rows), *x.shape), dtype=base.dtype)
-        values, counts = torch.unique_consecutive(rows, return_counts=True)
+        values, counts = torch.unique_consecutive(rows.cpu(), return_counts=True)
         start = 0
         for k, count in zip(values.tolist(), counts.tolist(), strict=True):
             run = images[start : start + count]

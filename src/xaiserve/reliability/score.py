@@ -67,9 +67,12 @@ def directed(relevance: torch.Tensor, sign: torch.Tensor) -> torch.Tensor | None
 
 
 def shuffled(relevance: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """R with its values randomly permuted over its own positions (seed section 5.2)."""
+    """R with its values randomly permuted over its own positions (seed section 5.2); the
+    permutation is drawn on the CPU (``generator`` is a CPU generator), the same on every
+    device."""
     flat = relevance.reshape(-1)
-    return flat[torch.randperm(flat.numel(), generator=generator)].view_as(relevance)
+    order = torch.randperm(flat.numel(), generator=generator, device="cpu")
+    return flat[order.to(flat.device)].view_as(relevance)
 
 
 def check_relevance(relevance: torch.Tensor, x: torch.Tensor) -> None:

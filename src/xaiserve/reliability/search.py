@@ -119,8 +119,12 @@ def search_first_flips(
     active = list(range(len(states)))
     while active:
         rounds = [states[k].indices(lattice, batch) for k in active]
-        rows = torch.cat([torch.full((len(r),), k) for k, r in zip(active, rounds, strict=True)])
-        eps = torch.tensor([lattice.eps(j) for r in rounds for j in r], dtype=torch.float64)
+        # rows and eps values are CPU bookkeeping: the probe builds its images with numpy
+        rows = torch.cat(
+            [torch.full((len(r),), k, device="cpu") for k, r in zip(active, rounds, strict=True)]
+        )
+        values = [lattice.eps(j) for r in rounds for j in r]
+        eps = torch.tensor(values, dtype=torch.float64, device="cpu")
         flipped = probe.flips(directions, rows, eps).tolist()
         offset = 0
         for k, indices in zip(active, rounds, strict=True):
