@@ -60,7 +60,7 @@ class Draft:
 
 def png_of(attr_map: Any, x: torch.Tensor, want_png: bool) -> bytes | None:
     """The PNG overlay when asked for (2-D images only); x: 1 x C x *spatial."""
-    return overlay_png(attr_map, x[0].numpy()) if want_png and x.dim() == 4 else None
+    return overlay_png(attr_map, x[0].cpu().numpy()) if want_png and x.dim() == 4 else None
 
 
 def draft_maps(
@@ -112,7 +112,7 @@ def _draft(
             ctx, item.method, item.params, x, target, staged, request.stage, request.field
         )
         timings["gad"] = time.perf_counter() - t1
-    attr_map = staged.numpy().astype("float32")
+    attr_map = staged.cpu().numpy().astype("float32")
     png = png_of(attr_map, x, want_png)
     timings["postprocess"] = time.perf_counter() - t0 - timings.get("gad", 0.0)
     return Draft(item, staged, attr_map, ctx.budget.spent - spent_before, timings, png)
@@ -140,7 +140,7 @@ def with_reliability(
         gradient_stage=gradient_stage,
         sign_and_logits=functools.partial(_sign_and_logits, ctx),
     )
-    relevance = {id(d): relevance_from_map(d.staged) for d in wanted}
+    relevance = {id(d): relevance_from_map(d.staged.cpu()) for d in wanted}  # as the probe's x
     done: dict[int, Draft] = {}
     if scored:
         t0 = time.perf_counter()
