@@ -119,16 +119,25 @@ class Engine:
         *,
         serial: bool = False,
     ) -> Engine:
-        """Loads every subdirectory of ``root`` that holds a ``config.yaml``; ``serial``
-        as in the constructor.
+        """Loads every subdirectory of ``root`` that holds a ``config.yaml``, each onto
+        ``forward_config.device`` unless its config.yaml names a device; ``serial`` as in
+        the constructor.
 
         A directory that fails to load is logged and listed as failed (see the class);
         the first of two directories with the same model name is served.
 
         Raises:
-            ModelLoadError: no directory loaded; the message lists each one's reason.
+            ModelLoadError: no directory loaded (the message lists each one's reason), or
+                a ``forward_config.device`` torch cannot provide.
         """
+        from xaiserve.runtime.device import resolve_device
+
         root = Path(root)
+        forward_config = forward_config or ForwardConfig()
+        try:
+            device = resolve_device(forward_config.device)
+        except ValueError as err:
+            raise ModelLoadError(f"device {err}") from None
         dirs = sorted(p.parent for p in root.glob("*/config.yaml"))
         if not dirs:
             raise ModelLoadError(f"{root}: no model directories (*/config.yaml)")
@@ -136,7 +145,7 @@ class Engine:
         failed: list[FailedModel] = []
         for directory in dirs:
             try:
-                served = load_model_dir(directory)
+                served = load_model_dir(directory, device)
                 if served.config.name in models:
                     raise ModelLoadError(
                         f"model name {served.config.name!r} repeated: "
