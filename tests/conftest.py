@@ -49,3 +49,13 @@ def served() -> ServedModel:
 def images() -> torch.Tensor:
     """Two pixel-space images, 2 x 3 x 16 x 16 in [0, 1]."""
     return torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored() -> Iterator[None]:
+    """The server and the TorchServe handler set torch's threads when they start (to the
+    usable CPUs); tests that start them in this process get the test process's one back."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

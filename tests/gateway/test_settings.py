@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import FrozenInstanceError, fields
+from pathlib import Path
 
 import pytest
+import torch
 
+from support.tiny_models import write_tiny_model_dir
 from xaiserve.engine.limits import EngineLimits
-from xaiserve.gateway.settings import Settings, build_parser, env_var, parse_settings
+from xaiserve.gateway.settings import (
+    SettingError,
+    Settings,
+    build_parser,
+    env_var,
+    parse_settings,
+)
 
 
 def test_defaults() -> None:
@@ -87,6 +97,50 @@ def test_forward_settings_reach_the_forward_config() -> None:
         "CUDAExecutionProvider",
         "CPUExecutionProvider",
     )
+    assert parse_settings([], {}).forward_config().onnx_device_id is None  # the model's GPU
+
+
+def test_device_and_torch_threads_from_flags_and_environment() -> None:
+    defaults = parse_settings([], {})
+    assert (defaults.device, defaults.torch_threads) == ("auto", 0)
+    assert defaults.forward_config().device == "auto"
+    settings = parse_settings(["--device", "CUDA:1"], {"XAISERVE_TORCH_THREADS": "4"})
+    assert (settings.device, settings.torch_threads) == ("cuda:1", 4)
+    assert settings.forward_config().device == "cuda:1"
+    assert parse_settings([], {"XAISERVE_DEVICE": "cpu"}).device == "cpu"
+    assert parse_settings(["--device", "cuda"], {"XAISERVE_DEVICE": "cpu"}).device == "cuda"
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
+        (["--device", "cuda:x"], {}, "argument --device: must be auto, cpu, cuda or cuda:N"),
+        ([], {"XAISERVE_DEVICE": "gpu"}, "XAISERVE_DEVICE='gpu': must be auto, cpu, cuda or"),
+        (["--torch-threads", "-2"], {}, "argument --torch-threads: must be >= 0, got -2"),
+        ([], {"XAISERVE_TORCH_THREADS": "all"}, "XAISERVE_TORCH_THREADS='all'"),
+    ],
+)
+def test_a_bad_device_or_thread_count_names_the_setting(
+    argv: list[str], environ: dict[str, str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        parse_settings(argv, environ)
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_torch_does_not_see_stops_the_server_naming_the_setting(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from xaiserve.gateway.server import build_backend, main
+
+    write_tiny_model_dir(tmp_path / "tiny")
+    with pytest.raises(SettingError, match=r"^--device \(XAISERVE_DEVICE\): 'cuda': torch sees no"):
+        build_backend(Settings(model_store=str(tmp_path), device="cuda"))
+    with caplog.at_level(logging.ERROR):
+        assert main(["--model-store", str(tmp_path), "--device", "cuda:0"]) == 2
+    assert "--device (XAISERVE_DEVICE): 'cuda:0': torch sees no GPU" in caplog.text
 
 
 @pytest.mark.parametrize(

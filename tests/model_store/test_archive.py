@@ -91,6 +91,8 @@ def test_command_line_builds_one_archive_per_directory(
             "--no-incremental-occlusion",
             "--concurrency",
             "serial",
+            "--device",
+            "cpu",
         ]
     )
 
@@ -106,6 +108,9 @@ def test_command_line_builds_one_archive_per_directory(
     assert settings["xaiserve"]["concurrency"] == "serial"
     forward = settings["xaiserve"]["forward"]
     assert forward["backend"] == "torch" and forward["incremental_occlusion"] is False
+    assert forward["device"] == "cpu"
+    first_config = yaml.safe_load(_contents(tmp_path / "s" / "tiny.mar")["model-config.yaml"])
+    assert first_config["xaiserve"]["forward"]["device"] == "cpu"
     assert forward["onnx_providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from support.tiny_models import write_tiny_model_dir
@@ -287,6 +288,37 @@ def test_onnx_runtime_runs_on_the_gpu_torchserve_gives_the_worker(model_dir: Pat
     on_cpu = handler_module.XaiHandler()
     on_cpu.initialize(_context(model_dir))
     assert on_cpu.engine.forwards["tiny"].config.onnx_device_id == 0
+    chosen = handler_module.XaiHandler()
+    chosen.initialize(_context(model_dir, {"xaiserve": {"forward": {"onnx_device_id": 0}}}, 1))
+    assert chosen.engine.forwards["tiny"].config.onnx_device_id == 0  # the archive's wins
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_cuda_a_worker_given_a_gpu_keeps_its_model_on_the_cpu(model_dir: Path) -> None:
+    handler = handler_module.XaiHandler()
+    handler.initialize(_context(model_dir, gpu=1))
+    assert handler.engine.models["tiny"].device == torch.device("cpu")
+    (info,) = handler.engine.list_models()
+    assert info.device == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_an_archive_asking_for_a_gpu_torch_does_not_see_fails_its_model(model_dir: Path) -> None:
+    handler = handler_module.XaiHandler()
+    handler.initialize(_context(model_dir, {"xaiserve": {"forward": {"device": "cuda"}}}, 0))
+    (info,) = handler.engine.list_models()
+    assert info.status == "FAILED"
+    assert "xaiserve.forward.device 'cuda': torch sees no GPU" in info.status_reason
+
+
+def test_torch_threads_of_the_worker(monkeypatch: pytest.MonkeyPatch, model_dir: Path) -> None:
+    assert handler_module.torch_threads({}) == 0
+    assert handler_module.torch_threads({"XAISERVE_TORCH_THREADS": " 3 "}) == 3
+    with pytest.raises(ModelLoadError, match="XAISERVE_TORCH_THREADS='-1': must be a whole"):
+        handler_module.torch_threads({"XAISERVE_TORCH_THREADS": "-1"})
+    monkeypatch.setenv("XAISERVE_TORCH_THREADS", "2")
+    handler_module.XaiHandler().initialize(_context(model_dir))
+    assert torch.get_num_threads() == 2  # (the conftest restores the test process's)
 
 
 def test_concurrency_from_the_archive_then_the_environment() -> None:
@@ -313,6 +345,7 @@ def test_an_archives_forward_section_reads_back() -> None:
 
     forward = ForwardConfig(
         backend="torch",
+        device="cpu",
         onnx_threads=2,
         memory_mb=64,
         max_batch=48,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -36,6 +35,8 @@ from xaiserve.methods.base import MethodContext
 from xaiserve.methods.cam.score_cam import layer_channels
 from xaiserve.methods.perturbation.occlusion import Occlusion, window_starts
 from xaiserve.methods.registry import METHODS
+from xaiserve.runtime.cpus import usable_cpus
+from xaiserve.runtime.device import resolve_device
 from xaiserve.runtime.execution.executor import Executor
 from xaiserve.runtime.forward.backends import ForwardConfig, ModelForwards, prepare_forwards
 from xaiserve.runtime.forward.counted import Budget, CountedForward
@@ -48,11 +49,11 @@ DEFAULT_TOP_K = 5
 
 def executor_of(name: str, device: torch.device) -> Executor:
     """The executor of a model on ``device``: one stream on a GPU; on a CPU one per usable
-    core, sharing torch's threads (see ``Executor``)."""
+    core (affinity, cgroup quota), sharing torch's threads as configured when the engine
+    is built (``--torch-threads``; see ``Executor``)."""
     if device.type == "cuda":
         return Executor(name, device)
-    cpus = len(os.sched_getaffinity(0))
-    return Executor(name, device, streams=cpus, threads=cpus)
+    return Executor(name, device, streams=usable_cpus(), threads=torch.get_num_threads())
 
 
 class Engine:
@@ -133,16 +134,23 @@ class Engine:
         *,
         serial: bool = False,
     ) -> Engine:
-        """Loads every subdirectory of ``root`` that holds a ``config.yaml``; ``serial``
-        as in the constructor.
+        """Loads every subdirectory of ``root`` that holds a ``config.yaml``, each onto
+        ``forward_config.device`` unless its config.yaml names a device; ``serial`` as in
+        the constructor.
 
         A directory that fails to load is logged and listed as failed (see the class);
         the first of two directories with the same model name is served.
 
         Raises:
-            ModelLoadError: no directory loaded; the message lists each one's reason.
+            ModelLoadError: no directory loaded (the message lists each one's reason), or
+                a ``forward_config.device`` torch cannot provide.
         """
         root = Path(root)
+        forward_config = forward_config or ForwardConfig()
+        try:
+            device = resolve_device(forward_config.device)
+        except ValueError as err:
+            raise ModelLoadError(f"device {err}") from None
         dirs = sorted(p.parent for p in root.glob("*/config.yaml"))
         if not dirs:
             raise ModelLoadError(f"{root}: no model directories (*/config.yaml)")
@@ -150,7 +158,7 @@ class Engine:
         failed: list[FailedModel] = []
         for directory in dirs:
             try:
-                served = load_model_dir(directory)
+                served = load_model_dir(directory, device)
                 if served.config.name in models:
                     raise ModelLoadError(
                         f"model name {served.config.name!r} repeated: "

@@ -31,7 +31,7 @@ from xaiserve.gateway.admission import InFlightLimit, ReceiveRefusals
 from xaiserve.gateway.backends import Backend, LocalBackend
 from xaiserve.gateway.metrics import Metrics, MetricsHttpServer
 from xaiserve.gateway.servicer import ExplanationServicer
-from xaiserve.gateway.settings import Settings, configure_logging, parse_settings
+from xaiserve.gateway.settings import SettingError, Settings, configure_logging, parse_settings
 
 logger = logging.getLogger(__name__)
 
@@ -248,13 +248,24 @@ def build_backend(settings: Settings) -> Backend:
     ListModels with their reason (see ``Engine``), and health is SERVING while one model
     is served.
 
+    The local backend first sets torch's threads (``torch_threads``; 0: the CPUs this
+    process may use) and checks ``device`` against the GPUs torch sees.
+
     Raises:
         ModelLoadError: the model store cannot be served (on the local backend: no model
             loaded; the message gives each directory's reason).
+        SettingError: ``device`` names a GPU torch does not see.
     """
     if settings.backend == "local":
         from xaiserve.engine.engine import Engine  # torch: imported only when serving
+        from xaiserve.runtime.device import configure_torch_threads, resolve_device
 
+        configure_torch_threads(settings.torch_threads)
+        try:
+            device = resolve_device(settings.device)
+        except ValueError as error:
+            raise SettingError("device", str(error)) from None
+        logger.info("local backend: models on %s unless their config.yaml says", device)
         engine = Engine.from_model_store(
             Path(settings.model_store),
             settings.engine_limits(),
@@ -305,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ensure_demo_model(Path(settings.model_store) / "demo", progress=True)
     try:
         backend = build_backend(settings)
+    except SettingError as error:
+        logger.error("%s", error)
+        return 2
     except ModelLoadError as error:
         logger.error("cannot serve %s: %s", settings.model_store, error)
         return 1

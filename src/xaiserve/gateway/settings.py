@@ -16,7 +16,7 @@ from typing import Any
 
 from xaiserve.engine.limits import EngineLimits
 from xaiserve.runtime.forward.config import BACKENDS as FORWARD_BACKENDS
-from xaiserve.runtime.forward.config import CONCURRENCY, SERIAL, ForwardConfig
+from xaiserve.runtime.forward.config import CONCURRENCY, SERIAL, ForwardConfig, device_spec
 
 ENV_PREFIX = "XAISERVE_"
 #: Backends that can be selected.
@@ -46,6 +46,11 @@ class Settings:
         (TorchServe's gRPC inference API, see ``xaiserve.gateway.torchserve_backend``).
     workers: requests the local backend runs at once (threads); their device work shares
         each model's calls (the executor), so more requests in flight pack fuller calls.
+    device: the torch device of the local backend's models (a model's config.yaml
+        ``device`` wins): ``auto`` (the GPU when torch sees one, else the CPU), ``cpu``,
+        ``cuda`` or ``cuda:N``; a GPU torch does not see stops the server with an error.
+    torch_threads: torch's intra-op threads in the local backend; 0: the CPUs this process
+        may use (affinity, cgroup quota), or what ``OMP_NUM_THREADS`` says when it is set.
     concurrency: how the local backend runs requests on one model: ``batched`` (the work
         of the requests in flight shares device calls) or ``serial`` (one request at a
         time per model, the behaviour before issue 22, kept for the side-by-side
@@ -70,7 +75,8 @@ class Settings:
         how forward-only batches run on the local backend (see
         :class:`~xaiserve.runtime.forward.config.ForwardConfig`); ``onnx_providers`` is
         comma-separated, by default ``CUDAExecutionProvider,CPUExecutionProvider`` (CUDA
-        where onnxruntime-gpu finds a GPU, else the CPU).
+        where onnxruntime-gpu finds a GPU, else the CPU); ``onnx_device_id`` None: the
+        GPU of each model's torch device.
     default_deadline_seconds: deadline applied to calls that arrive without one.
     grace_seconds: how long in-flight calls may finish on SIGTERM/SIGINT.
     log_level: logging level name.
@@ -84,6 +90,8 @@ class Settings:
     backend: str = "local"
     workers: int = 32
     concurrency: str = CONCURRENCY[0]
+    device: str = _FORWARD_DEFAULTS.device
+    torch_threads: int = 0
     max_in_flight: int = 64
     torchserve_target: str = "127.0.0.1:7070"
     torchserve_key_file: str = "var/stack/torchserve/key_file.json"
@@ -100,7 +108,7 @@ class Settings:
     forward_backend: str = _FORWARD_DEFAULTS.backend
     onnx_threads: int = _FORWARD_DEFAULTS.onnx_threads
     onnx_providers: str = ",".join(_FORWARD_DEFAULTS.onnx_providers)
-    onnx_device_id: int = _FORWARD_DEFAULTS.onnx_device_id
+    onnx_device_id: int | None = _FORWARD_DEFAULTS.onnx_device_id
     forward_memory_mb: int = _FORWARD_DEFAULTS.memory_mb
     forward_max_batch: int = _FORWARD_DEFAULTS.max_batch
     forward_call_batch: int = _FORWARD_DEFAULTS.call_batch
@@ -135,6 +143,7 @@ class Settings:
         """How the engine runs forward-only batches (torch or ONNX Runtime)."""
         return ForwardConfig(
             backend=self.forward_backend,
+            device=self.device,
             onnx_threads=self.onnx_threads,
             onnx_providers=tuple(p.strip() for p in self.onnx_providers.split(",") if p.strip()),
             onnx_device_id=self.onnx_device_id,
@@ -143,6 +152,15 @@ class Settings:
             call_batch=self.forward_call_batch,
             incremental_occlusion=self.incremental_occlusion,
         )
+
+
+class SettingError(ValueError):
+    """A setting that parsed but cannot be used on this machine (a GPU torch does not
+    see); the message names the flag and its environment variable."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"--{name.replace('_', '-')} ({env_var(name)}): {reason}")
+        self.setting = name
 
 
 def _positive_int(text: str) -> int:
@@ -227,6 +245,16 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
         "batched: the work of the requests in flight on a model shares device calls; "
         "serial: one request at a time per model (as before issue 22, for comparison)",
     ),
+    "device": (
+        device_spec,
+        "torch device of the models (a model's config.yaml device wins): auto (the GPU when "
+        "torch sees one, else the CPU), cpu, cuda or cuda:N",
+    ),
+    "torch_threads": (
+        _non_negative_int,
+        "torch intra-op threads; 0: the CPUs this process may use (affinity, cgroup "
+        "quota), or OMP_NUM_THREADS when set",
+    ),
     "max_in_flight": (
         _positive_int,
         "Explain/ListModels calls handled at once (either backend); more get "
@@ -260,13 +288,17 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     ),
     "onnx_threads": (
         _non_negative_int,
-        "intra-op threads per ONNX Runtime session; 0: one per core",
+        "intra-op threads per ONNX Runtime session; 0: the CPUs this process may use "
+        "(affinity, cgroup quota)",
     ),
     "onnx_providers": (
         _providers,
         "ONNX Runtime execution providers, comma-separated, in order of preference",
     ),
-    "onnx_device_id": (_non_negative_int, "the GPU of ONNX Runtime's GPU providers (CUDA)"),
+    "onnx_device_id": (
+        _non_negative_int,
+        "the GPU of ONNX Runtime's GPU providers (CUDA); unset: the GPU of the model's device",
+    ),
     "forward_memory_mb": (
         _positive_int,
         "memory budget of one forward-only batch in MiB (bytes per image x batch <= it)",

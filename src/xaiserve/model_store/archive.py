@@ -10,8 +10,8 @@ and serves on torch), the handler (:mod:`xaiserve.worker.torchserve_handler`)
 and a ``model-config.yaml`` with the per-model TorchServe settings (batch size, maximum
 batch delay, response timeout, workers, job queue size), the engine limits the worker
 enforces (``xaiserve.limits``) and how it runs forward-only batches
-(``xaiserve.forward``: backend, ONNX Runtime threads and providers, memory budget,
-incremental occlusion). The archive is named after the model (``demo.mar``) and
+(``xaiserve.forward``: torch device, backend, ONNX Runtime threads and providers, memory
+budget, incremental occlusion). The archive is named after the model (``demo.mar``) and
 carries its version from ``config.yaml``. ``torch-model-archiver`` does the packing.
 """
 
@@ -35,7 +35,7 @@ import yaml
 from xaiserve.api.errors import ModelLoadError
 from xaiserve.engine.limits import EngineLimits
 from xaiserve.runtime.calibration import CALIBRATION_FILES
-from xaiserve.runtime.forward.config import BACKENDS, CONCURRENCY, ForwardConfig
+from xaiserve.runtime.forward.config import BACKENDS, CONCURRENCY, ForwardConfig, device_spec
 from xaiserve.runtime.forward.onnx_export import ONNX_FILE, export_model_dir
 from xaiserve.runtime.gad_store import index_files, read_index
 from xaiserve.runtime.model import read_config
@@ -115,6 +115,7 @@ class ArchiveSettings:
         forward = self.forward
         return {
             "backend": forward.backend,
+            "device": forward.device,
             "onnx_threads": forward.onnx_threads,
             "onnx_providers": list(forward.onnx_providers),
             "memory_mb": forward.memory_mb,
@@ -253,10 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="default backend of the worker's forward-only batches",
     )
     parser.add_argument(
+        "--device",
+        type=device_spec,
+        default=forward.device,
+        help="torch device of the worker's model: auto (the GPU TorchServe gives the worker "
+        "where torch sees GPUs, else the CPU), cpu, cuda or cuda:N",
+    )
+    parser.add_argument(
         "--onnx-threads",
         type=int,
         default=forward.onnx_threads,
-        help="intra-op threads per ONNX Runtime session; 0: one per core",
+        help="intra-op threads per ONNX Runtime session; 0: the CPUs the worker may use",
     )
     parser.add_argument(
         "--onnx-providers",
@@ -310,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             limits=limits,
             forward=ForwardConfig(
                 backend=args.forward_backend,
+                device=args.device,
                 onnx_threads=args.onnx_threads,
                 onnx_providers=tuple(
                     p.strip() for p in args.onnx_providers.split(",") if p.strip()

@@ -3,7 +3,7 @@
 A model directory holds::
 
     config.yaml   name, version, model code and class, weights, input size, normalization,
-                  labels, CAM layer (see ModelConfig)
+                  labels, CAM layer, device (see ``model_config.ModelConfig``)
     model.py      the network's code (trusted, as in any model archive); it may import
                   the files next to it (``from helpers import Block`` or
                   ``from .helpers import Block``)
@@ -32,7 +32,6 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
@@ -41,106 +40,12 @@ from torch import nn
 from xaiserve.api.errors import ModelLoadError
 from xaiserve.runtime.artifacts import file_sha256
 from xaiserve.runtime.calibration import Calibration, load_calibration
+from xaiserve.runtime.device import CPU, resolve_device
 from xaiserve.runtime.gad_store import GadSupport, load_gad_support
+from xaiserve.runtime.model_config import NAME_RE, ModelConfig, read_config
 from xaiserve.runtime.pixel_space import PixelSpaceModel
 
 log = logging.getLogger(__name__)
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-#: Where a model lives unless told otherwise.
-CPU = torch.device("cpu")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The contents of ``config.yaml``."""
-
-    name: str
-    version: str
-    model_file: str
-    model_class: str
-    model_kwargs: dict[str, Any]
-    weights: str
-    input_shape: tuple[int, ...]  # C x H x W (C x D x H x W for volumetric models)
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    labels: tuple[str, ...]
-    cam_layer: str = ""
-
-    @property
-    def channels(self) -> int:
-        return self.input_shape[0]
-
-    @property
-    def spatial(self) -> tuple[int, ...]:
-        return self.input_shape[1:]
-
-
-def _require(raw: dict[str, Any], key: str, path: Path) -> Any:
-    if key not in raw:
-        raise ModelLoadError(f"{path}: missing key '{key}'")
-    return raw[key]
-
-
-def _mapping(raw: dict[str, Any], key: str, path: Path, required: bool = True) -> dict[str, Any]:
-    """``raw[key]`` as a mapping ({} when absent and not required)."""
-    value = _require(raw, key, path) if required else raw.get(key) or {}
-    if not isinstance(value, dict):
-        raise ModelLoadError(f"{path}: '{key}' must be a mapping, got {type(value).__name__}")
-    return value
-
-
-def _numbers(values: Any, kind: type, key: str, path: Path) -> tuple[Any, ...]:
-    """``values`` (a list) as a tuple of ``kind``; ModelLoadError naming ``key`` otherwise."""
-    if not isinstance(values, list):
-        raise ModelLoadError(f"{path}: '{key}' must be a list, got {type(values).__name__}")
-    try:
-        if kind is int and not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise ValueError("not whole numbers")
-        return tuple(kind(v) for v in values)
-    except (TypeError, ValueError) as err:
-        raise ModelLoadError(f"{path}: '{key}' must hold {kind.__name__} values: {err}") from None
-
-
-def read_config(path: Path) -> ModelConfig:
-    """Parses and validates ``config.yaml``; raises ModelLoadError with the file and key."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ModelLoadError(f"{path}: {err}") from err
-    if not isinstance(raw, dict):
-        raise ModelLoadError(f"{path}: expected a mapping")
-    name = str(_require(raw, "name", path))
-    if not _NAME_RE.match(name):
-        raise ModelLoadError(f"{path}: invalid model name {name!r}")
-    model = _mapping(raw, "model", path)
-    inp = _mapping(raw, "input", path)
-    norm = _mapping(raw, "normalize", path, required=False)
-    (channels,) = _numbers([_require(inp, "channels", path)], int, "input.channels", path)
-    axes = [k for k in ("depth", "height", "width") if k in inp]
-    spatial = _numbers([inp[k] for k in axes], int, f"input.{'/'.join(axes)}", path)
-    if channels < 1 or min(spatial, default=1) < 1:
-        raise ModelLoadError(f"{path}: input sizes must be >= 1")
-    mean = _numbers(norm.get("mean", [0.0] * channels), float, "normalize.mean", path)
-    std = _numbers(norm.get("std", [1.0] * channels), float, "normalize.std", path)
-    if len(mean) != channels or len(std) != channels or min(std) <= 0:
-        raise ModelLoadError(f"{path}: normalize.mean/std need {channels} values, std > 0")
-    labels = _require(raw, "labels", path)
-    if not isinstance(labels, list) or len(labels) < 2:
-        raise ModelLoadError(f"{path}: 'labels' must be a list of at least two labels")
-    return ModelConfig(
-        name=name,
-        version=str(raw.get("version", "1")),
-        model_file=str(model.get("file", "model.py")),
-        model_class=str(_require(model, "class", path)),
-        model_kwargs=_mapping(model, "kwargs", path, required=False),
-        weights=str(raw.get("weights", "weights.pt")),
-        input_shape=(channels, *spatial),
-        mean=mean,
-        std=std,
-        labels=tuple(str(v) for v in labels),
-        cam_layer=str(raw.get("cam_layer") or ""),
-    )
 
 
 @dataclass
@@ -187,7 +92,7 @@ def failed_model(directory: Path, error: Exception) -> FailedModel:
     name, version = shown, ""
     try:
         raw = yaml.safe_load((directory / "config.yaml").read_text())
-        if isinstance(raw, dict) and _NAME_RE.match(str(raw.get("name", ""))):
+        if isinstance(raw, dict) and NAME_RE.match(str(raw.get("name", ""))):
             name, version = str(raw["name"]), str(raw.get("version", "1"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         pass  # the error itself says what is wrong with the file
@@ -319,13 +224,15 @@ def _is_torchscript(path: Path) -> bool:
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
-def _check_forward(module: nn.Module, cfg: ModelConfig, directory: Path) -> None:
-    """Runs one zero image (1 x C x H x W) through ``module``: its code must run and
-    return logits 1 x K, one per label, or the model is not served."""
+def _check_forward(
+    module: nn.Module, cfg: ModelConfig, directory: Path, device: torch.device
+) -> None:
+    """Runs one zero image (1 x C x H x W, on ``device``) through ``module``: its code must
+    run and return logits 1 x K, one per label, or the model is not served."""
     shape = " x ".join(str(d) for d in (1, *cfg.input_shape))
     try:
         with torch.no_grad():
-            out = module(torch.zeros(1, *cfg.input_shape))
+            out = module(torch.zeros(1, *cfg.input_shape, device=device))
     except Exception as err:
         raise ModelLoadError(
             f"{directory}: a forward pass of a {shape} image failed: {type(err).__name__}: {err}"
@@ -338,15 +245,28 @@ def _check_forward(module: nn.Module, cfg: ModelConfig, directory: Path) -> None
         )
 
 
-def load_model_dir(directory: Path) -> ServedModel:
-    """Loads one model directory (config, code, weights) into eval mode on the CPU.
+def load_model_dir(
+    directory: Path, device: torch.device = CPU, gpu_id: int | None = None
+) -> ServedModel:
+    """Loads one model directory (config, code, weights) into eval mode on its device.
+
+    device: where the model goes unless its config.yaml names a ``device``, which is
+    resolved here (``device.resolve_device``; gpu_id: the GPU TorchServe gave the worker,
+    or None). The weights are read onto the CPU and the module moved to the device
+    afterwards, GAD support models too; the check's zero image runs there.
 
     Raises:
         ModelLoadError: whatever fails, with the file and the reason; the model's own
-            code's exceptions (import, constructor, a first forward pass) included.
+            code's exceptions (import, constructor, a first forward pass) included, and a
+            config.yaml ``device`` that torch cannot provide.
     """
     directory = Path(directory)
     cfg = read_config(directory / "config.yaml")
+    if cfg.device:
+        try:
+            device = resolve_device(cfg.device, gpu_id)
+        except ValueError as err:
+            raise ModelLoadError(f"{directory / 'config.yaml'}: 'device' {err}") from None
     cls = _import_model_class(directory, cfg)
     try:
         net = cls(**cfg.model_kwargs)
@@ -361,18 +281,18 @@ def load_model_dir(directory: Path) -> ServedModel:
             cam = net.get_submodule(cfg.cam_layer)
         except AttributeError as err:
             raise ModelLoadError(f"{directory}: cam_layer {cfg.cam_layer!r} not found") from err
-    module = _pixel_space(net, cfg)
-    _check_forward(module, cfg, directory)
+    module = _pixel_space(net, cfg).to(device)  # in place: ``cam`` is still its layer
+    _check_forward(module, cfg, directory, device)
     sha = file_sha256(weights)
     calibration = load_calibration(directory, cfg.cam_layer, sha)
 
     def support_module(support_state: dict[str, torch.Tensor]) -> PixelSpaceModel:
         support = cls(**cfg.model_kwargs)
         support.load_state_dict(support_state)
-        return _pixel_space(support, cfg)
+        return _pixel_space(support, cfg).to(device)
 
     gad = load_gad_support(directory, support_module, sha, len(cfg.labels))
-    log.info("loaded model %s version %s from %s", cfg.name, cfg.version, directory)
+    log.info("loaded model %s version %s from %s on %s", cfg.name, cfg.version, directory, device)
     return ServedModel(
         config=cfg,
         module=module,
@@ -380,6 +300,7 @@ def load_model_dir(directory: Path) -> ServedModel:
         directory=directory,
         calibration=calibration,
         gad=gad,
+        device=device,
     )
 
 

@@ -34,6 +34,7 @@ from xaiserve.api.errors import DeadlineExceeded, InvalidArgument, ModelLoadErro
 from xaiserve.api.v1 import explain_pb2 as pb
 from xaiserve.engine.engine import Engine
 from xaiserve.engine.limits import EngineLimits
+from xaiserve.runtime.device import configure_torch_threads, resolve_device
 from xaiserve.runtime.forward.config import CONCURRENCY, SERIAL, ForwardConfig
 from xaiserve.runtime.model import failed_model, load_model_dir
 
@@ -45,6 +46,8 @@ CONFIG_SECTION = "xaiserve"
 BATCH_METRIC = "XaiserveBatches"
 #: The worker's environment variable of ``concurrency`` (as the gateway's setting).
 CONCURRENCY_ENV = "XAISERVE_CONCURRENCY"
+#: The worker's environment variable of torch's threads (as the gateway's setting).
+TORCH_THREADS_ENV = "XAISERVE_TORCH_THREADS"
 
 
 def engine_limits(model_yaml_config: Mapping[str, Any] | None) -> EngineLimits:
@@ -67,8 +70,9 @@ def engine_limits(model_yaml_config: Mapping[str, Any] | None) -> EngineLimits:
 
 def forward_config(model_yaml_config: Mapping[str, Any] | None) -> ForwardConfig:
     """How forward-only batches run, from ``xaiserve.forward`` in model-config.yaml
-    (``backend``, ``onnx_threads``, ``onnx_providers`` (a list), ``memory_mb``,
-    ``max_batch``, ``call_batch``, ``incremental_occlusion``; defaults otherwise).
+    (``backend``, ``device``, ``onnx_threads``, ``onnx_providers`` (a list),
+    ``onnx_device_id``, ``memory_mb``, ``max_batch``, ``call_batch``,
+    ``incremental_occlusion``; defaults otherwise).
 
     Raises:
         ModelLoadError: an unknown key or a bad value.
@@ -77,8 +81,10 @@ def forward_config(model_yaml_config: Mapping[str, Any] | None) -> ForwardConfig
     given = dict(section.get("forward") or {})
     known = {
         "backend",
+        "device",
         "onnx_threads",
         "onnx_providers",
+        "onnx_device_id",
         "memory_mb",
         "max_batch",
         "call_batch",
@@ -114,6 +120,20 @@ def serial(
     if str(value).strip().lower() not in CONCURRENCY:
         raise ModelLoadError(f"{where}: {value!r}: choose from {', '.join(CONCURRENCY)}")
     return str(value).strip().lower() == SERIAL
+
+
+def torch_threads(environ: Mapping[str, str] | None = None) -> int:
+    """The worker's ``XAISERVE_TORCH_THREADS`` (0, auto, when unset: the CPUs the worker
+    may use, or ``OMP_NUM_THREADS`` when set; see ``runtime.device.configure_torch_threads``).
+
+    Raises:
+        ModelLoadError: not a whole number >= 0.
+    """
+    environ = os.environ if environ is None else environ
+    text = environ.get(TORCH_THREADS_ENV, "").strip() or "0"
+    if not text.isdigit():
+        raise ModelLoadError(f"{TORCH_THREADS_ENV}={text!r}: must be a whole number >= 0")
+    return int(text)
 
 
 def answer(engine: Engine, inputs: Mapping[str, Any]) -> bytes:
@@ -156,9 +176,12 @@ class XaiHandler(BaseHandler):
 
         The engine limits come from ``xaiserve.limits`` in the archive's model-config.yaml,
         how forward-only batches run from ``xaiserve.forward``, whether requests run one at a
-        time from ``xaiserve.concurrency`` (see :func:`serial`), the GPU of ONNX Runtime's
-        GPU providers from TorchServe (``gpu_id``, on hosts with GPUs); the archive's
-        ``model.onnx``, when there, is checked and used (see ``forward_backends``).
+        time from ``xaiserve.concurrency`` (see :func:`serial`). The model goes to
+        ``xaiserve.forward.device`` (``auto`` by default: the GPU TorchServe gave the worker,
+        ``gpu_id``, when torch sees GPUs, else the CPU; a model's config.yaml ``device``
+        wins), ONNX Runtime's GPU providers to the same GPU. torch gets the threads of
+        :func:`torch_threads`. The archive's ``model.onnx``, when there, is checked and used
+        (see ``forward_backends``).
 
         A model that fails to load (or a bad model-config.yaml) does not fail the worker,
         which TorchServe would restart without end: the worker answers ListModels with the
@@ -171,11 +194,18 @@ class XaiHandler(BaseHandler):
         self.pool = ThreadPoolExecutor(max_workers=batch, thread_name_prefix="xaiserve-batch")
         model_dir = Path(context.system_properties["model_dir"])
         yaml_config = getattr(context, "model_yaml_config", None)
+        gpu = context.system_properties.get("gpu_id")
+        gpu = None if gpu is None else int(gpu)  # the worker's GPU, on hosts with GPUs
         try:
+            configure_torch_threads(torch_threads())
             limits = engine_limits(yaml_config)
             config = forward_config(yaml_config)
             one_at_a_time = serial(yaml_config)
-            served = load_model_dir(model_dir)
+            try:
+                device = resolve_device(config.device, gpu)
+            except ValueError as err:
+                raise ModelLoadError(f"model-config.yaml: xaiserve.forward.device {err}") from None
+            served = load_model_dir(model_dir, device, gpu)
         except Exception as err:
             logger.error(
                 "model directory %s not served: %s",
@@ -190,18 +220,18 @@ class XaiHandler(BaseHandler):
             self.engine = Engine({}, EngineLimits(), failed=[failure])
             self.initialized = True
             return
-        gpu = context.system_properties.get("gpu_id")
-        if gpu is not None:  # TorchServe gives each worker of a GPU host one GPU
-            config = replace(config, onnx_device_id=int(gpu))
+        if gpu is not None and config.onnx_device_id is None:  # also where torch has no CUDA
+            config = replace(config, onnx_device_id=gpu)
         self.engine = Engine({served.config.name: served}, limits, config, serial=one_at_a_time)
         self.engine.warm_up()
         self.initialized = True
         logger.info(
-            "xaiserve handler %s: model %s version %s from %s (torch threads %d)",
+            "xaiserve handler %s: model %s version %s from %s on %s (torch threads %d)",
             "ready" if self.engine.models else "failed",
             served.config.name,
             served.config.version,
             model_dir,
+            served.device,
             torch.get_num_threads(),
         )
 

@@ -31,8 +31,12 @@ positions (then cached, at most ``MAX_OCCLUDERS`` per model), checked against fu
 passes, and None (full forward passes) where the model's graph does not allow it or
 ``incremental_occlusion`` is off.
 Incremental stages run on the CPU: a session on a GPU provider (CUDA on GPU nodes, the
-default where onnxruntime-gpu finds a GPU) runs full passes, which a GPU batches well,
-rather than move every stage's crops through host memory.
+default where onnxruntime-gpu finds a GPU), and a model on a GPU (``ServedModel.device``),
+run full passes, which a GPU batches well, rather than move every stage's crops through
+host memory.
+
+A model on a GPU (``cuda:N``) gets ONNX Runtime's GPU providers on the same GPU unless
+``ForwardConfig.onnx_device_id`` names another (``prepare_forwards`` sets it per model).
 """
 
 from __future__ import annotations
@@ -43,12 +47,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from xaiserve.api.errors import InvalidArgument
+from xaiserve.runtime.device import onnx_device_id
 from xaiserve.runtime.forward.config import BACKENDS, FALLBACK, ONNXRUNTIME, TORCH, ForwardConfig
 from xaiserve.runtime.forward.counted import (
     Budget,
@@ -92,9 +97,9 @@ class OnnxForward(CountedForward):
         self.session = session
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        array = x.detach().to(torch.float32).contiguous().numpy()
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
         (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: array})
-        return torch.from_numpy(logits)
+        return torch.from_numpy(logits).to(x.device)
 
 
 @dataclass
@@ -206,6 +211,8 @@ class ModelForwards:
         if backend == ONNXRUNTIME and self.providers[:1] not in ((), (CPU_PROVIDER,)):
             # each stage's crops would go through host memory: full passes on the GPU
             occluder, reason = None, f"the session runs on {self.providers[0]}"
+        elif self.served.device.type != "cpu":  # the stages run on the CPU: likewise
+            occluder, reason = None, f"the model is on {self.served.device}"
         else:
             occluder, reason = self._build_occluder(backend, window, starts)
         name = self.served.config.name
@@ -281,6 +288,7 @@ def prepare_forwards(served: ServedModel, config: ForwardConfig | None = None) -
     """The forward-only setup of one model (module docstring). Never raises for ONNX
     problems: the model then serves on torch, ``onnx_status`` saying why."""
     config = config or ForwardConfig()
+    config = replace(config, onnx_device_id=onnx_device_id(config.onnx_device_id, served.device))
     per_image = image_bytes(served.module, served.config.input_shape)
     batch = memory_batch_size(per_image, config.memory_budget, config.max_batch)
     try:

@@ -5,6 +5,7 @@ See :mod:`.backends` for how it is used.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypedDict
@@ -24,6 +25,23 @@ CONCURRENCY = (BATCHED, SERIAL)
 side-by-side benchmark); server flag ``--concurrency``, a TorchServe archive's
 ``xaiserve.concurrency``, env ``XAISERVE_CONCURRENCY``."""
 _MIB = 1024 * 1024
+AUTO = "auto"
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N (N: a GPU index)"
+
+
+def device_spec(text: str) -> str:
+    """``text`` as a device setting (lower case, no spaces): ``auto``, ``cpu``, ``cuda``
+    or ``cuda:N``. Whether the GPU is there is checked where torch is
+    (``runtime.device.resolve_device``).
+
+    Raises:
+        ValueError: any other text.
+    """
+    spec = str(text).strip().lower()
+    if not _DEVICE_RE.match(spec):
+        raise ValueError(f"must be {DEVICE_FORMS}, got {text!r}")
+    return spec
 
 
 class SessionOptions(TypedDict, total=False):
@@ -36,19 +54,26 @@ class SessionOptions(TypedDict, total=False):
 
 @dataclass(frozen=True)
 class ForwardConfig:
-    """How forward-only batches run (server flags ``--forward-backend``, ``--onnx-threads``,
-    ``--onnx-providers``, ``--forward-memory-mb``, ``--forward-max-batch``,
-    ``--forward-call-batch``; env ``XAISERVE_*``).
+    """Where models run and how forward-only batches run (server flags ``--device``,
+    ``--forward-backend``, ``--onnx-threads``, ``--onnx-providers``, ``--onnx-device-id``,
+    ``--forward-memory-mb``, ``--forward-max-batch``, ``--forward-call-batch``; env
+    ``XAISERVE_*``).
+
+    device: the torch device of the models whose config.yaml names none: ``auto`` (the
+        GPU when torch sees one, else the CPU; in a TorchServe worker the GPU TorchServe
+        gave it), ``cpu``, ``cuda`` (the first GPU, or the worker's) or ``cuda:N``.
 
     backend: the default of models whose ONNX forward passed its check: "onnxruntime", or
         "torch" (ONNX Runtime then only for requests that ask for it).
-    onnx_threads: intra-op threads of each ONNX Runtime session; 0: onnxruntime's default
-        (one per physical core).
+    onnx_threads: intra-op threads of each ONNX Runtime session; 0: the CPUs this process
+        may use (``runtime.cpus.usable_cpus``: affinity and cgroup quota), not
+        onnxruntime's default of one per core of the host.
     onnx_providers: execution providers in order of preference; those the installed
         onnxruntime lacks are skipped. The default takes CUDA where onnxruntime-gpu and a
         GPU are there (the GPU image on GPU nodes) and the CPU everywhere else.
-    onnx_device_id: the GPU of GPU providers (CUDA, TensorRT, ROCm); a TorchServe worker
-        uses the GPU TorchServe gave it.
+    onnx_device_id: the GPU of GPU providers (CUDA, TensorRT, ROCm); None (the default):
+        the model's torch GPU (``cuda:N`` -> N; 0 for a model on the CPU; in a TorchServe
+        worker the GPU TorchServe gave it), so torch and ONNX Runtime share one GPU.
     memory_mb: the memory budget of one forward-only batch: bytes per image x batch <= it
         (bytes per image: the input and every activation, ``forward.image_bytes``). Gradient
         batches keep about that much per image for their backward pass, so they follow it
@@ -68,9 +93,10 @@ class ForwardConfig:
     """
 
     backend: str = ONNXRUNTIME
+    device: str = AUTO
     onnx_threads: int = 0
     onnx_providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
-    onnx_device_id: int = 0
+    onnx_device_id: int | None = None
     memory_mb: int = 1024
     max_batch: int = 256
     call_batch: int = 0
@@ -83,7 +109,11 @@ class ForwardConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.onnx_threads < 0:
             raise ValueError(f"onnx_threads must be >= 0, got {self.onnx_threads}")
-        if self.onnx_device_id < 0:
+        try:
+            object.__setattr__(self, "device", device_spec(self.device))  # "CUDA:1" -> "cuda:1"
+        except ValueError as err:
+            raise ValueError(f"device {err}") from None
+        if self.onnx_device_id is not None and self.onnx_device_id < 0:
             raise ValueError(f"onnx_device_id must be >= 0, got {self.onnx_device_id}")
         if not self.onnx_providers:
             raise ValueError("onnx_providers must name at least one provider")
@@ -102,11 +132,12 @@ class ForwardConfig:
 
     @property
     def session_options(self) -> SessionOptions:
-        """Keyword arguments of ``onnx_export.new_session``: providers, threads, GPU."""
+        """Keyword arguments of ``onnx_export.new_session``: providers, threads, GPU (0
+        while ``onnx_device_id`` is None; ``backends.prepare_forwards`` sets it per model)."""
         return {
             "providers": self.onnx_providers,
             "threads": self.onnx_threads,
-            "device_id": self.onnx_device_id,
+            "device_id": self.onnx_device_id or 0,
         }
 
     @property

@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from xaiserve.api.errors import DeadlineExceeded, ResourceExhausted
+from xaiserve.runtime.device import module_device
 from xaiserve.runtime.execution.executor import Executor, Pass, single
 
 PROBE_SECONDS = 1.0
@@ -85,13 +86,13 @@ def batches(total: int, size: int) -> Iterator[slice]:
 class CountedForward:
     """Batched, counted, gradient-free forward passes of a pixel-space model.
 
-    ``__call__(x, stage)``: x is N x C x *spatial (any N), float32 in pixel space; returns
-    logits N x K (float32, CPU). ``batch_size``: the images a caller should build at once
-    (the memory budget's batch); each backend call takes at most ``call_batch`` of them
-    (default ``batch_size``); each image is charged to ``budget`` under ``stage`` before
-    its call runs. ``seconds`` adds up the wall time spent inside calls (batching
-    included); ``label`` names what ran them in timings (the backend, or
-    ``torch_fallback``). Subclasses implement ``_logits``.
+    ``__call__(x, stage)``: x is N x C x *spatial (any N), float32 in pixel space, on any
+    device; returns logits N x K (float32) on x's device, wherever the backend ran them.
+    ``batch_size``: the images a caller should build at once (the memory budget's batch);
+    each backend call takes at most ``call_batch`` of them (default ``batch_size``); each
+    image is charged to ``budget`` under ``stage`` before its call runs. ``seconds`` adds
+    up the wall time spent inside calls (batching included); ``label`` names what ran them
+    in timings (the backend, or ``torch_fallback``). Subclasses implement ``_logits``.
     """
 
     backend: ClassVar[str] = ""
@@ -150,7 +151,8 @@ class CountedForward:
 
 
 class TorchForward(CountedForward):
-    """``CountedForward`` on torch eager: ``module(x)`` under ``torch.no_grad()``."""
+    """``CountedForward`` on torch eager: ``module(x)`` under ``torch.no_grad()``, on the
+    module's device (x is moved there, the logits back to x's device)."""
 
     backend = "torch"
 
@@ -159,10 +161,11 @@ class TorchForward(CountedForward):
     ) -> None:
         super().__init__(budget, batch_size, call_batch)
         self.module = module
+        self.device = module_device(module)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.module(x)
+            return self.module(x.to(self.device)).to(x.device)
 
 
 # ----------------------------------------------------------------------- memory budget
@@ -198,9 +201,10 @@ def image_bytes(module: nn.Module, input_shape: Sequence[int]) -> int:
     all were alive at the same time: an upper bound for torch eager and ONNX Runtime
     forward passes, which free or reuse activations as they go, and about what a gradient
     pass keeps for its backward pass. Measured with one forward of a 1 x ``input_shape``
-    zero image (no gradients) under a dispatch mode that sees every ATen operator.
+    zero image (no gradients, on the module's device) under a dispatch mode that sees
+    every ATen operator.
     """
-    x = torch.zeros(1, *input_shape)
+    x = torch.zeros(1, *input_shape, device=module_device(module))
     counter = _NewStorageBytes()
     with torch.no_grad(), counter:
         module(x)

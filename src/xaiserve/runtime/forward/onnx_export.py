@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from xaiserve.runtime.cpus import usable_cpus
+from xaiserve.runtime.device import module_device
 from xaiserve.runtime.forward.config import DEFAULT_TOLERANCE
 
 log = logging.getLogger(__name__)
@@ -103,9 +105,12 @@ def onnxruntime_module() -> Any:
 def export_onnx(module: nn.Module, input_shape: Sequence[int]) -> bytes:
     """The ONNX graph of ``module`` (eval mode, pixel space) with a dynamic batch axis.
 
-    input_shape: C x *spatial. Raises OnnxUnavailable with the exporter's reason.
+    input_shape: C x *spatial. The example input goes to the module's device (a module on
+    a GPU exports with GPU inputs; the graph is the same). Raises OnnxUnavailable with the
+    exporter's reason.
     """
     example = torch.rand(2, *input_shape, generator=torch.Generator().manual_seed(CHECK_SEED))
+    example = example.to(module_device(module))
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
     buffer = io.BytesIO()
     was_training = module.training
@@ -158,8 +163,10 @@ def check_onnx(
     OnnxUnavailable.
 
     session: an ``onnxruntime.InferenceSession`` of the exported graph. The random group
-    runs in batches of ``CHECK_BATCHES`` images, the others one batch each.
+    runs in batches of ``CHECK_BATCHES`` images, the others one batch each. torch runs on
+    the module's device; the logits are compared on the CPU.
     """
+    device = module_device(module)
     by_input: dict[str, float] = {}
     images = 0
     for name, x in check_inputs(input_shape, real_inputs).items():
@@ -170,7 +177,7 @@ def check_onnx(
             part = x[start : start + size].contiguous()
             start += size
             with torch.no_grad():
-                expected = module(part)
+                expected = module(part.to(device)).cpu()
             try:
                 (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: part.numpy()})
             except Exception as err:  # onnxruntime's own exception types
@@ -275,8 +282,9 @@ def new_session(
     """An ``onnxruntime.InferenceSession`` of ``model`` (bytes or a file).
 
     providers: wanted execution providers in order of preference; those this onnxruntime
-    lacks are skipped (none left: OnnxUnavailable). threads: intra-op threads (0:
-    onnxruntime's default, one per physical core). device_id: the GPU of GPU providers.
+    lacks are skipped (none left: OnnxUnavailable). threads: intra-op threads (0: the CPUs
+    this process may use, ``cpus.usable_cpus``, rather than onnxruntime's default of one
+    per core of the host). device_id: the GPU of GPU providers.
     onnxruntime itself falls back to the next provider when one it has cannot start (a
     GPU build on a node without a GPU); that is logged as a warning, and
     ``session.get_providers()`` says what runs.
@@ -290,7 +298,7 @@ def new_session(
             f"onnxruntime has {', '.join(sorted(available))}"
         )
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or usable_cpus()
     options.inter_op_num_threads = 1
     # the engine interleaves ONNX Runtime calls with torch work (building perturbed
     # images, gradients): idle intra-op threads must not spin on the cores torch needs
