@@ -177,7 +177,7 @@ class ModelForwards:
 
         A build runs outside the cache's lock, so callers asking for other windows (built
         or not) do not wait for it, and callers asking for the same window wait for that
-        one build. (The engine still runs one request per model at a time.)"""
+        one build."""
         key = (backend, window, tuple(tuple(axis) for axis in starts))
         with self._lock:
             if key in self._occluders:
