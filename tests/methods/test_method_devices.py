@@ -128,18 +128,10 @@ def test_explain_places_every_tensor_explicitly(engines, model, method, variant)
     assert_same_on_meta(engines[model], request(engines[model], method, variant))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotImplementedError,
-    reason="runtime/calibration.py: CamCalibration.principal_mask makes its mask with "
-    "torch.zeros(len(target), self.features), no device=, so here it is a meta tensor",
-)
 def test_fs_s_cam_principal_mask_is_placed_explicitly(engines):
     """FS-S-CAM (principal_fraction < 1): the runtime's calibration builds the
-    principal-feature mask, the method moves it to the features' device. On a GPU node the
-    mask is the CPU's and moving it works, but until the runtime names its device this
-    check cannot cover FS-S-CAM (a meta tensor cannot be moved); it passes, and must then
-    lose its xfail, once the mask says ``device="cpu"``."""
+    principal-feature mask on the CPU, named (``device="cpu"``), and the method moves it
+    to the features' device."""
     engine = engines["tiny"]
     req = request(engine, "s_grad_cam", "record+filter", {"principal_fraction": 0.5})
     assert_same_on_meta(engine, req)

@@ -111,7 +111,7 @@ class CamCalibration:
 
     def principal_mask(self, target: torch.Tensor, fraction: float) -> torch.Tensor:
         """N x F float mask, 1 on the principal features of each sample's target class."""
-        mask = torch.zeros(len(target), self.features)
+        mask = torch.zeros(len(target), self.features, device="cpu")  # the caller moves it
         for i, c in enumerate(target.tolist()):
             mask[i, torch.from_numpy(self.principal_features(int(c), fraction))] = 1.0
         return mask

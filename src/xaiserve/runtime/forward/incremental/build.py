@@ -169,7 +169,8 @@ def build_occluder(
     the logits of occluded copies (the grid's corners, centre and a few more) within
     ``tolerance`` of full forward passes."""
     normalize, net = _split(module)
-    example = torch.rand(1, *input_shape, generator=torch.Generator().manual_seed(CHECK_SEED))
+    generator = torch.Generator(device="cpu").manual_seed(CHECK_SEED)
+    example = torch.rand(1, *input_shape, generator=generator, device="cpu")
     try:
         gm = trace(net, normalize(example))
         joined = trace(net, normalize(example))
