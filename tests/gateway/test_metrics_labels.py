@@ -82,6 +82,7 @@ def _result(*explanations: Explanation) -> ExplainResult:
         explanations=explanations,
         timings={"decode": 0.001, "predict": 0.002, "total": 0.5, "made_up_stage": 1.0},
         forward_passes={"predict": 1, "attribute": 20, "apem": 40, "apem_filter": 5, "x": 2},
+        device_calls=2.75,
     )
 
 
@@ -147,6 +148,7 @@ def test_a_result_records_stages_passes_and_apem() -> None:
         for s in ("predict", "attribute", "apem", "apem_filter", "other")
     }
     assert passes == {"predict": 1, "attribute": 20, "apem": 40, "apem_filter": 5, "other": 2}
+    assert _value(r, "xaiserve_device_calls_total", model="demo") == 2.75
 
     # negative buckets: the client exposes no _sum (it would not be a counter)
     assert (

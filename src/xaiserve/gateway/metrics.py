@@ -258,6 +258,14 @@ class Metrics:
             ("model", "stage"),
             registry=registry,
         )
+        self.device_calls = Counter(
+            PREFIX + "device_calls",
+            "Device calls that ran the work of answered Explain calls, each shared by the "
+            "requests packed into it (the sum of the answers' device_calls); divided by the "
+            "answered calls, the packing factor: below 1 per pass, calls are shared.",
+            ("model",),
+            registry=registry,
+        )
         self.apem_score = histogram(
             "apem_score",
             "APEM of returned maps (eps_plus - eps_minus, an L1 perturbation size in pixel "
@@ -333,6 +341,7 @@ class Metrics:
         for stage, images in result.forward_passes.items():
             label = stage if stage in FORWARD_STAGES else OTHER
             self.forward_passes.labels(model, label).inc(images)
+        self.device_calls.labels(model).inc(result.device_calls)
         for explanation in result.explanations:
             method = explanation.method if explanation.method in METHODS else OTHER
             for key, seconds in explanation.timings.items():
