@@ -8,7 +8,7 @@ MODEL_STORE ?= var/models
 ARCHIVES ?= var/model-archives
 PROTO := proto/xaiserve/v1/explain.proto proto/xaiserve/torchserve/inference.proto
 
-.PHONY: install proto serve lint test demo-model archives stack-up stack-down test-torchserve bench clean
+.PHONY: install proto serve lint test demo-model archives stack-up stack-down test-torchserve bench gpu-check clean
 
 # torch goes in first, from the CPU build, so nothing that depends on it pulls a CUDA build.
 $(STAMP): pyproject.toml
@@ -67,6 +67,15 @@ test-torchserve: $(STAMP)
 # model and ResNet-18/50-shaped networks at 224 x 224. 4 to 8 minutes on 2 cores.
 bench: demo-model
 	$(BIN)/python bench/forward_only.py --demo-dir $(MODEL_STORE)/demo
+
+# On a CUDA GPU: every method's maps, forward passes and predictions on the GPU against the
+# CPU, then bench/concurrency.py's embedded cells on the GPU (bench/gpu_check.py, a few
+# minutes). Without a GPU it prints why and exits 0. It installs nothing (a GPU machine may
+# have no registry to install from): the venv's python when there is one, else python3 with
+# src on PYTHONPATH (GPU_PYTHON=... picks another).
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) var
