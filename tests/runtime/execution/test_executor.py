@@ -221,3 +221,17 @@ def test_streams_run_calls_side_by_side_with_the_threads_shared():
     blocked.release()
     assert torch.equal(single(result), torch.ones(1, 1))
     assert seen == [1]
+
+
+def test_a_call_runs_alone_on_a_stream_and_counts_as_one_device_call():
+    executor = Executor("m")
+    budget = Budget(0)
+    where: list[int] = []
+
+    def stages() -> dict[str, int]:
+        where.append(threading.get_ident())
+        return {"logits": 7}
+
+    assert executor.call("incremental", stages, budget) == {"logits": 7}
+    assert where and where[0] != threading.get_ident()  # on the executor's stream
+    assert budget.device_calls == 1 and executor.counts.calls == {"incremental": 1}

@@ -30,12 +30,14 @@ import threading
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 import torch
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+_NO_ROWS = torch.empty(0, device="cpu")
 Result = torch.Tensor | tuple[torch.Tensor, ...]
 """What a pass returns: one tensor, or a tuple of tensors, each with the rows first."""
 
@@ -146,9 +148,21 @@ class Executor:
             self._queue.append(item)
             self._ready.notify()
         item.done.wait()
-        if item.result is None:
-            raise item.error or RuntimeError("the executor finished an item without a result")
-        return item.result
+        if item.error is not None:
+            raise item.error
+        return cast(Result, item.result)
+
+    def call(self, kind: str, fn: Callable[[], T], share: Share | None = None) -> T:
+        """``fn()`` on one of the executor's streams, alone: device work that is not rows of
+        a pass (an incremental occluder's stages, which hold one image's activations),
+        queued with the passes, so it interleaves with other requests' calls, takes its
+        share of the threads and counts as one device call of ``share``."""
+
+        def run(_rows: torch.Tensor, _targets: torch.Tensor | None) -> Any:
+            return fn()
+
+        result = self.run(Pass((kind, "call"), run, 1, packs=False), _NO_ROWS, None, share)
+        return cast(T, result)
 
     def _serve(self) -> None:
         while True:
@@ -211,17 +225,22 @@ class Executor:
             targets = torch.cat([self._moved(_required(i.targets)) for i in items])
         out = work.run(rows, targets)
         sizes = [i.rows.shape[0] for i in items]
-        kind = str(work.key[0] if isinstance(work.key, tuple) else work.key)
-        with self._ready:
-            self.counts.calls[kind] = self.counts.calls.get(kind, 0) + 1
-            self.counts.rows[kind] = self.counts.rows.get(kind, 0) + sum(sizes)
-        shares = {id(i.share): i.share for i in items}
-        for share in shares.values():
-            share.device_calls += 1 / len(shares)
+        self._count(work, items, sum(sizes))
+        if len(items) == 1:
+            return [out]
         if isinstance(out, torch.Tensor):
             return list(out.split(sizes))
         parts = [t.split(sizes) for t in out]
         return [tuple(p[k] for p in parts) for k in range(len(items))]
+
+    def _count(self, work: Pass, items: Sequence[_Item], rows: int) -> None:
+        kind = str(work.key[0] if isinstance(work.key, tuple) else work.key)
+        with self._ready:
+            self.counts.calls[kind] = self.counts.calls.get(kind, 0) + 1
+            self.counts.rows[kind] = self.counts.rows.get(kind, 0) + rows
+        shares = {id(i.share): i.share for i in items}
+        for share in shares.values():
+            share.device_calls += 1 / len(shares)
 
     def _moved(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.device is None else t.to(self.device)

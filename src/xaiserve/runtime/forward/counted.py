@@ -119,11 +119,14 @@ class CountedForward:
 
     def timed(self, images: int, stage: str, run: Callable[[], T]) -> T:
         """``run()``'s result, its time added to ``seconds`` and ``images`` forward passes
-        charged to the budget first (work that does not go through ``__call__``)."""
+        charged to the budget first (work that does not go through ``__call__``: an
+        incremental occluder's stages); with an executor, on one of its streams, alone."""
         start = time.perf_counter()
         try:
             self.budget.charge(images, stage)
-            return run()
+            if self.executor is None:
+                return run()
+            return self.executor.call("incremental", run, self.budget)
         finally:
             self.seconds += time.perf_counter() - start
 
