@@ -126,6 +126,7 @@ def test_missing_weights_are_refused(tmp_path: Path) -> None:
     [
         {"batch_size": 0},
         {"max_batch_delay_ms": -1},
+        {"max_batch_delay_ms": 0, "batch_size": 4},  # TorchServe would wait 100 ms
         {"min_workers": 2, "max_workers": 1},
         {"concurrency": "parallel"},
     ],
@@ -133,6 +134,10 @@ def test_missing_weights_are_refused(tmp_path: Path) -> None:
 def test_bad_settings_are_refused(changes: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         archive.ArchiveSettings(**changes)
+
+
+def test_no_batch_delay_is_allowed_for_batches_of_one() -> None:
+    assert archive.ArchiveSettings(batch_size=1, max_batch_delay_ms=0).max_batch_delay_ms == 0
 
 
 def test_the_model_files_helper_modules_go_into_the_archive(tmp_path: Path) -> None:

@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--max-batch-delay-ms",
         type=int,
-        default=0,
-        help="how long TorchServe waits to fill a batch (0: it batches what queued meanwhile)",
+        default=1,
+        help="how long TorchServe waits to fill a batch (TorchServe reads 0 as 100 ms)",
     )
     up.add_argument(
         "--torchserve-workers",

@@ -55,10 +55,11 @@ class ArchiveSettings:
 
     batch_size: requests TorchServe hands to one handler call at most; the handler runs
         them at once, their device work packed into shared calls by the engine.
-    max_batch_delay_ms: how long TorchServe waits to fill a batch. 0 (the default): a
-        batch is whatever waited while the worker answered the previous one, so a request
-        at low load waits for nothing, and under load the batches fill by themselves
-        (docs/torchserve.md, "Batching", has the measurements).
+    max_batch_delay_ms: how long TorchServe waits to fill a batch. 1 (the default): a
+        request at low load waits 1 ms for company, and under load a batch is what queued
+        while the worker answered the previous one (docs/torchserve.md, "Batching"). 0 is
+        refused for batches of more than one: TorchServe 0.12 reads it as its default of
+        100 ms.
     response_timeout_s: a worker that takes longer for one batch is restarted.
     min_workers, max_workers: worker processes of the model.
     job_queue_size: requests that may wait for a worker; more are refused by TorchServe.
@@ -69,7 +70,7 @@ class ArchiveSettings:
     """
 
     batch_size: int = 16
-    max_batch_delay_ms: int = 0
+    max_batch_delay_ms: int = 1
     response_timeout_s: int = 120
     min_workers: int = 1
     max_workers: int = 1
@@ -86,6 +87,11 @@ class ArchiveSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_batch_delay_ms < 0:
             raise ValueError(f"max_batch_delay_ms must be >= 0, got {self.max_batch_delay_ms}")
+        if self.max_batch_delay_ms == 0 and self.batch_size > 1:
+            raise ValueError(
+                "max_batch_delay_ms 0 with batch_size > 1: TorchServe 0.12 reads 0 as its "
+                "default delay of 100 ms; give 1 for the shortest wait"
+            )
         if self.job_queue_size < 1:
             raise ValueError(f"job_queue_size must be >= 1, got {self.job_queue_size}")
         if self.max_workers < self.min_workers:
