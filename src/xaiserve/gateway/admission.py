@@ -124,7 +124,12 @@ class ReceiveRefusals(grpc.aio.ServerInterceptor):
         async def read_then_call(
             requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
         ) -> Any:
-            async for request in requests:
+            # context.read(), not `async for` over ``requests``: returning from inside that
+            # loop leaves gRPC's receiving async generator suspended at its yield, holding
+            # the message and the call's context in a reference cycle that only a full
+            # garbage collection frees (docs/operations.md#memory).
+            request = await context.read()
+            if request is not grpc.aio.EOF:
                 return await inner(request, context)
             if not context.cancelled():
                 self._on_reject(rpc, grpc.StatusCode.RESOURCE_EXHAUSTED.name)
