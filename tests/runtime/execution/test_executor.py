@@ -235,3 +235,19 @@ def test_a_call_runs_alone_on_a_stream_and_counts_as_one_device_call():
     assert executor.call("incremental", stages, budget) == {"logits": 7}
     assert where and where[0] != threading.get_ident()  # on the executor's stream
     assert budget.device_calls == 1 and executor.counts.calls == {"incremental": 1}
+
+
+def test_a_stream_takes_its_share_when_others_are_idle():
+    """8 waiting rows of one key, two idle streams: the first call takes 4, the rest is
+    left for the other stream; with the other stream busy it takes all 8."""
+    from xaiserve.runtime.execution.executor import _Item
+
+    executor = Executor("m", streams=2)
+    work = Pass("k", lambda rows, _t: rows, 16)
+    items = [_Item(work, torch.ones(1, 1), None, Budget(0)) for _ in range(8)]
+    executor._queue.extend(items)
+    assert executor._take() == items[:4] and list(executor._queue) == items[4:]
+    executor._queue.clear()
+    executor._queue.extend(items)
+    executor._busy = 1
+    assert executor._take() == items and not executor._queue

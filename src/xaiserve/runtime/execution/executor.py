@@ -182,12 +182,19 @@ class Executor:
 
     def _take(self) -> list[_Item]:
         """The oldest item and the waiting items of its key that fit beside it, oldest
-        first; removed from the queue."""
+        first; removed from the queue. With idle streams beside this one, it takes its
+        share only (the waiting rows of the key over the idle streams, this one counted),
+        so the others get calls too: on a CPU, calls side by side on one thread each keep
+        the cores busier than one packed call on all of them."""
         first = self._queue[0]
+        same = [i for i in self._queue if i.work.key == first.work.key] if first.work.packs else []
+        idle = max(1, self.streams - self._busy)
+        share = -(-sum(i.rows.shape[0] for i in same) // idle)  # ceiling
+        limit = min(first.work.max_rows, max(share, first.rows.shape[0]))
         taken, rows = [first], first.rows.shape[0]
-        for item in list(self._queue)[1:] if first.work.packs else ():
+        for item in same[1:]:
             n = item.rows.shape[0]
-            if item.work.key == first.work.key and rows + n <= first.work.max_rows:
+            if rows + n <= limit:
                 taken.append(item)
                 rows += n
         for item in taken:
