@@ -19,13 +19,13 @@ def test_a_capture_sees_its_own_thread_only():
         layer(torch.ones(5, 2))
         other.set()
 
-    with captured(layer) as outputs:
+    with captured(layer) as calls:
         thread = threading.Thread(target=forward_elsewhere)
         thread.start()
         thread.join(10)
-        assert other.is_set() and outputs == []  # the other thread's forward is not seen
+        assert other.is_set() and calls == []  # the other thread's forward is not seen
         layer(torch.ones(3, 2))
-    assert [o.shape[0] for o in outputs] == [3]
+    assert [out.shape[0] for _, out in calls] == [3]
 
 
 def test_an_overridden_backward_leaves_other_threads_alone():

@@ -29,20 +29,7 @@ def this_thread_only(hook: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @contextmanager
-def captured(*layers: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Within the block, the outputs of ``layers`` in this thread's forwards, in call order."""
-    outputs: list[torch.Tensor] = []
-    record = this_thread_only(lambda _m, _i, out: outputs.append(out))
-    handles = [layer.register_forward_hook(record) for layer in layers]
-    try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextmanager
-def captured_calls(*layers: nn.Module) -> Iterator[list[tuple[nn.Module, torch.Tensor]]]:
+def captured(*layers: nn.Module) -> Iterator[list[tuple[nn.Module, torch.Tensor]]]:
     """Within the block, (layer, output) of every call of ``layers`` in this thread's
     forwards, in call order (a layer applied twice appears twice)."""
     calls: list[tuple[nn.Module, torch.Tensor]] = []

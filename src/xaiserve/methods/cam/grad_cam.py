@@ -31,10 +31,11 @@ def layer_activations_and_gradients(
     def run(rows: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         if targets is None:
             raise ValueError("a layer gradient pass needs a target per row")
-        with torch.enable_grad(), captured(layer) as outputs:
+        with torch.enable_grad(), captured(layer) as calls:
             logits = module(rows.detach().requires_grad_(True))
-            (grad,) = torch.autograd.grad(target_logits(logits, targets).sum(), outputs[0])
-        return outputs[0].detach(), grad
+            acts = calls[0][1]
+            (grad,) = torch.autograd.grad(target_logits(logits, targets).sum(), acts)
+        return acts.detach(), grad
 
     parts = on_device(ctx, ("layer",), run, x, target, stage)
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

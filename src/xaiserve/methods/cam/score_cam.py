@@ -44,9 +44,9 @@ def layer_activations(
         raise RuntimeError("no CAM layer")  # unsupported_reason() stops this earlier
 
     def run(rows: torch.Tensor, _targets: torch.Tensor | None) -> torch.Tensor:
-        with torch.no_grad(), captured(layer) as outputs:
+        with torch.no_grad(), captured(layer) as calls:
             module(rows)
-        return outputs[0]
+        return calls[0][1]
 
     return torch.cat([single(p) for p in on_device(ctx, ("layer_forward",), run, x, None, stage)])
 
@@ -62,9 +62,9 @@ def layer_channels(served: ServedModel) -> int:
         raise RuntimeError("no CAM layer")  # unsupported_reason() stops this earlier
     with _CHANNELS_LOCK:
         if layer not in _CHANNELS:
-            with torch.no_grad(), captured(layer) as outputs:
+            with torch.no_grad(), captured(layer) as calls:
                 served.module(torch.zeros(1, *served.config.input_shape, device=served.device))
-            _CHANNELS[layer] = int(outputs[0].shape[1]) if outputs else 0
+            _CHANNELS[layer] = int(calls[0][1].shape[1]) if calls else 0
         return _CHANNELS[layer]
 
 

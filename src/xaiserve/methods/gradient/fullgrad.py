@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xaiserve.methods.base import AttributionMethod, MethodContext, on_device, target_logits
-from xaiserve.methods.hooks import captured_calls
+from xaiserve.methods.hooks import captured
 from xaiserve.methods.numerics import batchnorm_scale_shift
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -55,7 +55,7 @@ def fullgrad_parts(
             raise ValueError("a fullgrad pass needs a target per row")
         layers = [m for m, _ in biased]
         bias_of = {id(m): b for m, b in biased}
-        with torch.enable_grad(), captured_calls(*layers) as calls:
+        with torch.enable_grad(), captured(*layers) as calls:
             xb = rows.detach().requires_grad_(True)
             score = target_logits(module(xb), targets).sum()
             outs = [out for _, out in calls]

@@ -139,6 +139,14 @@ class Executor:
         if rows.shape[0] > work.max_rows:
             raise ValueError(f"{rows.shape[0]} rows, more than the pass takes ({work.max_rows})")
         item = _Item(work, rows, targets, share or _Unshared())
+        self._submit(item)
+        item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return cast(Result, item.result)
+
+    def _submit(self, item: _Item) -> None:
+        """Queues the item for the streams (started on first use)."""
         with self._ready:
             if not self._started:
                 for k in range(self.streams):
@@ -147,10 +155,6 @@ class Executor:
                 self._started = True
             self._queue.append(item)
             self._ready.notify()
-        item.done.wait()
-        if item.error is not None:
-            raise item.error
-        return cast(Result, item.result)
 
     def call(self, kind: str, fn: Callable[[], T], share: Share | None = None) -> T:
         """``fn()`` on one of the executor's streams, alone: device work that is not rows of
@@ -274,12 +278,5 @@ class InlineExecutor(Executor):
     def __init__(self, name: str = "inline", device: torch.device | str | None = None) -> None:
         super().__init__(name, device)
 
-    def run(
-        self,
-        work: Pass,
-        rows: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        share: Share | None = None,
-    ) -> Result:
-        item = _Item(work, rows, targets, share or _Unshared())
-        return self._packed([item])[0]
+    def _submit(self, item: _Item) -> None:
+        self._call([item])
