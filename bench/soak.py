@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import math
 import re
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from answers import differences
 
 from xaiserve.api.v1 import explain_pb2 as pb
 from xaiserve.api.v1 import explain_pb2_grpc
@@ -126,56 +126,6 @@ def build_mix(images: int) -> list[Call]:
             request = pb.ExplainRequest(model_name="demo", image=image, methods=methods)
             calls.append(Call(kind, request))
     return calls
-
-
-def _close(a: float, b: float, tolerance: float) -> bool:
-    return (math.isnan(a) and math.isnan(b)) or math.isclose(
-        a, b, rel_tol=tolerance, abs_tol=tolerance
-    )
-
-
-def _map_differs(a: pb.AttributionMap, b: pb.AttributionMap, tolerance: float) -> bool:
-    if list(a.shape) != list(b.shape) or len(a.data) != len(b.data):
-        return True
-    x = np.frombuffer(a.data, "<f4")
-    y = np.frombuffer(b.data, "<f4")
-    return not np.allclose(x, y, rtol=0.0, atol=tolerance, equal_nan=True)
-
-
-def differences(answer: pb.ExplainResponse, ref: pb.ExplainResponse, tolerance: float) -> list[str]:
-    """The fields of ``answer`` that differ from ``ref``: class indices exactly, floats and
-    maps within ``tolerance`` (absolute, and relative for the scalars)."""
-    out = []
-    if answer.prediction.target.index != ref.prediction.target.index:
-        out.append("prediction.target")
-    if [s.index for s in answer.prediction.top_k] != [s.index for s in ref.prediction.top_k]:
-        out.append("prediction.top_k")
-    elif not all(
-        _close(a.probability, b.probability, tolerance)
-        for a, b in zip(answer.prediction.top_k, ref.prediction.top_k, strict=True)
-    ):
-        out.append("prediction.top_k.probability")
-    if [e.method for e in answer.explanations] != [e.method for e in ref.explanations]:
-        return [*out, "explanations.method"]
-    for i, (a, b) in enumerate(zip(answer.explanations, ref.explanations, strict=True)):
-        where = f"explanations[{i}]"
-        if _map_differs(a.map, b.map, tolerance):
-            out.append(f"{where}.map")
-        if a.HasField("reliability") != b.HasField("reliability"):
-            out.append(f"{where}.reliability")
-        elif a.HasField("reliability"):
-            for name in ("eps_minus", "eps_plus", "apem", "apem_norm"):
-                x, y = getattr(a.reliability, name), getattr(b.reliability, name)
-                if not _close(x, y, tolerance):
-                    out.append(f"{where}.reliability.{name}")
-        if a.HasField("filtered") != b.HasField("filtered"):
-            out.append(f"{where}.filtered")
-        elif a.HasField("filtered"):
-            if _map_differs(a.filtered.map, b.filtered.map, tolerance):
-                out.append(f"{where}.filtered.map")
-            if not _close(a.filtered.kept_fraction, b.filtered.kept_fraction, tolerance):
-                out.append(f"{where}.filtered.kept_fraction")
-    return out
 
 
 # --------------------------------------------------------------------------- processes
