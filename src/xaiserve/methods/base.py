@@ -17,7 +17,14 @@ from torch import nn
 
 from xaiserve.api.errors import InvalidArgument
 from xaiserve.methods.backward_override import BackwardRule, overridden_backward
-from xaiserve.runtime.execution.executor import Executor, InlineExecutor, Pass, Result, single
+from xaiserve.runtime.execution.executor import (
+    Executor,
+    InlineExecutor,
+    Pass,
+    Result,
+    per_row,
+    single,
+)
 from xaiserve.runtime.forward.counted import Budget, CountedForward, batches
 from xaiserve.runtime.model import ServedModel
 
@@ -197,8 +204,7 @@ def gradient_of_targets(
     given."""
 
     def run(rows: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-        if targets is None:
-            raise ValueError("a gradient pass needs a target per row")
+        targets = per_row(targets, "gradient")
         xb = rows.detach().requires_grad_(True)
         with torch.enable_grad(), overridden_backward(module, rules or {}):
             logits = module(xb)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xaiserve.reliability.lattice import DEFAULT_BATCH
+from xaiserve.runtime.execution.executor import per_row
 from xaiserve.runtime.forward.counted import Budget
 
 Forward = Callable[[torch.Tensor, str], torch.Tensor]
@@ -41,8 +42,7 @@ def loss_gradient_pass(
     logits N x K): the summed loss's gradient is each row's own (eval mode)."""
 
     def run(rows: torch.Tensor, classes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if classes is None:
-            raise ValueError("a loss gradient pass needs a class per row")
+        classes = per_row(classes, "loss gradient")
         xb = rows.detach().requires_grad_(True)
         with torch.enable_grad():
             logits = module(xb)

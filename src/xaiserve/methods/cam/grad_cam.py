@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from xaiserve.methods.base import AttributionMethod, MethodContext, on_device, target_logits
 from xaiserve.methods.hooks import captured
+from xaiserve.runtime.execution.executor import per_row
 
 
 def layer_activations_and_gradients(
@@ -29,8 +30,7 @@ def layer_activations_and_gradients(
         raise RuntimeError("no CAM layer")  # unsupported_reason() stops this earlier
 
     def run(rows: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        if targets is None:
-            raise ValueError("a layer gradient pass needs a target per row")
+        targets = per_row(targets, "layer gradient")
         with torch.enable_grad(), captured(layer) as calls:
             logits = module(rows.detach().requires_grad_(True))
             acts = calls[0][1]

@@ -47,7 +47,7 @@ from xaiserve.methods.graph_inspect import (
     functional_uses,
     traced,
 )
-from xaiserve.runtime.execution.executor import single
+from xaiserve.runtime.execution.executor import per_row, single
 from xaiserve.runtime.model import ServedModel
 
 EPS = 1e-10
@@ -165,8 +165,7 @@ class DeepLift(AttributionMethod):
         baseline, module = float(params["baseline"]), ctx.model
 
         def run(rows: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-            if targets is None:
-                raise ValueError("a DeepLIFT pass needs a target per row")
+            targets = per_row(targets, "DeepLIFT")
             n, reference = rows.shape[0], torch.full_like(rows, baseline)
             both = torch.cat([rows, reference]).requires_grad_(True)
             with torch.enable_grad(), overridden_backward(module, RULES):

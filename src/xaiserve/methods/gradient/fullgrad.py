@@ -28,6 +28,7 @@ from torch import nn
 from xaiserve.methods.base import AttributionMethod, MethodContext, on_device, target_logits
 from xaiserve.methods.hooks import captured
 from xaiserve.methods.numerics import batchnorm_scale_shift
+from xaiserve.runtime.execution.executor import per_row
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -51,8 +52,7 @@ def fullgrad_parts(
     biased = [(m, b) for m in module.modules() if (b := layer_bias(m)) is not None]
 
     def run(rows: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        if targets is None:
-            raise ValueError("a fullgrad pass needs a target per row")
+        targets = per_row(targets, "fullgrad")
         layers = [m for m, _ in biased]
         bias_of = {id(m): b for m, b in biased}
         with torch.enable_grad(), captured(*layers) as calls:

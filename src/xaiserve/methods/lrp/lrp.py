@@ -33,7 +33,7 @@ from xaiserve.methods.lrp.rules import (
     moved_relevance,
     sum_relevance,
 )
-from xaiserve.runtime.execution.executor import single
+from xaiserve.runtime.execution.executor import per_row, single
 from xaiserve.runtime.model import ServedModel
 
 
@@ -157,8 +157,7 @@ class Lrp(AttributionMethod):
         served = ctx.served
 
         def run(rows: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-            if targets is None:
-                raise ValueError("an LRP pass needs a target per row")
+            targets = per_row(targets, "LRP")
             return propagate(graph, normalized(served, rows), targets, rule)
 
         key = ("lrp", rule.name, rule.epsilon, rule.alpha)

@@ -264,6 +264,14 @@ def single(result: Result) -> torch.Tensor:
     return result
 
 
+def per_row(targets: torch.Tensor | None, what: str) -> torch.Tensor:
+    """The targets of a pass that needs one per row (``what`` names the pass when there
+    are none: the caller handed the rows over without them)."""
+    if targets is None:
+        raise ValueError(f"a {what} pass needs a target per row")
+    return targets
+
+
 def _required(targets: torch.Tensor | None) -> torch.Tensor:
     if targets is None:
         raise ValueError("items of one pass must all have targets or all have none")
