@@ -230,6 +230,7 @@ class Metrics:
             PREFIX + "requests_in_flight",
             "Explain calls being answered now.",
             registry=registry,
+            multiprocess_mode="livesum",  # summed over the live processes of --processes
         )
         self.request_errors = Counter(
             PREFIX + "request_errors",

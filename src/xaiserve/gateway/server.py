@@ -76,8 +76,9 @@ def _server_options(settings: Settings) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        # a second server on a busy port must fail, not silently share it
-        ("grpc.so_reuseport", 0),
+        # a second server on a busy port must fail, not silently share it, unless the
+        # processes of one server share it on purpose (--processes)
+        ("grpc.so_reuseport", int(settings.reuse_port)),
     ]
 
 
@@ -308,12 +309,16 @@ def build_backend(settings: Settings) -> Backend:
 def main(argv: Sequence[str] | None = None) -> int:
     """``xaiserve-server``: parse settings, build the demo model if asked, serve."""
     settings = parse_settings(argv)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, process_ids=settings.processes > 1 or settings.reuse_port)
     prometheus_client.disable_created_metrics()  # no *_created series next to each counter
     if settings.build_demo:
         from xaiserve.model_store.build_demo import ensure_demo_model
 
         ensure_demo_model(Path(settings.model_store) / "demo", progress=True)
+    if settings.processes > 1:
+        from xaiserve.gateway.processes import supervise
+
+        return supervise(settings, sys.argv[1:] if argv is None else argv)
     try:
         backend = build_backend(settings)
     except SettingError as error:

@@ -35,6 +35,14 @@ class Settings:
     host: address to listen on. The default, 127.0.0.1, only accepts local clients (a safe
         developer default); use ``0.0.0.0`` or ``[::]`` in a container.
     port: port to listen on; 0 picks a free one (it is logged).
+    processes: server processes sharing the port (``SO_REUSEPORT``: the kernel spreads
+        connections, not calls, over them), each with its own copy of the models, executor
+        and Python interpreter; 1 serves in this process. More than 1 pays where one
+        process's Python, not the device, is the limit: CPU nodes with several cores (see
+        docs/operations.md, "Several server processes"). Metrics of all processes are served
+        together on ``metrics_port`` by the parent.
+    reuse_port: listen with ``SO_REUSEPORT`` so that other processes share the port; set by
+        ``processes`` for its children. Otherwise a port in use stops the server.
     metrics_port: port of the Prometheus ``/metrics`` endpoint (HTTP, on ``host``); 0 turns
         it off. The default, 9464, stays clear of Prometheus (9090), the Pushgateway (9091),
         node exporters (9100) and TorchServe (8080-8082, 7070-7071).
@@ -84,6 +92,8 @@ class Settings:
 
     host: str = "127.0.0.1"
     port: int = 50051
+    processes: int = 1
+    reuse_port: bool = False
     metrics_port: int = 9464
     model_store: str = "var/models"
     build_demo: bool = False
@@ -235,6 +245,15 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
         "in a container",
     ),
     "port": (_port, "port to listen on; 0 picks a free one"),
+    "processes": (
+        _positive_int,
+        "server processes sharing the port, each with its own models and Python; more than "
+        "1 pays on CPU nodes where Python is the limit (connections, not calls, are spread)",
+    ),
+    "reuse_port": (
+        _boolean,
+        "share the port with other processes (SO_REUSEPORT); set by --processes for its children",
+    ),
     "metrics_port": (_port, "port of the Prometheus /metrics endpoint (HTTP, on HOST); 0: off"),
     "model_store": (str, "directory with one sub-directory (with a config.yaml) per model"),
     "build_demo": (_boolean, "build the demo model into MODEL_STORE/demo first if it is missing"),
@@ -387,9 +406,11 @@ def parse_settings(
     return Settings(**{spec.name: getattr(namespace, spec.name) for spec in fields(Settings)})
 
 
-def configure_logging(level: str) -> None:
-    """One line per record on stderr: time, level, logger, message."""
+def configure_logging(level: str, process_ids: bool = False) -> None:
+    """One line per record on stderr: time, level, logger, message; with ``process_ids``
+    (several server processes write to one stream), the process id after the level."""
+    pid = " [%(process)d]" if process_ids else ""
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s{pid} %(name)s: %(message)s",
     )
