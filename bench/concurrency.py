@@ -62,6 +62,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import math
 import os
 import shlex
 import statistics
@@ -78,7 +79,7 @@ import grpc
 import numpy as np
 import yaml
 from answers import differences
-from soak import gateway_process, load_average, torchserve_processes
+from soak import descendants, gateway_process, load_average, torchserve_processes
 
 from xaiserve.api.v1 import explain_pb2 as pb
 from xaiserve.api.v1 import explain_pb2_grpc
@@ -91,14 +92,18 @@ HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("demo", "resnet18")
 MIXES = ("saliency", "grad_cam", "grad_cam+occlusion", "saliency+reliability")
-BACKENDS = ("batched", "serial", "torchserve")
+BACKENDS = ("batched", "processes", "serial", "torchserve")
 CLIENTS = (1, 4, 16, 64)
-REFERENCE_ORDER = ("serial", "batched", "torchserve")  # where the single-call answers come from
+# where the single-call answers come from
+REFERENCE_ORDER = ("serial", "batched", "processes", "torchserve")
 IMAGE_SEED = 4242
 RESNET_SEED = 0
 STARTUP_SECONDS = 300.0
 IDLE_CORES = 0.1  # server CPU below which a service counts as settled
 MAX_EXAMPLES = 5
+#: Each client its own TCP connection (as separate client processes have), so that the
+#: kernel can spread clients over the processes of ``--processes``.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 # The ResNet test network's own source (tests/support/resnets.py), then the class served.
 RESNET_CLASS = """
 
@@ -351,7 +356,11 @@ def embedded_server(
         *flags,
     ]
     with gateway_process(command, workdir / f"{name}.log") as (pid, address):
-        yield Service(name, address, lambda: {f"server (pid {pid})": pid})
+
+        def processes() -> dict[str, int]:  # with --processes, the supervisor's children
+            return {f"server (pid {p})": p for p in (pid, *descendants(pid))}
+
+        yield Service(name, address, processes)
 
 
 @contextmanager
@@ -459,7 +468,7 @@ async def run_cell(
 
     async def client(number: int) -> None:
         nonlocal issued, done, last, window
-        async with grpc.aio.insecure_channel(service.address) as channel:
+        async with grpc.aio.insecure_channel(service.address, options=OWN_CONNECTION) as channel:
             stub = explain_pb2_grpc.ExplanationServiceStub(channel)
             turn, first = number, True
             while more():
@@ -627,6 +636,13 @@ def ratios(cells: dict[tuple[str, str, str, int], Cell], clients: Sequence[int])
         (f"{b} {hi}/{lo}", lambda m, x, b=b: _ratio(rate(m, x, b, hi), rate(m, x, b, lo)))
         for b in ran
     ]
+    if {"batched", "processes"} <= set(ran):
+        columns.append(
+            (
+                f"proc/batched @{hi}",
+                lambda m, x: _ratio(rate(m, x, "processes", hi), rate(m, x, "batched", hi)),
+            )
+        )
     if {"batched", "serial"} <= set(ran):
         columns.append(
             (
@@ -772,6 +788,12 @@ def start_services(
             workdir = tmp / "stack"
             workdir.mkdir()
             service = stack.enter_context(torchserve_stack(specs, workdir, archive))
+        elif name == "processes":
+            flags = (
+                *("--concurrency", "batched", "--processes", str(math.ceil(usable_cores()))),
+                *shlex.split(args.server_flags),
+            )
+            service = stack.enter_context(embedded_server(name, store, tmp, flags))
         else:
             flags = ("--concurrency", name, *shlex.split(args.server_flags))
             service = stack.enter_context(embedded_server(name, store, tmp, flags))

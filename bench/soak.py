@@ -165,14 +165,22 @@ def _cmdline(pid: int) -> str:
     return raw.replace(b"\0", b" ").decode(errors="replace")
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes under ``pid`` (children, theirs, ...)."""
+    tree = _children()
+    found: list[int] = []
+    pending = list(tree.get(pid, []))
+    while pending:
+        child = pending.pop()
+        found.append(child)
+        pending.extend(tree.get(child, []))
+    return found
+
+
 def torchserve_processes(launcher: int) -> dict[str, int]:
     """TorchServe's launcher, Java frontend and model workers, by label."""
-    tree = _children()
     found = {f"torchserve launcher (pid {launcher})": launcher}
-    pending = list(tree.get(launcher, []))
-    while pending:
-        pid = pending.pop()
-        pending.extend(tree.get(pid, []))
+    for pid in descendants(launcher):
         command = _cmdline(pid)
         if "java" in command.split(" ", 1)[0]:
             found[f"torchserve frontend java (pid {pid})"] = pid
