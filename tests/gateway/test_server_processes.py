@@ -202,3 +202,46 @@ def test_children_split_the_usable_cpus_unless_threads_are_set(
     settings = Settings(processes=3, torch_threads=4, onnx_threads=1)
     assert processes.child_threads(settings, {}) == {}
     assert processes.child_threads(Settings(processes=16), {OMP_ENV: "2"}) == {"onnx_threads": 1}
+
+
+CHILD = """
+import sys, time
+from xaiserve.gateway.processes import follow_supervisor
+follow_supervisor()
+print("following", flush=True)
+time.sleep(60)
+"""
+PARENT = """
+import os, subprocess, sys
+from xaiserve.gateway.processes import SUPERVISOR_ENV
+child = subprocess.Popen(
+    [sys.executable, "-c", sys.argv[1]], env={**os.environ, SUPERVISOR_ENV: str(os.getpid())}
+)
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; its new parent may not reap it at once
+
+
+def test_children_end_with_a_killed_supervisor() -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, CHILD], stdout=subprocess.PIPE, text=True
+    )
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    assert parent.stdout.readline().strip() == "following"
+    assert _alive(child)
+
+    parent.kill()
+    parent.wait()
+    end = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not _alive(child)

@@ -25,7 +25,9 @@ What the supervisor does:
   ``RESTART_WINDOW_SECONDS``; beyond that the server stops with status 1.
 - **Stopping.** SIGTERM or SIGINT goes to every child, which finishes its calls in flight
   (``grace_seconds``); a child still running ``KILL_AFTER_SECONDS`` after the grace is
-  killed.
+  killed. A supervisor that is killed outright (SIGKILL) takes its children with it: each
+  asks Linux for SIGTERM when its parent ends (:func:`follow_supervisor`), so no child
+  keeps serving on the port unsupervised.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ logger = logging.getLogger(__name__)
 
 #: Where prometheus_client's multiprocess mode keeps each process's values.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: Set in each child's environment: the supervisor's pid (see :func:`follow_supervisor`).
+SUPERVISOR_ENV = "XAISERVE_SUPERVISOR_PID"
+#: Linux prctl option: the signal a process gets when its parent ends.
+_PR_SET_PDEATHSIG = 1
 #: Restarts allowed within ``RESTART_WINDOW_SECONDS`` before the server gives up.
 MAX_RESTARTS = 5
 RESTART_WINDOW_SECONDS = 60.0
@@ -134,7 +140,7 @@ class Supervisor:
     def __init__(self, settings: Settings, argv: Sequence[str], port: int, metrics_dir: str):
         self.settings = settings
         self.command = child_command(settings, argv, port)
-        self.environ = {**os.environ, MULTIPROC_ENV: metrics_dir}
+        self.environ = {**os.environ, MULTIPROC_ENV: metrics_dir, SUPERVISOR_ENV: str(os.getpid())}
         self.metrics_dir = metrics_dir
         self.children: list[Child] = []
         self.restarts: deque[float] = deque()
@@ -228,6 +234,25 @@ class Supervisor:
 
     def __len__(self) -> int:
         return len(self.children)
+
+
+def follow_supervisor(environ: dict[str, str] | None = None) -> None:
+    """In a child (``XAISERVE_SUPERVISOR_PID`` set): SIGTERM to this process when the
+    supervisor ends (Linux ``PR_SET_PDEATHSIG``); at once if it already has. Elsewhere, or
+    where prctl is missing, nothing."""
+    supervisor = (os.environ if environ is None else environ).get(SUPERVISOR_ENV)
+    if not supervisor or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        logger.warning("cannot ask to be stopped with the supervisor (prctl)")
+        return
+    if os.getppid() != int(supervisor):  # it ended before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _how(code: int) -> str:

@@ -315,10 +315,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from xaiserve.model_store.build_demo import ensure_demo_model
 
         ensure_demo_model(Path(settings.model_store) / "demo", progress=True)
-    if settings.processes > 1:
-        from xaiserve.gateway.processes import supervise
+    from xaiserve.gateway.processes import follow_supervisor, supervise
 
+    if settings.processes > 1:
         return supervise(settings, sys.argv[1:] if argv is None else argv)
+    follow_supervisor()
     try:
         backend = build_backend(settings)
     except SettingError as error:
