@@ -74,8 +74,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--n",
         type=int,
-        default=30,
-        help="number of images to evaluate, after --select (default 30: a minute or two "
+        default=20,
+        help="number of images to evaluate, after --select (default 20: a minute or two "
         "on 2 cores with the default methods; the seed used 5,000 per set)",
     )
     parser.add_argument(
