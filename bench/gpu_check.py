@@ -14,7 +14,7 @@ Without a CUDA GPU that torch can use it prints one line saying why and exits 0.
    lists (ListModels' ``methods``, default parameters) runs on ``--images`` images, one call
    at a time on each device, and must give the same prediction (target and top-k classes),
    the same forward passes (per stage and per map) and maps within ``--tolerance``: 1e-4
-   absolute on the ONE_CHANNEL maps, which the engine scales to [0, 1] by their maximum.
+   absolute on the ONE_CHANNEL maps, which the engine min-max scales to [0, 1].
    Why 1e-4: ten times the 1e-5 that packing rows into batches of another size may cost on
    the CPU (``tests/engine/test_concurrency.py``; LRP's epsilon rule reached 1.8e-5), as a
    GPU sums in other orders still (cuDNN picks its own convolution algorithms); a placement

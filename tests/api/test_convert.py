@@ -116,6 +116,7 @@ def test_filter_modes(mode: int, name: str) -> None:
         (pb.RAW, "raw"),
         (pb.ONE_CHANNEL, "one_channel"),
         (pb.TIMES_IMAGE, "times_image"),
+        (pb.THREE_CHANNEL, "three_channel"),
     ],
 )
 def test_stages(stage: int, name: str) -> None:

@@ -376,7 +376,7 @@ def test_one_method_at_several_stages_runs_once(engine):
             field=f"methods[{i}]",
             params_field="integrated_gradients",
         )
-        for i, stage in enumerate(("raw", "one_channel", "times_image"))
+        for i, stage in enumerate(("raw", "three_channel", "one_channel"))
     ]
     items.append(
         MethodRequest(
@@ -392,8 +392,11 @@ def test_one_method_at_several_stages_runs_once(engine):
     raw = result.explanations[0].map
     from xaiserve.engine.postprocess import apply_stage
 
-    staged = apply_stage(torch.from_numpy(raw)[None], torch.zeros(1, 3, 16, 16), "one_channel")
-    np.testing.assert_allclose(result.explanations[1].map, staged[0].numpy(), atol=1e-6)
+    for i, stage in ((1, "three_channel"), (2, "one_channel")):
+        staged = apply_stage(torch.from_numpy(raw)[None], torch.zeros(1, 3, 16, 16), stage)
+        np.testing.assert_allclose(result.explanations[i].map, staged[0].numpy(), atol=1e-6)
+    three = result.explanations[1].map  # stage 1 keeps the channels, min-max scaled
+    assert three.shape == (3, 16, 16) and three.min() == 0.0 and three.max() == 1.0
 
 
 def test_maps_of_one_request_share_the_apem_work(engine):

@@ -46,7 +46,31 @@ def test_tanh_scale_maps_p10_and_p90_to_the_seeds_values(p10, p90):
     assert b == pytest.approx((p90 * math.atanh(0.1) - p10 * math.atanh(0.9)) / (p90 - p10))
 
 
-def test_tanh_scale_is_monotone_and_keeps_negative_contributions():
+def test_tanh_scale_hand_computed():
+    # seed 003 eq. 2 with P10 = -0.5, P90 = 1.5: atanh 0.1 = 0.100335, atanh 0.9 = 1.472219,
+    # a = (1.472219 - 0.100335) / 2 = 0.685942,
+    # b = (1.5 x 0.100335 + 0.5 x 1.472219) / 2 = 0.443306
+    x = torch.tensor([[-2.0, -0.5], [0.0, 3.0]], dtype=torch.float64)
+    expected = [
+        [-0.729930, 0.1],  # tanh(-2 a + b) = tanh(-0.928578); P10 -> 0.1
+        [0.416381, 0.986644],  # tanh(b) = tanh(0.443306); tanh(3 a + b) = tanh(2.501133)
+    ]
+    np.testing.assert_allclose(tanh_scale(x, -0.5, 1.5).numpy(), expected, atol=1e-6)
+
+
+def test_negative_contributions_come_out_negative_only_below_the_zero_crossing():
+    """On a scale like the demo's (P10 = -0.47, P90 = 0.41: a = 1.558959, b = 0.833046)
+    a zero activation maps to tanh(b) = 0.682108 and -0.2 to tanh(0.521254) = 0.478668:
+    negative contributions stay below a zero activation's value but are positive down to
+    the zero crossing -b / a = -0.534360, which lies below P10."""
+    x = torch.tensor([-1.0, -0.6, -0.47, -0.2, 0.0], dtype=torch.float64)
+    got = tanh_scale(x, -0.47, 0.41).numpy()
+    np.testing.assert_allclose(got, [-0.620559, -0.101974, 0.1, 0.478668, 0.682108], atol=1e-6)
+    a, b = tanh_coefficients(-0.47, 0.41)
+    assert -b / a == pytest.approx(-0.534360, abs=1e-6)
+
+
+def test_tanh_scale_is_monotone_and_bounded():
     p10, p90 = -0.4, 0.6
     x = torch.linspace(-5, 5, 2001, dtype=torch.float64)
     y = tanh_scale(x, p10, p90)
@@ -54,7 +78,8 @@ def test_tanh_scale_is_monotone_and_keeps_negative_contributions():
     assert y.min() > -1 and y.max() < 1
     a, b = tanh_coefficients(p10, p90)
     below = x < -b / a
-    assert below.any() and (y[below] < 0).all(), "strong negative evidence stays negative"
+    assert below.any() and (y[below] < 0).all(), "negative below the zero crossing only"
+    assert (y[~below] >= 0).all()
     # a per-image min-max scale would send every map's minimum to 0; this one does not
     assert tanh_scale(torch.tensor(-1.0), p10, p90) < tanh_scale(torch.tensor(-0.5), p10, p90) < 0.1
 

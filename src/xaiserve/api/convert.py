@@ -41,6 +41,7 @@ _STAGE_NAMES: dict[int, str] = {
     pb.RAW: "raw",
     pb.ONE_CHANNEL: "one_channel",
     pb.TIMES_IMAGE: "times_image",
+    pb.THREE_CHANNEL: "three_channel",
 }
 _STAGE_VALUES: dict[str, pb.MapStage] = {name: pb.MapStage.Value(name.upper()) for name in STAGES}
 

@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 
-STAGES = ("raw", "one_channel", "times_image")
+STAGES = ("raw", "three_channel", "one_channel", "times_image")
+"""Map stages: the method's signed output, then the seed's three visualization stages
+(seed 004, sections 4.2 and 4.4; see ``engine.postprocess``)."""
 
 
 @dataclass(frozen=True)

@@ -106,9 +106,10 @@ def filter_cost(
 
 
 def map_entries(input_shape: Sequence[int], stage: str) -> int:
-    """Values of a map at ``stage``: C x *spatial for ``raw`` (CAM maps have one channel,
-    fewer), 1 x *spatial otherwise."""
-    return math.prod(input_shape) if stage == "raw" else math.prod(input_shape[1:])
+    """Values of a map at ``stage``: C x *spatial for ``raw`` and ``three_channel`` (CAM maps
+    have one channel, fewer), 1 x *spatial otherwise."""
+    keeps_channels = stage in ("raw", "three_channel")
+    return math.prod(input_shape) if keeps_channels else math.prod(input_shape[1:])
 
 
 def check_within(costs: Sequence[Cost], limit: int) -> int:

@@ -30,6 +30,7 @@ METHODS: tuple[str, ...] = catalog.METHODS
 #: Map stages by name.
 STAGES: dict[str, pb.MapStage] = {
     "raw": pb.RAW,
+    "three_channel": pb.THREE_CHANNEL,
     "one_channel": pb.ONE_CHANNEL,
     "times_image": pb.TIMES_IMAGE,
 }
@@ -253,7 +254,7 @@ class XaiClient:
         methods: registry names (:data:`METHODS`: "saliency", "grad_cam", "occlusion", ...),
             answered in this order.
         target: class to explain (default: the predicted class).
-        stage: "raw", "one_channel" or "times_image", for every map.
+        stage: "raw", "three_channel", "one_channel" or "times_image", for every map.
         png: also return PNG overlays (FLOAT32_AND_PNG); float32 data always comes back.
         params: per-method parameters by proto field name, e.g.
             ``{"occlusion": {"window": 16, "adaptive": {"enabled": True}}}``,

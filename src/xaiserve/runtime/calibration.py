@@ -20,7 +20,12 @@ map's own maximum and minimum of the classical min-max scaling) and maps a value
                                b = (P90 atanh 0.1 - P10 atanh 0.9) / (P90 - P10)
 
 (seed eq. 2), so sigma(P10) = 0.1 and sigma(P90) = 0.9; it is increasing, keeps values
-outside [P10, P90] distinguishable, and sends negative contributions below sigma(0).
+outside [P10, P90] distinguishable, and sends negative contributions below sigma(0) =
+tanh(b), which is positive unless P10 < 0.068 x P90: the output is negative only below
+x = -b / a, under P10. The seed prints b = (P90 atanh 0.9 - P10 atanh 0.1) / (P10 - P90),
+which would send P10 to -0.9 and P90 to -0.1; b above is the one that meets its stated
+limits, as in the authors' code (IFA, ``Rescaler``; that code defaults to 0.05 / 0.95 and
+reads P50 of the minima, where the paper says 0.1 / 0.9 and P10).
 
 Feature decomposition (seed section II.B). The importance matrix IM (F x C) holds, for
 feature f and class c, the average over the data set of the sum over positions of the

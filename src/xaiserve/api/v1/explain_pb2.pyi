@@ -43,6 +43,7 @@ class MapStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RAW: _ClassVar[MapStage]
     ONE_CHANNEL: _ClassVar[MapStage]
     TIMES_IMAGE: _ClassVar[MapStage]
+    THREE_CHANNEL: _ClassVar[MapStage]
 
 class ForwardBackend(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -105,6 +106,7 @@ MAP_STAGE_UNSPECIFIED: MapStage
 RAW: MapStage
 ONE_CHANNEL: MapStage
 TIMES_IMAGE: MapStage
+THREE_CHANNEL: MapStage
 FORWARD_BACKEND_UNSPECIFIED: ForwardBackend
 TORCH: ForwardBackend
 ONNXRUNTIME: ForwardBackend

@@ -8,10 +8,13 @@ the CAM's weights w = ``cam.channel_weights(A, G)``:
 
 sigma is the calibrated tanh (``calibration.tanh_scale``: P10 -> 0.1, P90 -> 0.9) and P_c the
 principal features of the target class c (the top ``principal_fraction`` of the importance
-matrix column c). No ReLU and no per-image min-max: negative contributions stay negative
-and maps of different images (and classes) share one scale. Output N x 1 x *spatial in
-(-1, 1). The ``raw`` stage returns it as is; ``one_channel`` and ``times_image`` rescale
-each map by its own maximum, like any method's, so ask for ``raw`` to keep the common scale.
+matrix column c). No ReLU and no per-image min-max: maps of different images (and classes)
+share one scale, and a negative contribution maps below a zero activation's value
+sigma(0) = tanh(b), which is positive whenever P10 < 0.068 x P90 (the usual case); the
+output is negative only below the zero crossing x = -b / a, which lies below P10. Output
+N x 1 x *spatial in (-1, 1). The ``raw`` stage returns it as is; the seed-004 stages take
+|map| (folding negative outputs onto positive ones) and min-max scale each map on its own,
+like any method's, so ask for ``raw`` to keep the common scale.
 
 FS-S-CAM uses the method's common scale as measured over all features (the scale is
 calibrated once; the fraction is a request parameter).
