@@ -116,8 +116,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stages",
         type=_stages,
-        default=list(STAGES),
-        help="comma-separated visualization stages (default: all three)",
+        default=[s for s in STAGES if s != "raw"],
+        help="comma-separated visualization stages (default: the seed's three, "
+        "three_channel,one_channel,times_image; raw is the method's own signed output)",
     )
     parser.add_argument(
         "--shuffles", type=int, default=4, help="shuffled maps for APEM_norm (default 4)"
