@@ -35,14 +35,8 @@ class Settings:
     host: address to listen on. The default, 127.0.0.1, only accepts local clients (a safe
         developer default); use ``0.0.0.0`` or ``[::]`` in a container.
     port: port to listen on; 0 picks a free one (it is logged).
-    processes: server processes sharing the port (``SO_REUSEPORT``: the kernel spreads
-        connections, not calls, over them), each with its own copy of the models, executor
-        and Python interpreter; 1 serves in this process. More than 1 pays where one
-        process's Python, not the device, is the limit: CPU nodes with several cores (see
-        docs/operations.md, "Several server processes"). Metrics of all processes are served
-        together on ``metrics_port`` by the parent.
-    reuse_port: listen with ``SO_REUSEPORT`` so that other processes share the port; set by
-        ``processes`` for its children. Otherwise a port in use stops the server.
+    processes, reuse_port: server processes sharing the port, and whether this one shares
+        it (``SO_REUSEPORT``; set for the children): see :mod:`xaiserve.gateway.processes`.
     metrics_port: port of the Prometheus ``/metrics`` endpoint (HTTP, on ``host``); 0 turns
         it off. The default, 9464, stays clear of Prometheus (9090), the Pushgateway (9091),
         node exporters (9100) and TorchServe (8080-8082, 7070-7071).
@@ -59,10 +53,8 @@ class Settings:
         ``cuda`` or ``cuda:N``; a GPU torch does not see stops the server with an error.
     torch_threads: torch's intra-op threads in the local backend; 0: the CPUs this process
         may use (affinity, cgroup quota), or what ``OMP_NUM_THREADS`` says when it is set.
-    concurrency: how the local backend runs requests on one model: ``batched`` (the work
-        of the requests in flight shares device calls) or ``serial`` (one request at a
-        time per model, the behaviour before issue 22, kept for the side-by-side
-        benchmark).
+    concurrency: ``batched`` (the work of a model's requests in flight shares device
+        calls) or ``serial`` (one request at a time per model, for benchmarks).
     max_in_flight: Explain and ListModels calls the gateway handles at once, for either
         backend; a call beyond that is refused at once with RESOURCE_EXHAUSTED.
     torchserve_target: ``host:port`` of TorchServe's gRPC inference API.
@@ -86,8 +78,7 @@ class Settings:
         where onnxruntime-gpu finds a GPU, else the CPU); ``onnx_device_id`` None: the
         GPU of each model's torch device.
     default_deadline_seconds: deadline applied to calls that arrive without one.
-    grace_seconds: how long in-flight calls may finish on SIGTERM/SIGINT.
-    log_level: logging level name.
+    grace_seconds, log_level: time in-flight calls get on SIGTERM/SIGINT; logging level.
     """
 
     host: str = "127.0.0.1"
@@ -245,15 +236,8 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
         "in a container",
     ),
     "port": (_port, "port to listen on; 0 picks a free one"),
-    "processes": (
-        _positive_int,
-        "server processes sharing the port, each with its own models and Python; more than "
-        "1 pays on CPU nodes where Python is the limit (connections, not calls, are spread)",
-    ),
-    "reuse_port": (
-        _boolean,
-        "share the port with other processes (SO_REUSEPORT); set by --processes for its children",
-    ),
+    "processes": (_positive_int, "server processes sharing the port, each its own models"),
+    "reuse_port": (_boolean, "share the port (SO_REUSEPORT); --processes sets it for its own"),
     "metrics_port": (_port, "port of the Prometheus /metrics endpoint (HTTP, on HOST); 0: off"),
     "model_store": (str, "directory with one sub-directory (with a config.yaml) per model"),
     "build_demo": (_boolean, "build the demo model into MODEL_STORE/demo first if it is missing"),
