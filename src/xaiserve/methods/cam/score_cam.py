@@ -44,7 +44,7 @@ def layer_activations(
         raise RuntimeError("no CAM layer")  # unsupported_reason() stops this earlier
 
     def run(rows: torch.Tensor, _targets: torch.Tensor | None) -> torch.Tensor:
-        with torch.no_grad(), captured(layer) as calls:
+        with torch.no_grad(), captured(layer, spatial=tuple(rows.shape[2:])) as calls:
             module(rows)
         return calls[0][1]
 
@@ -62,7 +62,7 @@ def layer_channels(served: ServedModel) -> int:
         raise RuntimeError("no CAM layer")  # unsupported_reason() stops this earlier
     with _CHANNELS_LOCK:
         if layer not in _CHANNELS:
-            with torch.no_grad(), captured(layer) as calls:
+            with torch.no_grad(), captured(layer, spatial=served.config.spatial) as calls:
                 served.module(torch.zeros(1, *served.config.input_shape, device=served.device))
             _CHANNELS[layer] = int(calls[0][1].shape[1]) if calls else 0
         return _CHANNELS[layer]
