@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from xaiserve.api.errors import FailedPrecondition
+
 
 def this_thread_only(hook: Callable[..., Any]) -> Callable[..., Any]:
     """``hook``, made to do nothing (return None: no change) outside the current thread."""
@@ -59,13 +61,14 @@ def tokens_as_grid(out: torch.Tensor, spatial: tuple[int, ...]) -> tuple[torch.T
     """N x T x D tokens -> (the patch tokens as a map N x D x h x w, the prefix length).
 
     Raises:
-        ValueError: T tokens do not split into a prefix and a patch grid of the input.
+        FailedPrecondition: T tokens are no prefix and patch grid of the input.
     """
     grid = token_grid(out.shape[1], spatial)
     if grid is None:
-        raise ValueError(
+        raise FailedPrecondition(
+            None,
             f"the layer outputs {out.shape[1]} tokens, which are not a class token and a "
-            f"patch grid of the {' x '.join(map(str, spatial))} input"
+            f"patch grid of the {' x '.join(map(str, spatial))} input",
         )
     prefix, h, w = grid
     patches = out[:, prefix:].transpose(1, 2)
