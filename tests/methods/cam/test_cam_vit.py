@@ -9,11 +9,16 @@ import torch.nn.functional as F
 from captum.attr import LayerGradCam
 from torch import nn
 
+from support.method_models import served_from_net
 from support.tiny_models import make_context
 from support.vit_models import VIT_MEAN, VIT_STD, vit_served, write_vit_model_dir
+from xaiserve.engine.engine import Engine
+from xaiserve.engine.limits import EngineLimits
 from xaiserve.methods.cam.grad_cam import layer_activations_and_gradients
+from xaiserve.methods.cam.score_cam import layer_channels
 from xaiserve.methods.hooks import token_grid
 from xaiserve.methods.registry import METHODS, get_method
+from xaiserve.runtime.forward.config import ForwardConfig
 from xaiserve.runtime.model import load_model_dir
 
 
@@ -139,3 +144,35 @@ def test_hires_cam_is_zero_on_a_pre_norm_vit():
     per_position = (acts * grads).sum(dim=1).abs()
     assert per_position.max() < 1e-3 * (acts.abs() * grads.abs()).sum(dim=1).max()
     assert hires.abs().max() < 1e-4 * grad_cam.abs().max()
+
+
+class SevenTokens(nn.Module):
+    """Patches of 4 (16 tokens), the first 7 kept: a token layer (``mix``) that is no class
+    token and patch grid of the 16 x 16 input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 4, 4, stride=4)
+        self.mix = nn.Identity()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)[:, :7]
+        return self.head(self.mix(tokens).mean(dim=1))
+
+
+def test_a_token_layer_without_a_patch_grid_is_refused_with_the_reason():
+    served = served_from_net(SevenTokens(), (3, 16, 16), cam_layer="mix")
+    expected = (
+        "cam_layer mix: the layer outputs 7 tokens, which are not a class token and a "
+        "patch grid of the 16 x 16 input"
+    )
+    for name in ("grad_cam", "layer_cam", "score_cam"):
+        assert get_method(name).unsupported_reason(served) == expected
+    assert layer_channels(served) == 0
+    engine = Engine(
+        {"net": served}, EngineLimits(), ForwardConfig(backend="torch", export_on_load=False)
+    )
+    (info,) = engine.list_models()
+    assert f"grad_cam: {expected}" in info.unsupported_methods
+    assert "saliency" in info.methods

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from xaiserve.methods.base import AttributionMethod, MethodContext, on_device, target_logits
+from xaiserve.methods.cam.layer_probe import probe_layer
 from xaiserve.methods.hooks import captured
 from xaiserve.runtime.execution.executor import per_row
+from xaiserve.runtime.model import ServedModel
 
 
 def layer_activations_and_gradients(
@@ -52,6 +54,9 @@ def upsample(cam: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
 class GradCam(AttributionMethod):
     name = "grad_cam"
     needs_layer = True
+
+    def unsupported_reason(self, served: ServedModel) -> str | None:
+        return super().unsupported_reason(served) or probe_layer(served).reason
 
     def channel_weights(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         """Grad-CAM: gradients averaged over positions. -> N x K x 1 x ... x 1."""
