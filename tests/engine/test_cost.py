@@ -20,6 +20,7 @@ import torch
 from support.apem_reference import probe_of
 from support.calibrated_models import calibrated_tiny
 from support.tiny_models import make_context, tiny_served
+from support.vit_models import vit_served
 from xaiserve.api.errors import ResourceExhausted
 from xaiserve.api.types import (
     EncodedImage,
@@ -89,6 +90,9 @@ BY_HAND = {
 }
 """Estimates worked out by hand; every other method: one gradient pass."""
 
+TRANSFORMER_ONLY = {"attention_rollout"}
+"""Methods the tiny CNN declines (no attention): they run on the small ViT (same input)."""
+
 
 def image(seed: int = 3) -> torch.Tensor:
     return torch.rand(1, *SHAPE, generator=torch.Generator().manual_seed(seed))
@@ -112,7 +116,7 @@ def test_the_table_covers_every_registered_method():
 def test_method_estimate_equals_the_passes_charged(name, params):
     """Every method charges exactly its estimate, except Score-CAM, which skips constant
     channels (its estimate counts every channel)."""
-    served = calibrated_tiny()
+    served = vit_served() if name in TRANSFORMER_ONLY else calibrated_tiny()
     method = get_method(name)
     assert method.unsupported_reason(served) is None
     resolved = method.resolve_params(params, SHAPE, f"methods[0].{name}")
@@ -313,11 +317,23 @@ def engine() -> Engine:
     return tiny_engine()[0]
 
 
+@pytest.fixture(scope="module")
+def vit_engine() -> Engine:
+    vit = vit_served()
+    return tiny_engine(served=replace(vit, config=replace(vit.config, name="tiny")))[0]
+
+
+def engine_for(name: str, request: pytest.FixtureRequest) -> Engine:
+    """The tiny CNN's engine, or the ViT's for a transformer-only method."""
+    return request.getfixturevalue("vit_engine" if name in TRANSFORMER_ONLY else "engine")
+
+
 @pytest.mark.parametrize(("name", "params"), table(), ids=lambda v: str(v)[:40])
-def test_engine_estimate_equals_a_whole_call(engine, name, params):
+def test_engine_estimate_equals_a_whole_call(name, params, request):
     """Prediction and map through the engine (the incremental occluder included): the
     passes of the call equal the estimate, but for Score-CAM's constant channels; the
     same method at a second stage is computed once and counted once."""
+    engine = engine_for(name, request)
     request = explain_request(method(name, 0, params), method(name, 1, params, stage="raw"))
     estimate = engine.max_forward_passes(request)
     result = engine.explain(request)
@@ -327,10 +343,11 @@ def test_engine_estimate_equals_a_whole_call(engine, name, params):
 
 
 @pytest.mark.parametrize("name", [name for name in METHODS if name != "auto"] + ["auto"])
-def test_engine_estimate_bounds_apem_and_filters(engine, name):
+def test_engine_estimate_bounds_apem_and_filters(name, request):
     """Every method with a reliability record (2 shuffles) and a fast filter, and the same
     map at the raw stage with a coarser record and its own fast filter: within the
     estimate (the ratio is printed by -s)."""
+    engine = engine_for(name, request)
     request = explain_request(
         method(
             name, 0, reliability=ReliabilityRequest(shuffles=2), filter=FilterRequest("fast", 400)

@@ -5,6 +5,7 @@ lower-cased) to classes. It serves exactly the catalog's methods
 from __future__ import annotations
 
 from xaiserve.api.errors import InvalidArgument
+from xaiserve.methods.attention.attention_rollout import AttentionRollout
 from xaiserve.methods.auto import Auto
 from xaiserve.methods.base import AttributionMethod
 from xaiserve.methods.calibrated.s_grad_cam import SGradCam
@@ -62,6 +63,7 @@ METHODS: dict[str, type[AttributionMethod]] = {
         SXGradCam,
         SGradCamPlusPlus,
         SGradCamPixel,
+        AttentionRollout,
     )
 }
 

@@ -35,6 +35,7 @@ class Method(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     S_XGRAD_CAM: _ClassVar[Method]
     S_GRAD_CAM_PLUS_PLUS: _ClassVar[Method]
     S_GRAD_CAM_PIXEL: _ClassVar[Method]
+    ATTENTION_ROLLOUT: _ClassVar[Method]
     AUTO: _ClassVar[Method]
 
 class MapStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
@@ -101,6 +102,7 @@ S_GRAD_CAM: Method
 S_XGRAD_CAM: Method
 S_GRAD_CAM_PLUS_PLUS: Method
 S_GRAD_CAM_PIXEL: Method
+ATTENTION_ROLLOUT: Method
 AUTO: Method
 MAP_STAGE_UNSPECIFIED: MapStage
 RAW: MapStage

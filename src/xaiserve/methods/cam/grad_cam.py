@@ -3,7 +3,9 @@
 With activations A (N x K x *s) and gradients G = d f_y / d A: channel weights
 w_k = mean over positions of G_k, map = ReLU(sum_k w_k A_k), upsampled (bi/trilinear,
 align_corners=False) to the input size: N x 1 x *spatial. Variants of the CAM family
-override ``channel_weights`` (or ``combine``) only.
+override ``channel_weights`` (or ``combine``) only. A transformer block as the CAM layer
+gives tokens, which ``hooks.captured`` hands over as the patch grid (class token dropped):
+A is then N x D x h x w.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from xaiserve.methods.base import AttributionMethod, MethodContext, on_device, target_logits
+from xaiserve.methods.cam.layer_probe import probe_layer
 from xaiserve.methods.hooks import captured
 from xaiserve.runtime.execution.executor import per_row
+from xaiserve.runtime.model import ServedModel
 
 
 def layer_activations_and_gradients(
@@ -23,7 +27,7 @@ def layer_activations_and_gradients(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations of the CAM layer and the target logit's gradients there, batched.
 
-    x: N x C x *spatial -> (A, G), both N x K x *s.
+    x: N x C x *spatial -> (A, G), both N x K x *s (a token layer's patch grid: N x D x h x w).
     """
     layer, module = ctx.cam_layer, ctx.model
     if layer is None:
@@ -31,7 +35,7 @@ def layer_activations_and_gradients(
 
     def run(rows: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         targets = per_row(targets, "layer gradient")
-        with torch.enable_grad(), captured(layer) as calls:
+        with torch.enable_grad(), captured(layer, spatial=tuple(rows.shape[2:])) as calls:
             logits = module(rows.detach().requires_grad_(True))
             acts = calls[0][1]
             (grad,) = torch.autograd.grad(target_logits(logits, targets).sum(), acts)
@@ -50,6 +54,9 @@ def upsample(cam: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
 class GradCam(AttributionMethod):
     name = "grad_cam"
     needs_layer = True
+
+    def unsupported_reason(self, served: ServedModel) -> str | None:
+        return super().unsupported_reason(served) or probe_layer(served).reason
 
     def channel_weights(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         """Grad-CAM: gradients averaged over positions. -> N x K x 1 x ... x 1."""

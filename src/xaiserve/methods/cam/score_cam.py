@@ -17,22 +17,17 @@ CAM family.
 
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Any
 
 import torch
-from torch import nn
 
 from xaiserve.methods.base import MethodContext, on_device
 from xaiserve.methods.cam.grad_cam import GradCam, upsample
+from xaiserve.methods.cam.layer_probe import probe_layer
 from xaiserve.methods.hooks import captured
 from xaiserve.runtime.execution.executor import single
 from xaiserve.runtime.forward.counted import batches
 from xaiserve.runtime.model import ServedModel
-
-_CHANNELS: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
-_CHANNELS_LOCK = threading.Lock()
 
 
 def layer_activations(
@@ -44,7 +39,7 @@ def layer_activations(
         raise RuntimeError("no CAM layer")  # unsupported_reason() stops this earlier
 
     def run(rows: torch.Tensor, _targets: torch.Tensor | None) -> torch.Tensor:
-        with torch.no_grad(), captured(layer) as calls:
+        with torch.no_grad(), captured(layer, spatial=tuple(rows.shape[2:])) as calls:
             module(rows)
         return calls[0][1]
 
@@ -52,20 +47,9 @@ def layer_activations(
 
 
 def layer_channels(served: ServedModel) -> int:
-    """K, the channels of the CAM layer's output (the masks Score-CAM may evaluate per
-    image): read from one hooked, uncounted forward of a zero image the first time a
-    model's layer is asked about, then remembered; 0 when the forward does not call the
-    layer. The engine asks for every model when it is built, before any request can hook
-    the layer."""
-    layer = served.cam_layer
-    if layer is None:
-        raise RuntimeError("no CAM layer")  # unsupported_reason() stops this earlier
-    with _CHANNELS_LOCK:
-        if layer not in _CHANNELS:
-            with torch.no_grad(), captured(layer) as calls:
-                served.module(torch.zeros(1, *served.config.input_shape, device=served.device))
-            _CHANNELS[layer] = int(calls[0][1].shape[1]) if calls else 0
-        return _CHANNELS[layer]
+    """K, the channels of the CAM layer's output (``layer_probe``): the masks Score-CAM may
+    evaluate per image; 0 when the forward does not call the layer."""
+    return probe_layer(served).channels
 
 
 CONSTANT = 1e-5

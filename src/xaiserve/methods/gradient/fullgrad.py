@@ -43,6 +43,14 @@ def layer_bias(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
+def bias_shaped(module: nn.Module, bias: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The bias broadcast over ``out``: a linear layer's along the last axis (its output may
+    be tokens N x T x D), a convolution's or BatchNorm's along the channels (axis 1)."""
+    if isinstance(module, nn.Linear):
+        return bias.view(*([1] * (out.dim() - 1)), -1)
+    return bias.view(1, -1, *([1] * (out.dim() - 2)))
+
+
 def fullgrad_parts(
     ctx: MethodContext, x: torch.Tensor, target: torch.Tensor
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -61,8 +69,7 @@ def fullgrad_parts(
             outs = [out for _, out in calls]
             grads = torch.autograd.grad(score, [xb, *outs], allow_unused=True)
         terms = [
-            (torch.zeros_like(out) if g is None else g)
-            * bias_of[id(m)].view(1, -1, *([1] * (out.dim() - 2)))
+            (torch.zeros_like(out) if g is None else g) * bias_shaped(m, bias_of[id(m)], out)
             for (m, out), g in zip(calls, grads[1:], strict=True)
         ]
         return (grads[0], *terms)

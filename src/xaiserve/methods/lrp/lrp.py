@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from xaiserve.methods.attention.probabilities import attention_reason
 from xaiserve.methods.base import AttributionMethod, MethodContext, Param, on_device
 from xaiserve.methods.lrp.graph import LrpGraph, lrp_graph
 from xaiserve.methods.lrp.rules import (
@@ -141,7 +142,9 @@ class Lrp(AttributionMethod):
     )
 
     def unsupported_reason(self, served: ServedModel) -> str | None:
-        reason = super().unsupported_reason(served)
+        reason = super().unsupported_reason(served) or attention_reason(
+            served.module.net, self.name
+        )
         if reason:
             return reason
         graph = lrp_graph(served.module.net)

@@ -164,6 +164,22 @@ def cut_points(gm: fx.GraphModule, info: NodeGeometries) -> list[int]:
     return cuts
 
 
+def _mixing(info: NodeGeometries) -> str:
+    """Where every value starts to depend on the whole input (the first global node fed by
+    a local one: a flatten into tokens, attention, global pooling), as the tail of a
+    reason; "" when no such node is found."""
+    for node, geometry in info.items():
+        if geometry is not None:
+            continue
+        fed = [a for a in node.all_input_nodes if info.get(a) not in (None, CONSTANT)]
+        if fed:
+            return (
+                f"; every value depends on the whole input from {node.op} {node.target} "
+                f"(of {fed[0].name}) on"
+            )
+    return ""
+
+
 def plan_stages(gm: fx.GraphModule, window: int, starts: Sequence[Sequence[int]]) -> StagePlan:
     """The cheapest cuts for windows of side ``window`` at ``starts`` (per spatial axis,
     the windows' start offsets; every combination is a window). ``gm``: traced, shapes
@@ -209,9 +225,8 @@ def plan_stages(gm: fx.GraphModule, window: int, starts: Sequence[Sequence[int]]
         best[j] = min((best[i][0] + stage_cost[i, j], i) for i in cuts[:b])
     total, last = min((best[i][0] + head_cost(i), i) for i in cuts if i != 0)
     if total > WORTH_IT * full:
-        return StagePlan(
-            (), 0, 1.0, f"no saving: estimated {total / full:.0%} of a forward pass", bound
-        )
+        why = f"no saving: estimated {total / full:.0%} of a forward pass{_mixing(absolute)}"
+        return StagePlan((), 0, 1.0, why, bound)
     chosen, cut = [], last
     while cut:
         previous = best[cut][1]

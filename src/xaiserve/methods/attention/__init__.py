@@ -1,0 +1,1 @@
+"""Methods for transformers only: they read the attention probabilities."""
