@@ -3,7 +3,10 @@ format supports gives the eager model's map; the others are refused with the rea
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +162,40 @@ def test_a_pickled_module_saved_as_a_program_is_not_unpickled(store: Path, tmp_p
     torch.save(load_model_dir(store / "demo").module, directory / "model.pt2")
     with pytest.raises(ModelLoadError, match=r"not a torch\.export program"):
         load_model_dir(directory)
+
+
+class _Marker:
+    """Touches ``path`` when unpickled: proof that an archive's object was run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[Path]]:
+        return (Path.touch, (self.path,))
+
+
+def test_an_export_archive_with_a_pickled_weight_is_refused_unrun(
+    store: Path, tmp_path: Path
+) -> None:
+    """torch.export.load itself would torch.load(weights_only=False) a weight marked
+    use_pickle; here it is refused and the object never runs."""
+    directory = tmp_path / "pickled-weight"
+    shutil.copytree(store / "export", directory)
+    ran = tmp_path / "ran"
+    source = zipfile.ZipFile(store / "export" / "model.pt2")
+    with zipfile.ZipFile(directory / "model.pt2", "w") as archive:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("model_weights_config.json"):
+                config = json.loads(data)
+                config["config"]["features.0.weight"]["use_pickle"] = True
+                data = json.dumps(config).encode()
+            elif info.filename.endswith("weights/weight_0"):
+                buffer = io.BytesIO()
+                torch.save(_Marker(ran), buffer)
+                data = buffer.getvalue()
+            archive.writestr(info, data)
+    with pytest.raises(ModelLoadError, match="holds pickled Python objects, which are not"):
+        load_model_dir(directory)
+    assert not ran.exists()
+    assert torch.load.__module__ == "torch.serialization"  # put back

@@ -21,8 +21,11 @@ What loading runs:
   Python object; but the archive's ``code/`` is the model's program and runs in the
   TorchScript interpreter on every forward pass, able to call any operator registered in
   the process. Serve TorchScript files from people you would take a ``model.py`` from.
-- torch.export: ``torch.export.load`` reads a JSON graph of ATen operators and loads its
-  tensors with ``torch.load(weights_only=True)``; the graph calls operators only.
+- torch.export: ``torch.export.load`` reads a JSON graph of ATen operators and raw tensor
+  bytes; the graph calls operators only. torch itself would unpickle parts of an archive
+  (weights marked ``use_pickle``, "opaque" constants, and a ``weights_only=False`` retry
+  of sample inputs): while it loads here, ``torch.load`` reads tensors only and
+  ``pickle.loads`` refuses (:func:`_tensors_only`), so such an archive is refused unrun.
 
 A TorchScript forward runs compiled code: module hooks on its submodules do not fire, so
 no CAM layer can be exposed (``layer_reason``) and methods that override a module's
@@ -32,10 +35,14 @@ hierarchy, so ``cam_layer`` names a submodule as for the class format.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import re
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,7 +117,13 @@ def load_exported(path: Path) -> nn.Module:
     hierarchy (so a CAM layer can be hooked), on the CPU. A program exported for a fixed
     batch of 1 runs larger batches one image at a time (:class:`PerImage`)."""
     try:
-        program = torch.export.load(str(path))
+        with _tensors_only():
+            program = torch.export.load(str(path))
+    except pickle.UnpicklingError as err:
+        raise ModelLoadError(
+            f"{path}: holds pickled Python objects, which are not unpickled "
+            f"({_first_line(err)}); export a model whose weights and constants are tensors"
+        ) from None
     except Exception as err:
         raise ModelLoadError(
             f"{path}: not a torch.export program torch.export.load can read "
@@ -140,6 +153,42 @@ def load_exported(path: Path) -> nn.Module:
         log.info("%s: exported for a batch of 1; larger batches run image by image", path)
         module = PerImage(module)
     return module
+
+
+_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _tensors_only() -> Iterator[None]:
+    """While the block runs, ``torch.load`` reads tensors only (``weights_only=True``
+    whatever its caller asks) and the pt2 archive reader's ``pickle.loads`` raises
+    UnpicklingError: torch.export.load then unpickles no Python object. Process-wide
+    while it lasts (models load one at a time), under a lock."""
+    from torch.export.pt2_archive import _package
+
+    real_load = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return real_load(*args, **kwargs)
+
+    class NoLoads:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(pickle, name)
+
+        @staticmethod
+        def loads(*_args: Any, **_kwargs: Any) -> Any:
+            raise pickle.UnpicklingError("an opaque Python object constant")
+
+    with _PATCH_LOCK:
+        real_pickle = _package.pickle
+        torch.load = load
+        _package.pickle = NoLoads()  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            torch.load = real_load
+            _package.pickle = real_pickle
 
 
 class PerImage(nn.Module):
