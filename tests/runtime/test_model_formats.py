@@ -156,14 +156,6 @@ def test_a_damaged_safetensors_file_is_refused(store: Path, tmp_path: Path) -> N
         load_model_dir(directory)
 
 
-def test_a_pickled_module_saved_as_a_program_is_not_unpickled(store: Path, tmp_path: Path) -> None:
-    directory = tmp_path / "pickled"
-    shutil.copytree(store / "export", directory)
-    torch.save(load_model_dir(store / "demo").module, directory / "model.pt2")
-    with pytest.raises(ModelLoadError, match=r"not a torch\.export program"):
-        load_model_dir(directory)
-
-
 class _Marker:
     """Touches ``path`` when unpickled: proof that an archive's object was run."""
 
@@ -172,6 +164,26 @@ class _Marker:
 
     def __reduce__(self) -> tuple[object, tuple[Path]]:
         return (Path.touch, (self.path,))
+
+
+@pytest.mark.parametrize(
+    ("kind", "file", "refusal"),
+    [
+        ("export", "model.pt2", "not a torch.export program"),
+        ("torchscript", "model.pt", "not a TorchScript file"),
+    ],
+)
+def test_a_pickled_object_saved_as_a_program_is_refused_unrun(
+    store: Path, tmp_path: Path, kind: str, file: str, refusal: str
+) -> None:
+    directory = tmp_path / kind
+    shutil.copytree(store / kind, directory)
+    ran = tmp_path / "ran"
+    torch.save(_Marker(ran), directory / file)
+    with pytest.raises(ModelLoadError) as err:
+        load_model_dir(directory)
+    assert refusal in str(err.value)
+    assert not ran.exists()
 
 
 def test_an_export_archive_with_a_pickled_weight_is_refused_unrun(
