@@ -53,3 +53,17 @@ def test_a_directory_that_cannot_load_exits_1_with_the_reason(
     out = capsys.readouterr().out
     assert "gave (1, 4), not logits (1, 2), one per label of config.yaml" in out
     assert out.rstrip().endswith("result     cannot serve")
+
+
+def test_an_onnx_model_serves_its_forward_only_methods(
+    demo_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = write_format(demo_model_dir, tmp_path / "onnx", "onnx")
+    assert main(["check-model", str(directory), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "format     ONNX (model.onnx)" in out
+    assert re.search(r"^onnx       the model is an ONNX graph", out, re.M)
+    for method in ("occlusion", "lime", "kernel_shap", "rise"):
+        assert re.search(rf"^  {method} +ok +\d+\.\d{{3}} s$", out, re.M)
+    assert re.search(r"^  saliency +no  saliency needs gradients, and ONNX Runtime", out, re.M)
+    assert re.search(r"^  score_cam +no  the model is an ONNX graph run by ONNX Runtime", out, re.M)

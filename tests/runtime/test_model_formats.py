@@ -16,7 +16,7 @@ import yaml
 
 from support.model_formats import FORMAT_DIRS, write_format
 from xaiserve.api.errors import InvalidArgument, ModelLoadError
-from xaiserve.api.types import ExplainRequest, MethodRequest, RawTensor
+from xaiserve.api.types import ExplainRequest, MethodRequest, RawTensor, ReliabilityRequest
 from xaiserve.engine.engine import Engine
 from xaiserve.engine.limits import EngineLimits
 from xaiserve.engine.plan import MODULE_METHODS, method_reason
@@ -30,7 +30,13 @@ from xaiserve.runtime.model_config import read_config
 #: order only. A program exported for a batch of 1 runs a batch image by image, with other
 #: convolution kernels than the batched eager model: integrated gradients, which sums 50
 #: such gradients, differs by up to 1e-4 there.
-TOLERANCE = {"class_safetensors": 1e-5, "torchscript": 1e-5, "export": 1e-5, "export_batch1": 3e-4}
+TOLERANCE = {
+    "class_safetensors": 1e-5,
+    "torchscript": 1e-5,
+    "export": 1e-5,
+    "export_batch1": 3e-4,
+    "onnx": 1e-5,
+}
 
 CAM = {"grad_cam", "grad_cam_plus_plus", "xgrad_cam", "hires_cam", "layer_cam", "score_cam"}
 CALIBRATED = {name for name in METHODS if name.startswith("s_")}
@@ -66,6 +72,8 @@ def explain(engine: Engine, model: str, method: str) -> np.ndarray:
 
 
 def expected_support(kind: str, method: str) -> bool:
+    if kind == "onnx":  # forward passes only, no layer
+        return not (METHODS[method].needs_gradients or METHODS[method].needs_layer)
     if method in CALIBRATED or (kind != "class_safetensors" and method in MODULE_METHODS):
         return False
     return not (kind == "torchscript" and method in CAM)
@@ -80,6 +88,7 @@ def test_every_format_loads_with_its_format(engine: Engine) -> None:
         "torchscript": "torchscript",
         "export": "export",
         "export_batch1": "export",
+        "onnx": "onnx",
     }
     assert engine.models["export"].cam_layer is not None
     assert engine.models["torchscript"].cam_layer is None
@@ -115,6 +124,24 @@ def test_refusals_name_the_format_and_what_to_do(engine: Engine) -> None:
     assert reason is not None
     assert "a torch.export model runs compiled operators" in reason
     assert "serve the class + weights" in reason
+    onnx = next(i for i in engine.list_models() if i.name == "onnx")
+    assert set(onnx.methods) >= {"occlusion", "lime", "kernel_shap", "rise"}
+    assert not set(onnx.methods) & {"saliency", "grad_cam", "score_cam", "auto"}
+    assert (
+        "saliency: saliency needs gradients, and ONNX Runtime runs the ONNX model's forward only"
+        in onnx.unsupported_methods
+    )
+    assert any(
+        r.startswith("score_cam: the model is an ONNX graph") for r in onnx.unsupported_methods
+    )
+    x = torch.rand(3, 64, 64)
+    request = ExplainRequest(
+        model="onnx",
+        image=RawTensor(tuple(x.shape), x.numpy().tobytes()),
+        methods=(MethodRequest("occlusion", reliability=ReliabilityRequest()),),
+    )
+    with pytest.raises(InvalidArgument, match="APEM records and the filter need gradients"):
+        engine.explain(request)
     info = next(i for i in engine.list_models() if i.name == "torchscript")
     assert f"score_cam: {TORCHSCRIPT_LAYER_REASON}" in info.unsupported_methods
     assert "grad_cam" not in info.methods and "saliency" in info.methods
@@ -127,8 +154,11 @@ def test_format_is_inferred_from_the_files(store: Path, tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(ModelLoadError, match=r"no model: give 'model'.*model\.pt2"):
         read_config(tmp_path / "config.yaml")
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**config, "format": "onnx"}))
-    with pytest.raises(ModelLoadError, match="'format' must be one of class, torchscript"):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**config, "format": "keras"}))
+    with pytest.raises(
+        ModelLoadError,
+        match="'format' must be one of class, torchscript, export, onnx, got 'keras'",
+    ):
         read_config(tmp_path / "config.yaml")
 
 

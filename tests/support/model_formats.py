@@ -2,7 +2,8 @@
 
 ``class_safetensors``: the class + weights as ``weights.safetensors``; ``torchscript``:
 ``torch.jit.save(torch.jit.script(net))``; ``export``: ``torch.export.save`` with a dynamic
-batch; ``export_batch1``: exported for a fixed batch of 1.
+batch; ``export_batch1``: exported for a fixed batch of 1; ``onnx``: ``torch.onnx.export``
+with a dynamic batch (the TorchScript-based exporter), no torch code beside it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from safetensors.torch import save_file
 
 from xaiserve.runtime.model import load_model_dir
 
-FORMAT_DIRS = ("class_safetensors", "torchscript", "export", "export_batch1")
+FORMAT_DIRS = ("class_safetensors", "torchscript", "export", "export_batch1", "onnx")
 
 
 def write_format(demo: Path, out: Path, kind: str) -> Path:
@@ -39,6 +40,16 @@ def write_format(demo: Path, out: Path, kind: str) -> Path:
             batch = {"x": {0: torch.export.Dim("batch", max=1024)}}
             program = torch.export.export(net, (torch.cat([x, x]),), dynamic_shapes=batch)
             torch.export.save(program, out / "model.pt2")
+        elif kind == "onnx":
+            torch.onnx.export(
+                net,
+                (x,),
+                str(out / "model.onnx"),
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                dynamo=False,
+            )
         else:
             torch.export.save(torch.export.export(net, (x,)), out / "model.pt2")
     (out / "config.yaml").write_text(yaml.safe_dump(raw))

@@ -34,7 +34,7 @@ from xaiserve.reliability.options import (
     resolve_filter_options,
     resolve_options,
 )
-from xaiserve.runtime.formats import CLASS, FORMAT_NAMES
+from xaiserve.runtime.formats import CLASS, FORMAT_NAMES, ONNX
 from xaiserve.runtime.model import ServedModel
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,12 @@ def _plan_one(item: MethodRequest, served: ServedModel) -> list[PlannedMethod]:
         raise InvalidArgument(f"{item.field}.stage", f"unknown stage {item.stage!r}")
     if item.gad and (why := gad_reason(method, served)):
         raise InvalidArgument(f"{item.field}.gad", why)
+    if served.format == ONNX and (item.reliability is not None or item.filter is not None):
+        raise InvalidArgument(
+            f"{item.field}.reliability",
+            "APEM records and the filter need gradients, and ONNX Runtime runs the ONNX "
+            "model's forward only",
+        )
     params_field = f"{item.field}.{item.params_field or item.name}"
     shape = served.config.input_shape
     params = method.resolve_params(item.params, shape, params_field)
@@ -181,9 +187,12 @@ MODULE_METHODS = frozenset(
 
 
 def method_reason(method: AttributionMethod, served: ServedModel) -> str | None:
-    """Why ``method`` cannot run on ``served``, or None: the format's reason first (a
-    program has no Python layers for ``MODULE_METHODS``; a TorchScript forward exposes no
-    CAM layer, ``layer_reason``), else the method's own."""
+    """Why ``method`` cannot run on ``served``, or None: the format's reason first (an
+    ONNX model has no gradients; a program has no Python layers for ``MODULE_METHODS``; a
+    TorchScript or ONNX forward exposes no CAM layer, ``layer_reason``), else the
+    method's own."""
+    if served.format == ONNX and method.needs_gradients:
+        return f"{method.name} needs gradients, and ONNX Runtime runs the ONNX model's forward only"
     if served.format != CLASS and method.name in MODULE_METHODS:
         return (
             f"{method.name} works on the network's Python layers (nn.ReLU, conv and linear "

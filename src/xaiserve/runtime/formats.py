@@ -7,10 +7,13 @@ Detection (``model_config.read_config``): ``config.yaml`` ``format:`` names it, 
                  whenever config.yaml has a ``model:`` mapping
     torchscript  a ``torch.jit.save`` file (``weights``, default ``model.pt``)
     export       a ``torch.export.save`` program (``weights``, default ``model.pt2``)
+    onnx         an ONNX graph (``weights``, default ``model.onnx``) run on ONNX Runtime:
+                 forward passes only, no gradients, no layer to hook
 
-Without ``format:`` and without ``model:``, ``model.pt2`` means ``export`` and
-``model.pt`` means ``torchscript``. config.yaml still gives input, normalisation, labels and
-the CAM layer.
+Without ``format:`` and without ``model:``, ``model.pt2`` means ``export``, ``model.pt``
+``torchscript`` and ``model.onnx`` ``onnx`` (in that order). The network of every format
+takes normalised input, as config.yaml ``normalize`` says; config.yaml still gives input,
+normalisation, labels and the CAM layer.
 
 What loading runs:
 
@@ -21,6 +24,7 @@ What loading runs:
   Python object; but the archive's ``code/`` is the model's program and runs in the
   TorchScript interpreter on every forward pass, able to call any operator registered in
   the process. Serve TorchScript files from people you would take a ``model.py`` from.
+- ONNX: a protobuf graph of ONNX operators read by ONNX Runtime; nothing is unpickled.
 - torch.export: ``torch.export.load`` reads a JSON graph of ATen operators and raw tensor
   bytes; the graph calls operators only. torch itself would unpickle parts of an archive
   (weights marked ``use_pickle``, "opaque" constants, and a ``weights_only=False`` retry
@@ -51,15 +55,30 @@ from xaiserve.api.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
-CLASS, TORCHSCRIPT, EXPORT = "class", "torchscript", "export"
-FORMATS = (CLASS, TORCHSCRIPT, EXPORT)
-FORMAT_NAMES = {CLASS: "class + weights", TORCHSCRIPT: "TorchScript", EXPORT: "torch.export"}
-DEFAULT_FILES = {CLASS: "weights.pt", TORCHSCRIPT: "model.pt", EXPORT: "model.pt2"}
+CLASS, TORCHSCRIPT, EXPORT, ONNX = "class", "torchscript", "export", "onnx"
+FORMATS = (CLASS, TORCHSCRIPT, EXPORT, ONNX)
+FORMAT_NAMES = {
+    CLASS: "class + weights",
+    TORCHSCRIPT: "TorchScript",
+    EXPORT: "torch.export",
+    ONNX: "ONNX",
+}
+DEFAULT_FILES = {
+    CLASS: "weights.pt",
+    TORCHSCRIPT: "model.pt",
+    EXPORT: "model.pt2",
+    ONNX: "model.onnx",
+}
 
 TORCHSCRIPT_LAYER_REASON = (
     "the model is a TorchScript file: its forward runs compiled code, where module hooks "
     "do not fire, so no CAM layer can be exposed (serve it as a torch.export program or "
     "as a class + weights to get CAM methods)"
+)
+
+ONNX_LAYER_REASON = (
+    "the model is an ONNX graph run by ONNX Runtime: no layer output is exposed to hook, so "
+    "no CAM method can run (serve it as a torch.export program or as a class + weights)"
 )
 
 
@@ -189,6 +208,49 @@ def _tensors_only() -> Iterator[None]:
         finally:
             torch.load = real_load
             _package.pickle = real_pickle
+
+
+def load_onnx(path: Path) -> nn.Module:
+    """The graph of ``path`` as a module (:class:`OnnxNet`) on an ONNX Runtime CPU session;
+    a graph with a fixed batch of 1 runs batches image by image."""
+    try:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:
+        raise ModelLoadError(
+            f"{path}: not an ONNX graph ONNX Runtime can load ({type(err).__name__}: "
+            f"{_first_line(err)}); save one with torch.onnx.export(model, (x,), "
+            f"{path.name!r}, dynamic_axes={{'input': {{0: 'batch'}}}})"
+        ) from None
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or not outputs:
+        raise ModelLoadError(f"{path}: the graph takes {len(inputs)} inputs, not one image")
+    net = OnnxNet(session, inputs[0].name, outputs[0].name)
+    batch = inputs[0].shape[0] if inputs[0].shape else None
+    if isinstance(batch, int):
+        if batch != 1:
+            raise ModelLoadError(
+                f"{path}: a fixed batch of {batch}; export with a batch of 1 or a dynamic batch"
+            )
+        return PerImage(net)
+    return net
+
+
+class OnnxNet(nn.Module):
+    """An ONNX Runtime session as a module: N x C x ... float32 -> N x K logits, on the
+    input's device. No gradients flow through it (the output is a new leaf)."""
+
+    def __init__(self, session: Any, input_name: str, output_name: str) -> None:
+        super().__init__()
+        self.session, self.input_name, self.output_name = session, input_name, output_name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(x) is not torch.Tensor or torch.jit.is_tracing():  # fx proxies, tracers
+            raise RuntimeError("an ONNX Runtime session cannot be traced or exported")
+        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        (logits,) = self.session.run([self.output_name], {self.input_name: array})
+        return torch.from_numpy(logits).to(x.device)
 
 
 class PerImage(nn.Module):

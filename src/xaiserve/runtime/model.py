@@ -46,10 +46,13 @@ from xaiserve.runtime.device import CPU, resolve_device
 from xaiserve.runtime.formats import (
     CLASS,
     EXPORT,
+    ONNX,
+    ONNX_LAYER_REASON,
     TORCHSCRIPT,
     TORCHSCRIPT_LAYER_REASON,
     PerImage,
     load_exported,
+    load_onnx,
     load_torchscript,
     read_state_dict,
 )
@@ -317,7 +320,8 @@ def _cam_layer(net: nn.Module, cfg: ModelConfig, directory: Path) -> nn.Module |
 
 
 def _load_program(directory: Path, cfg: ModelConfig, device: torch.device) -> ServedModel:
-    """A TorchScript file or torch.export program (``cfg.weights``) as a served model:
+    """A TorchScript file, torch.export program or ONNX graph (``cfg.weights``) as a
+    served model:
     no calibration or GAD support models (they are stored for class + weights models)."""
     path = directory / cfg.weights
     if not path.is_file():
@@ -326,6 +330,9 @@ def _load_program(directory: Path, cfg: ModelConfig, device: torch.device) -> Se
     if cfg.format == TORCHSCRIPT:
         net = load_torchscript(path)
         layer_reason = TORCHSCRIPT_LAYER_REASON if cfg.cam_layer else ""
+    elif cfg.format == ONNX:
+        net = load_onnx(path)
+        layer_reason = ONNX_LAYER_REASON if cfg.cam_layer else ""
     else:
         assert cfg.format == EXPORT  # read_config admits no other
         net = load_exported(path)

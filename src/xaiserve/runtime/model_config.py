@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from xaiserve.api.errors import ModelLoadError
-from xaiserve.runtime.formats import CLASS, DEFAULT_FILES, EXPORT, FORMATS, TORCHSCRIPT
+from xaiserve.runtime.formats import CLASS, DEFAULT_FILES, EXPORT, FORMATS, ONNX, TORCHSCRIPT
 from xaiserve.runtime.forward.config import device_spec
 
 #: Model names: what ExplainRequest.model_name and archive names may hold.
@@ -132,8 +132,9 @@ def read_config(path: Path) -> ModelConfig:
 
 def _format(raw: dict[str, Any], path: Path) -> str:
     """config.yaml's ``format``. When absent: ``class`` if it has a ``model`` mapping; else
-    by the program's file (``weights``, or ``model.pt2``/``model.pt`` beside config.yaml):
-    ``.pt2`` is ``export``, any other file ``torchscript``."""
+    by the program's file (``weights``, or ``model.pt2``/``model.pt``/``model.onnx`` beside
+    config.yaml, first found): ``.pt2`` is ``export``, ``.onnx`` ``onnx``, any other file
+    ``torchscript``."""
     if "format" in raw:
         fmt = str(raw["format"])
         if fmt not in FORMATS:
@@ -144,12 +145,14 @@ def _format(raw: dict[str, Any], path: Path) -> str:
     if "model" in raw:
         return CLASS
     given = raw.get("weights")
-    candidates = [str(given)] if given else [DEFAULT_FILES[EXPORT], DEFAULT_FILES[TORCHSCRIPT]]
+    candidates = [str(given)] if given else [DEFAULT_FILES[f] for f in (EXPORT, TORCHSCRIPT, ONNX)]
     for name in candidates:
         if (path.parent / name).is_file():
-            return EXPORT if name.endswith(".pt2") else TORCHSCRIPT
+            suffix = Path(name).suffix
+            return {".pt2": EXPORT, ".onnx": ONNX}.get(suffix, TORCHSCRIPT)
     raise ModelLoadError(
         f"{path}: no model: give 'model' (file, class) with a state dict in 'weights', or "
-        f"put a TorchScript file (model.pt) or a torch.export program (model.pt2) beside it "
+        f"put a TorchScript file (model.pt), a torch.export program (model.pt2) or an ONNX "
+        f"graph (model.onnx) beside it "
         f"(config.yaml 'format': {', '.join(FORMATS)})"
     )
