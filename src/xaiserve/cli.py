@@ -3,6 +3,7 @@
     xaiserve explain cat.png --model demo --methods saliency,grad_cam,occlusion --out maps/
     xaiserve models
     xaiserve evaluate --model-dir var/models/demo --n 100 --out var/eval
+    xaiserve check-model var/models/demo
 
 Each subcommand is a :class:`Subcommand` in :data:`SUBCOMMANDS`: a function that adds its
 arguments, a function that runs it, and one entry in that tuple. The client's commands live in
@@ -18,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from xaiserve.gateway import cli as client
+from xaiserve.model_store import check
 from xaiserve.offline.cli import calibrate, evaluate, gad_train
 
 
@@ -51,6 +53,12 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         "measure and store the S-CAM calibration of a model (offline)",
         calibrate.configure,
         calibrate.run,
+    ),
+    Subcommand(
+        "check-model",
+        "load a model directory as the server will and try every method on it",
+        check.configure,
+        check.run,
     ),
     Subcommand(
         "gad-train",

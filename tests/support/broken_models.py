@@ -101,13 +101,17 @@ BROKEN: dict[str, tuple[Callable[[Path], None], str]] = {
         _pickled_module,
         "holds a pickled object (support.tiny_models.TinyNet), not a state dict",
     ),
-    "scripted": (_torchscript, "a TorchScript archive, which is not loaded"),
+    "scripted": (
+        _torchscript,
+        "a TorchScript archive, not a state dict; serve it as TorchScript (config.yaml "
+        "'format: torchscript', 'weights: weights.pt', no 'model')",
+    ),
 }
 
 #: The advice a refused weights file carries.
 WEIGHTS_ADVICE = (
-    "save the weights with torch.save(model.state_dict(), 'weights.pt') and give the class "
-    "in model.py (config.yaml model.class)"
+    "save the weights with torch.save(model.state_dict(), 'weights.pt') (or "
+    "safetensors.torch.save_file) and give the class in model.py (config.yaml model.class)"
 )
 
 

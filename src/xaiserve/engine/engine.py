@@ -29,7 +29,7 @@ from xaiserve.api.types import (
 )
 from xaiserve.engine.drafts import draft_maps, explanations, with_reliability
 from xaiserve.engine.limits import EngineLimits
-from xaiserve.engine.plan import plan_request
+from xaiserve.engine.plan import method_reason, plan_request
 from xaiserve.engine.preprocess import decode_image, tensor_from_raw
 from xaiserve.methods.base import MethodContext
 from xaiserve.methods.cam.score_cam import layer_channels
@@ -185,7 +185,7 @@ class Engine:
         each failed one (status MODEL_FAILED) with its reason."""
         infos = []
         for _, m in sorted(self.models.items()):
-            reasons = {name: cls().unsupported_reason(m) for name, cls in METHODS.items()}
+            reasons = {name: method_reason(cls(), m) for name, cls in METHODS.items()}
             infos.append(
                 ModelInfo(
                     name=m.config.name,

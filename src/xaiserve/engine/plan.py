@@ -34,6 +34,7 @@ from xaiserve.reliability.options import (
     resolve_filter_options,
     resolve_options,
 )
+from xaiserve.runtime.formats import CLASS, FORMAT_NAMES, ONNX
 from xaiserve.runtime.model import ServedModel
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,12 @@ def _plan_one(item: MethodRequest, served: ServedModel) -> list[PlannedMethod]:
         raise InvalidArgument(f"{item.field}.stage", f"unknown stage {item.stage!r}")
     if item.gad and (why := gad_reason(method, served)):
         raise InvalidArgument(f"{item.field}.gad", why)
+    if served.format == ONNX and (item.reliability is not None or item.filter is not None):
+        raise InvalidArgument(
+            f"{item.field}.reliability",
+            "APEM records and the filter need gradients, and ONNX Runtime runs the ONNX "
+            "model's forward only",
+        )
     params_field = f"{item.field}.{item.params_field or item.name}"
     shape = served.config.input_shape
     params = method.resolve_params(item.params, shape, params_field)
@@ -165,7 +172,34 @@ def supported(name: str, field: str, served: ServedModel) -> AttributionMethod:
     """The registered method ``name``; InvalidArgument naming ``field`` when it is unknown
     or cannot run on the model."""
     method = get_method(name, field)
-    reason = method.unsupported_reason(served)
+    reason = method_reason(method, served)
     if reason:
         raise InvalidArgument(field, f"{name} cannot run on model {served.config.name!r}: {reason}")
     return method
+
+
+#: Methods that act on the network's Python modules (nn.ReLU backward overrides, the
+#: biases of conv and linear layers, per-layer rules). A TorchScript or torch.export
+#: program holds compiled or traced operators instead, where these would be wrong or fail.
+MODULE_METHODS = frozenset(
+    ("guided_backprop", "deconvolution", "guided_grad_cam", "fullgrad", "deeplift", "lrp")
+)
+
+
+def method_reason(method: AttributionMethod, served: ServedModel) -> str | None:
+    """Why ``method`` cannot run on ``served``, or None: the format's reason first (an
+    ONNX model has no gradients; a program has no Python layers for ``MODULE_METHODS``; a
+    TorchScript or ONNX forward exposes no CAM layer, ``layer_reason``), else the
+    method's own."""
+    if served.format == ONNX and method.needs_gradients:
+        return f"{method.name} needs gradients, and ONNX Runtime runs the ONNX model's forward only"
+    if served.format != CLASS and method.name in MODULE_METHODS:
+        return (
+            f"{method.name} works on the network's Python layers (nn.ReLU, conv and linear "
+            f"modules); a {FORMAT_NAMES[served.format]} model runs compiled operators "
+            "instead: serve the class + weights to use it"
+        )
+    reason = method.unsupported_reason(served)
+    if reason and method.needs_layer and served.cam_layer is None and served.layer_reason:
+        return served.layer_reason
+    return reason

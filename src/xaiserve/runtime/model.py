@@ -8,7 +8,10 @@ A model directory holds::
                   the files next to it (``from helpers import Block`` or
                   ``from .helpers import Block``)
     weights.pt    a state dict, loaded with torch.load(weights_only=True): no arbitrary
-                  objects are unpickled (a pickled module or TorchScript file is refused)
+                  objects are unpickled (a pickled module is refused), or a
+                  ``.safetensors`` file
+    model.pt, model.pt2   instead of model.py + weights: a TorchScript file or a
+                  torch.export program (config.yaml ``format``; see ``formats``)
     calibration.json, calibration.npz   optional: the data-set calibration of the CAM
                   methods (``xaiserve calibrate``, see ``calibration``)
     gad/          optional: GAD support models (``xaiserve gad-train``, see ``gad_store``)
@@ -23,7 +26,6 @@ import contextlib
 import importlib.util
 import itertools
 import logging
-import pickle
 import re
 import sys
 import threading
@@ -41,6 +43,19 @@ from xaiserve.api.errors import ModelLoadError
 from xaiserve.runtime.artifacts import file_sha256
 from xaiserve.runtime.calibration import Calibration, load_calibration
 from xaiserve.runtime.device import CPU, resolve_device
+from xaiserve.runtime.formats import (
+    CLASS,
+    EXPORT,
+    ONNX,
+    ONNX_LAYER_REASON,
+    TORCHSCRIPT,
+    TORCHSCRIPT_LAYER_REASON,
+    PerImage,
+    load_exported,
+    load_onnx,
+    load_torchscript,
+    read_state_dict,
+)
 from xaiserve.runtime.gad_store import GadSupport, load_gad_support
 from xaiserve.runtime.model_config import NAME_RE, ModelConfig, read_config
 from xaiserve.runtime.pixel_space import PixelSpaceModel
@@ -55,6 +70,9 @@ class ServedModel:
     calibration: the data-set calibration of the CAM methods (seed 003), when stored.
     gad: the GAD support models (seed 002), when stored.
     device: where ``module``'s weights live, and so every tensor of its requests.
+    format: the directory's format (``formats``: class, torchscript, export).
+    layer_reason: why no CAM layer could be exposed although config.yaml names one
+        (a TorchScript forward), else "".
     """
 
     config: ModelConfig
@@ -64,6 +82,8 @@ class ServedModel:
     calibration: Calibration | None = None
     gad: GadSupport | None = None
     device: torch.device = CPU
+    format: str = CLASS
+    layer_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -173,37 +193,25 @@ def _sibling_imports(root: Path) -> Iterator[None]:
 def _load_weights(directory: Path, cfg: ModelConfig, net: nn.Module) -> Path:
     """Loads the state dict of ``cfg.weights`` into ``net``; returns the file's path.
 
-    Only tensors are read (``torch.load(weights_only=True)``): a pickled module or a
-    TorchScript archive is refused with what to save instead.
+    Only tensors are read (``torch.load(weights_only=True)``, or a ``.safetensors``
+    file): a pickled module is refused with what to save instead, and a TorchScript
+    archive with how to serve it as one.
     """
     weights = directory / cfg.weights
     advice = (
-        f"save the weights with torch.save(model.state_dict(), {cfg.weights!r}) and give "
-        f"the class in {cfg.model_file} (config.yaml model.class)"
+        f"save the weights with torch.save(model.state_dict(), {cfg.weights!r}) (or "
+        f"safetensors.torch.save_file) and give the class in {cfg.model_file} "
+        "(config.yaml model.class)"
     )
     if not weights.is_file():
         raise ModelLoadError(f"{weights}: weights file not found (config.yaml 'weights')")
     if _is_torchscript(weights):
         raise ModelLoadError(
-            f"{weights}: a TorchScript archive, which is not loaded (it carries code); {advice}"
+            f"{weights}: a TorchScript archive, not a state dict; serve it as TorchScript "
+            f"(config.yaml 'format: torchscript', 'weights: {cfg.weights}', no 'model'), "
+            f"or {advice}"
         )
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # an object other than tensors, refused unrun
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f" ({found.group(1)})" if found else ""
-        raise ModelLoadError(
-            f"{weights}: holds a pickled object{what}, not a state dict; objects are not "
-            f"unpickled (torch.load weights_only=True): {advice}"
-        ) from None
-    except Exception as err:
-        raise ModelLoadError(
-            f"{weights}: unreadable, not a torch.save file ({type(err).__name__}: {err})"
-        ) from None
-    if not isinstance(state, dict):
-        raise ModelLoadError(
-            f"{weights}: holds a {type(state).__name__}, not a state dict; {advice}"
-        )
+    state = read_state_dict(weights, advice)
     try:
         net.load_state_dict(state)
     except Exception as err:
@@ -267,6 +275,8 @@ def load_model_dir(
             device = resolve_device(cfg.device, gpu_id)
         except ValueError as err:
             raise ModelLoadError(f"{directory / 'config.yaml'}: 'device' {err}") from None
+    if cfg.format != CLASS:
+        return _load_program(directory, cfg, device)
     cls = _import_model_class(directory, cfg)
     try:
         net = cls(**cfg.model_kwargs)
@@ -275,12 +285,7 @@ def load_model_dir(
             f"{directory}: constructing {cfg.model_class} failed: {type(err).__name__}: {err}"
         ) from err
     weights = _load_weights(directory, cfg, net)
-    cam = None
-    if cfg.cam_layer:
-        try:
-            cam = net.get_submodule(cfg.cam_layer)
-        except AttributeError as err:
-            raise ModelLoadError(f"{directory}: cam_layer {cfg.cam_layer!r} not found") from err
+    cam = _cam_layer(net, cfg, directory)
     module = _pixel_space(net, cfg).to(device)  # in place: ``cam`` is still its layer
     _check_forward(module, cfg, directory, device)
     sha = file_sha256(weights)
@@ -304,9 +309,64 @@ def load_model_dir(
     )
 
 
+def _cam_layer(net: nn.Module, cfg: ModelConfig, directory: Path) -> nn.Module | None:
+    """The submodule config.yaml's ``cam_layer`` names, or None when it names none."""
+    if not cfg.cam_layer:
+        return None
+    try:
+        return net.get_submodule(cfg.cam_layer)
+    except AttributeError as err:
+        raise ModelLoadError(f"{directory}: cam_layer {cfg.cam_layer!r} not found") from err
+
+
+def _load_program(directory: Path, cfg: ModelConfig, device: torch.device) -> ServedModel:
+    """A TorchScript file, torch.export program or ONNX graph (``cfg.weights``) as a
+    served model:
+    no calibration or GAD support models (they are stored for class + weights models)."""
+    path = directory / cfg.weights
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: {cfg.format} file not found (config.yaml 'weights')")
+    cam, layer_reason = None, ""
+    if cfg.format == TORCHSCRIPT:
+        net = load_torchscript(path)
+        layer_reason = TORCHSCRIPT_LAYER_REASON if cfg.cam_layer else ""
+    elif cfg.format == ONNX:
+        net = load_onnx(path)
+        layer_reason = ONNX_LAYER_REASON if cfg.cam_layer else ""
+    else:
+        assert cfg.format == EXPORT  # read_config admits no other
+        net = load_exported(path)
+        cam = _cam_layer(net.net if isinstance(net, PerImage) else net, cfg, directory)
+    module = _pixel_space(net, cfg).to(device)
+    _check_forward(module, cfg, directory, device)
+    log.info(
+        "loaded %s model %s version %s from %s on %s",
+        cfg.format,
+        cfg.name,
+        cfg.version,
+        directory,
+        device,
+    )
+    return ServedModel(
+        config=cfg,
+        module=module,
+        cam_layer=cam,
+        directory=directory,
+        device=device,
+        format=cfg.format,
+        layer_reason=layer_reason,
+    )
+
+
 def _pixel_space(net: nn.Module, cfg: ModelConfig) -> PixelSpaceModel:
-    """``net`` wrapped for pixel-space input, in eval mode, parameters frozen."""
-    module = PixelSpaceModel(net, cfg.mean, cfg.std).eval()
+    """``net`` wrapped for pixel-space input, in eval mode, parameters frozen. A program
+    (TorchScript, torch.export) has its modules' flags cleared instead: exported programs
+    refuse ``eval()`` (they run as they were exported)."""
+    module = PixelSpaceModel(net, cfg.mean, cfg.std)
+    if cfg.format == CLASS:
+        module.eval()
+    for sub in module.modules():
+        sub.training = False
     for p in module.parameters():
         p.requires_grad_(False)
     return module

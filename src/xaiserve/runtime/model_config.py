@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from xaiserve.api.errors import ModelLoadError
+from xaiserve.runtime.formats import CLASS, DEFAULT_FILES, EXPORT, FORMATS, ONNX, TORCHSCRIPT
 from xaiserve.runtime.forward.config import device_spec
 
 #: Model names: what ExplainRequest.model_name and archive names may hold.
@@ -25,6 +26,9 @@ class ModelConfig:
 
     device: where this model runs (``auto``, ``cpu``, ``cuda``, ``cuda:N``), over the
         server's ``--device``; "" (not set): the server's.
+    format: ``class`` (model_file/model_class + a state dict in ``weights``),
+        ``torchscript`` or ``export`` (``weights`` is then the program; model_file and
+        model_class are "" and unused); see :mod:`.formats` for the detection rule.
     """
 
     name: str
@@ -39,6 +43,7 @@ class ModelConfig:
     labels: tuple[str, ...]
     cam_layer: str = ""
     device: str = ""
+    format: str = CLASS
 
     @property
     def channels(self) -> int:
@@ -86,7 +91,8 @@ def read_config(path: Path) -> ModelConfig:
     name = str(_require(raw, "name", path))
     if not NAME_RE.match(name):
         raise ModelLoadError(f"{path}: invalid model name {name!r}")
-    model = _mapping(raw, "model", path)
+    fmt = _format(raw, path)
+    model = _mapping(raw, "model", path, required=fmt == CLASS)
     inp = _mapping(raw, "input", path)
     norm = _mapping(raw, "normalize", path, required=False)
     (channels,) = _numbers([_require(inp, "channels", path)], int, "input.channels", path)
@@ -110,14 +116,43 @@ def read_config(path: Path) -> ModelConfig:
     return ModelConfig(
         name=name,
         version=str(raw.get("version", "1")),
-        model_file=str(model.get("file", "model.py")),
-        model_class=str(_require(model, "class", path)),
+        model_file=str(model.get("file", "model.py")) if fmt == CLASS else "",
+        model_class=str(_require(model, "class", path)) if fmt == CLASS else "",
         model_kwargs=_mapping(model, "kwargs", path, required=False),
-        weights=str(raw.get("weights", "weights.pt")),
+        weights=str(raw.get("weights", DEFAULT_FILES[fmt])),
         input_shape=(channels, *spatial),
         mean=mean,
         std=std,
         labels=tuple(str(v) for v in labels),
         cam_layer=str(raw.get("cam_layer") or ""),
         device=device or "",
+        format=fmt,
+    )
+
+
+def _format(raw: dict[str, Any], path: Path) -> str:
+    """config.yaml's ``format``. When absent: ``class`` if it has a ``model`` mapping; else
+    by the program's file (``weights``, or ``model.pt2``/``model.pt``/``model.onnx`` beside
+    config.yaml, first found): ``.pt2`` is ``export``, ``.onnx`` ``onnx``, any other file
+    ``torchscript``."""
+    if "format" in raw:
+        fmt = str(raw["format"])
+        if fmt not in FORMATS:
+            raise ModelLoadError(
+                f"{path}: 'format' must be one of {', '.join(FORMATS)}, got {fmt!r}"
+            )
+        return fmt
+    if "model" in raw:
+        return CLASS
+    given = raw.get("weights")
+    candidates = [str(given)] if given else [DEFAULT_FILES[f] for f in (EXPORT, TORCHSCRIPT, ONNX)]
+    for name in candidates:
+        if (path.parent / name).is_file():
+            suffix = Path(name).suffix
+            return {".pt2": EXPORT, ".onnx": ONNX}.get(suffix, TORCHSCRIPT)
+    raise ModelLoadError(
+        f"{path}: no model: give 'model' (file, class) with a state dict in 'weights', or "
+        f"put a TorchScript file (model.pt), a torch.export program (model.pt2) or an ONNX "
+        f"graph (model.onnx) beside it "
+        f"(config.yaml 'format': {', '.join(FORMATS)})"
     )

@@ -54,6 +54,7 @@ import torch
 
 from xaiserve.api.errors import InvalidArgument
 from xaiserve.runtime.device import onnx_device_id
+from xaiserve.runtime.formats import ONNX
 from xaiserve.runtime.forward.config import BACKENDS, FALLBACK, ONNXRUNTIME, TORCH, ForwardConfig
 from xaiserve.runtime.forward.counted import (
     Budget,
@@ -292,6 +293,11 @@ def prepare_forwards(served: ServedModel, config: ForwardConfig | None = None) -
     per_image = image_bytes(served.module, served.config.input_shape)
     batch = memory_batch_size(per_image, config.memory_budget, config.max_batch)
     try:
+        if served.format == ONNX:  # the module itself runs ONNX Runtime (formats.OnnxNet)
+            raise OnnxUnavailable(
+                "the model is an ONNX graph, which its module runs on ONNX Runtime (timings "
+                "say forward.torch)"
+            )
         session, status = _session(served, config), ""
     except OnnxUnavailable as err:
         session, status = None, str(err)
