@@ -21,16 +21,12 @@ def probe_of(
     x: torch.Tensor,
     y: int,
     budget: Budget | None = None,
-    *,
-    batch: int | None = None,
 ) -> Probe:
     """A probe of x (C x *spatial) and y; ``module`` None: one whose searches never need the
     gradient (search tests with a stand-in forward); ``budget`` None: an ample one."""
     budget = budget if budget is not None else Budget(10**9)
     module = module if module is not None else nn.Identity()
-    if batch is None:
-        return Probe.of(forward, module, x, y, budget)
-    return Probe.of(forward, module, x, y, budget, batch=batch)
+    return Probe.of(forward, module, x, y, budget)
 
 
 def loss_gradient_sign(
@@ -40,11 +36,9 @@ def loss_gradient_sign(
     return gradient_sign_and_logits(module, x, y, budget, stage)[0]
 
 
-def search_first_flip(
-    probe: Probe, lattice: Lattice, direction: torch.Tensor, max_calls: int | None = None
-) -> SearchResult:
+def search_first_flip(probe: Probe, lattice: Lattice, direction: torch.Tensor) -> SearchResult:
     """``search_first_flips`` for one direction (C x *spatial)."""
-    (result,) = search_first_flips(probe, lattice, direction.unsqueeze(0), max_calls=max_calls)
+    (result,) = search_first_flips(probe, lattice, direction.unsqueeze(0))
     return result
 
 
