@@ -5,10 +5,8 @@ the exact filter (Algorithm 2) on the same inputs, in one run.
 
 APEM: saliency maps (one-channel stage) of held-out demo images (3 x 64 x 64), and of random
 images for the tiny 3 x 16 x 16 test model; the seed's scan runs at step = resolution x eps
-(the same relative resolution, 1%) for both directions. The batched search runs with the
-engine's default number of eps values per forward call (12: 3 calls per direction, best
-where a batch costs about as much as one image, as on a GPU) and with 6 (4 calls, fewer
-images: better on a CPU). Filter: the tiny model at 12 x 12,
+(the same relative resolution, 1%) for both directions. The batched search takes two
+forward calls per map (``reliability/search.py``). Filter: the tiny model at 12 x 12,
 where the exact algorithm is feasible. Prints mean time per map, forward calls, forward
 passes (images) and ratios.
 """
@@ -33,7 +31,6 @@ from xaiserve.model_store.build_demo import ensure_demo_model
 from xaiserve.model_store.synthetic import TEST_SEED, make_sample
 from xaiserve.reliability.apem import apem
 from xaiserve.reliability.filter import filter_exact, filter_fast
-from xaiserve.reliability.lattice import DEFAULT_BATCH
 from xaiserve.reliability.score import directed, irrelevance
 from xaiserve.runtime.model import load_model_dir
 
@@ -46,7 +43,7 @@ def saliency(served, x: torch.Tensor, y: int) -> torch.Tensor:
     return apply_stage(raw, x[None], "one_channel")[0]
 
 
-def apem_rows(served, images: list[torch.Tensor], batch: int) -> dict[str, float]:
+def apem_rows(served, images: list[torch.Tensor]) -> dict[str, float]:
     t_fast = t_scan = 0.0
     calls_fast = calls_scan = images_fast = images_scan = 0
     for x in images:
@@ -56,7 +53,7 @@ def apem_rows(served, images: list[torch.Tensor], batch: int) -> dict[str, float
         relevance = saliency(served, x, y)
         fast = CountingForward(ctx.forward)
         t0 = time.perf_counter()
-        record = apem(probe_of(fast, served.module, x, y, ctx.budget, batch=batch), relevance)
+        record = apem(probe_of(fast, served.module, x, y, ctx.budget), relevance)
         t_fast += time.perf_counter() - t0
         scan = CountingForward(ctx.forward)
         t0 = time.perf_counter()
@@ -126,21 +123,16 @@ def main() -> None:
         f"{args.maps} saliency maps each, torch, 1 thread"
     )
     print(
-        f"{'model':14s} {'eps/call':>8s} {'batched ms':>10s} {'scan ms':>9s} {'ratio':>6s} "
+        f"{'model':14s} {'batched ms':>10s} {'scan ms':>9s} {'ratio':>6s} "
         f"{'calls':>6s} {'scan calls':>10s} {'images':>7s} {'scan images':>11s}"
     )
-    cases = [
-        (name, served, images, batch)
-        for name, served, images in (
-            ("demo 64x64", demo, demo_images),
-            ("tiny 16x16", tiny_served(), tiny_images),
-        )
-        for batch in (DEFAULT_BATCH, 6)
-    ]
-    for name, served, images, batch in cases:
-        r = apem_rows(served, images, batch)
+    for name, served, images in (
+        ("demo 64x64", demo, demo_images),
+        ("tiny 16x16", tiny_served(), tiny_images),
+    ):
+        r = apem_rows(served, images)
         print(
-            f"{name:14s} {batch:8d} {r['ms_fast']:10.1f} {r['ms_scan']:9.1f} "
+            f"{name:14s} {r['ms_fast']:10.1f} {r['ms_scan']:9.1f} "
             f"{r['ms_scan'] / r['ms_fast']:5.1f}x {r['calls_fast']:6.1f} {r['calls_scan']:10.1f} "
             f"{r['images_fast']:7.1f} {r['images_scan']:11.1f}"
         )

@@ -38,7 +38,7 @@ from xaiserve.methods.perturbation.occlusion_adaptive import adaptive_drops, pos
 from xaiserve.methods.registry import METHODS, get_method
 from xaiserve.reliability.apem import apem_many
 from xaiserve.reliability.filter import filter_map
-from xaiserve.reliability.lattice import DEFAULT_BATCH, Lattice, max_calls_for
+from xaiserve.reliability.lattice import Lattice
 from xaiserve.reliability.options import (
     filter_cost_bound,
     map_cost_bound,
@@ -168,28 +168,24 @@ def threshold_forward(x: torch.Tensor, flip_at: float):
 
 
 @pytest.mark.parametrize("resolution", [0.5, 0.1, 0.01, 0.001])
-def test_search_bound_holds_for_every_flip_and_hint(resolution):
-    """Flips from below the first grid to above eps_max (censored), with and without hints
-    (a hinted search that misses takes another round): no search passes the bound, and at
-    the default resolution the worst case reaches it (a flip below the first grid)."""
+def test_search_bound_holds_for_every_flip(resolution):
+    """Flips from below the grid to above eps_max (censored): no search passes the bound,
+    and the worst case reaches it (a flip inside a full bracket of the first round)."""
     x = torch.full((1, 4, 4), 0.5)
     d = torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(0))
     d = d / d.abs().sum()
     bound = search_cost_bound(resolution)
-    assert bound == DEFAULT_BATCH * max_calls_for(resolution)
+    lattice = Lattice(16.0, resolution)
+    assert bound == len(lattice.first_round()) + lattice.stride - 1
     worst = 0
-    for flip_at in np.geomspace(16e-9, 32.0, 120):
-        for hint in (None, flip_at * 0.3, flip_at * 1.01, flip_at * 3.0, 16e-7):
-            (found,) = search_first_flips(
-                probe_of(threshold_forward(x, flip_at), None, x, 0),
-                Lattice(16.0, resolution),
-                d[None],
-                hints=None if hint is None else [hint],
-            )
-            worst = max(worst, found.forward_passes)
-    assert worst <= bound
+    for flip_at in np.geomspace(16e-9, 32.0, 240):
+        (found,) = search_first_flips(
+            probe_of(threshold_forward(x, flip_at), None, x, 0), lattice, d[None]
+        )
+        worst = max(worst, found.forward_passes)
+    assert worst == bound
     if resolution == 0.01:
-        assert worst == bound == 48
+        assert bound == 64 + 21
 
 
 def test_apem_record_with_shuffles_stays_within_its_bound():
@@ -269,7 +265,7 @@ def test_filter_stays_within_its_bound(mode, levels, given):
 def test_filter_bound_by_hand():
     options = resolve_options(None, 768)
     cost = map_cost_bound(options)
-    assert cost == 2 * 12 * 4
+    assert cost == 2 * (64 + 21)
     exact = resolve_filter_options(FilterRequest("exact"), options)
     fast = resolve_filter_options(FilterRequest("fast"), options)
     capped = resolve_filter_options(FilterRequest("exact", 1000), options)
@@ -374,10 +370,10 @@ def test_engine_estimate_bounds_the_exact_filter(engine):
     occlusion = {"window": 8, "stride": 8}
     request = explain_request(method("occlusion", params=occlusion, filter=FilterRequest("exact")))
     estimate = engine.max_forward_passes(request)
-    assert estimate == 1 + (1 + 4) + 1 + 16 * 16 * 96
+    assert estimate == 1 + (1 + 4) + 1 + 16 * 16 * 2 * (64 + 21)
     result = engine.explain(request)
     spent = sum(result.forward_passes.values())
-    assert 0 < result.forward_passes["apem_filter"] <= 1 + 4 * 96
+    assert 0 < result.forward_passes["apem_filter"] <= 1 + 4 * 2 * (64 + 21)
     assert spent <= estimate
     print(f"exact filter: {spent} of {estimate} ({spent / estimate:.4f})")
 
@@ -386,7 +382,7 @@ def test_auto_counts_every_candidate(engine):
     request = explain_request(method("auto", params={"candidates": ["saliency", "rise"]}))
     # predict, saliency, RISE's 1000 masks, the gradient, two records at the default
     # resolution
-    assert engine.max_forward_passes(request) == 1 + 1 + 1000 + 1 + 2 * 96
+    assert engine.max_forward_passes(request) == 1 + 1 + 1000 + 1 + 2 * 2 * (64 + 21)
 
 
 REFUSED = [

@@ -63,7 +63,7 @@ def test_counts_move_by_exactly_the_calls_made(gateway: Gateway) -> None:
                     pb.MethodRequest(
                         method=pb.SALIENCY,
                         reliability=pb.ReliabilityOptions(enabled=True, shuffles=2),
-                        filter=pb.FilterOptions(enabled=True, forward_budget=300),
+                        filter=pb.FilterOptions(enabled=True, forward_budget=400),
                     )
                 ],
             ),

@@ -21,16 +21,12 @@ def probe_of(
     x: torch.Tensor,
     y: int,
     budget: Budget | None = None,
-    *,
-    batch: int | None = None,
 ) -> Probe:
     """A probe of x (C x *spatial) and y; ``module`` None: one whose searches never need the
     gradient (search tests with a stand-in forward); ``budget`` None: an ample one."""
     budget = budget if budget is not None else Budget(10**9)
     module = module if module is not None else nn.Identity()
-    if batch is None:
-        return Probe.of(forward, module, x, y, budget)
-    return Probe.of(forward, module, x, y, budget, batch=batch)
+    return Probe.of(forward, module, x, y, budget)
 
 
 def loss_gradient_sign(
@@ -40,11 +36,9 @@ def loss_gradient_sign(
     return gradient_sign_and_logits(module, x, y, budget, stage)[0]
 
 
-def search_first_flip(
-    probe: Probe, lattice: Lattice, direction: torch.Tensor, max_calls: int | None = None
-) -> SearchResult:
+def search_first_flip(probe: Probe, lattice: Lattice, direction: torch.Tensor) -> SearchResult:
     """``search_first_flips`` for one direction (C x *spatial)."""
-    (result,) = search_first_flips(probe, lattice, direction.unsqueeze(0), max_calls=max_calls)
+    (result,) = search_first_flips(probe, lattice, direction.unsqueeze(0))
     return result
 
 
@@ -132,3 +126,45 @@ def saliency_map(module: nn.Module, x: torch.Tensor, y: int) -> torch.Tensor:
 
 def predicted(forward, x: torch.Tensor) -> int:
     return int(forward(x.unsqueeze(0), "predict").argmax())
+
+
+DENSE_STEP = 0.01
+DENSE_SPAN = 1e-6
+
+
+def dense_grid(eps_max: float, step: float = DENSE_STEP, span: float = DENSE_SPAN) -> list[float]:
+    """The dense reference grid, ascending: eps_max * (1 - step)^k for k = 0, 1, ... while
+    the value is >= eps_max * span (a ``step`` relative grid from eps_max * span to eps_max)."""
+    values, k = [], 0
+    while (value := eps_max * (1.0 - step) ** k) >= eps_max * span:
+        values.append(value)
+        k += 1
+    return values[::-1]
+
+
+def dense_first_flip(
+    forward: Forward,
+    x: torch.Tensor,
+    direction: torch.Tensor,
+    y: int,
+    grid: list[float],
+    *,
+    clamp: bool = False,
+    chunk: int = 128,
+    stage: str = STAGE,
+) -> float | None:
+    """The smallest eps of ``grid`` (ascending) with argmax f(x + eps * direction) != y, or
+    None when no eps of the grid flips: every grid value up to the first flip is evaluated
+    (in ``chunk``-sized forward calls, stopping after the chunk that holds it).
+
+    x, direction: C x *spatial. Independent of the batched search: its own grid and images.
+    """
+    for start in range(0, len(grid), chunk):
+        eps = torch.tensor(grid[start : start + chunk], dtype=x.dtype)
+        images = x.unsqueeze(0) + eps.view(-1, *([1] * x.dim())) * direction.unsqueeze(0)
+        if clamp:
+            images = images.clamp(0.0, 1.0)
+        flipped = (forward(images, stage).argmax(dim=1) != y).tolist()
+        if True in flipped:
+            return grid[start + flipped.index(True)]
+    return None

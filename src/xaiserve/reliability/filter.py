@@ -14,21 +14,24 @@ search bracket (lower, eps], so APEM lies in [apem_low, apem_high] (``MapScore``
 below the largest ``apem_low`` of the maps accepted so far. At resolution 0 this is the
 seed's ``apem < best_apem`` (accepted APEMs then never decrease, so the best is the
 previous one); comparing with the best rather than the previous map keeps small decreases
-from adding up, so the result's APEM is at least the original's minus what the brackets
-blur, resolution * (eps_plus of the original + eps_minus of the result). A map whose APEM
-is undefined (all zero) drops.
+from adding up. A map whose APEM is undefined (all zero) drops.
+
+Records. Every map the filter scores, the original included, is scored by the standard
+search (``score_maps``: the same grid points, no shortcut from a neighbour's eps), so
+``apem_before`` and ``apem_after`` are the APEMs ``apem`` reports for the original and the
+returned map. The returned map's APEM is never below the original's by more than
+``drop_tolerance`` = resolution x (eps_plus of the original + eps_minus of the result), the
+blur of the two brackets; a result that would be is replaced by the original.
 
 - ``filter_exact``: the path step by step, one APEM per distinct value (small inputs, tests).
 - ``filter_fast`` (the served default): evaluates a subset of the steps, in rounds whose
-  candidates are scored in the same forward calls (their eps searches start from the
-  nearest evaluated step's eps), within a forward-pass budget. The first round is an
-  exponential search from the start of the path (steps removing 1, r, r^2, ... entries);
-  later rounds refine the gaps between evaluated steps below the first known drop, riskiest
-  first (``next_steps``). The answer is chosen as the exact algorithm would on the steps
-  seen: the last evaluated step before the first one that drops against the steps before
-  it. With a budget that covers every step below the drop it is the exact answer (eps
-  values lie on one lattice, so hinted and unhinted searches agree where flips are
-  monotone in eps).
+  candidates are scored in the same forward calls, within a forward-pass budget. The first
+  round is an exponential search from the start of the path (steps removing 1, r, r^2, ...
+  entries); later rounds refine the gaps between evaluated steps below the first known
+  drop, riskiest first (``next_steps``). The answer is chosen as the exact algorithm would
+  on the steps seen: the last evaluated step before the first one that drops against the
+  steps before it. With a budget that covers every step below the drop it is the exact
+  answer.
 
 Maps are C x *spatial or 1 x *spatial in [0, 1] (``relevance_from_map`` of any stage).
 """
@@ -55,7 +58,6 @@ from xaiserve.reliability.path import (
     distinct_positive,
     dropped,
     first_known_drop,
-    nearest_score,
     next_steps,
     quantile_steps,
     zero_through,
@@ -117,6 +119,26 @@ def _start(
     return _Start(probe, spent, before, "", inherited)
 
 
+def drop_tolerance(before: MapScore, after: MapScore, resolution: float) -> float:
+    """How far the returned map's APEM may lie below the original's: resolution x
+    (eps_plus of the original + eps_minus of the result), what the two brackets blur."""
+    return resolution * (before.plus.eps + after.minus.eps)
+
+
+def _checked(
+    original: torch.Tensor,
+    kept: torch.Tensor,
+    before: MapScore,
+    after: MapScore | None,
+    resolution: float,
+) -> tuple[torch.Tensor, MapScore]:
+    """(kept, after), or (original, before) when ``after`` is undefined or its APEM lies
+    below the original's by more than ``drop_tolerance``."""
+    if after is None or after.apem < before.apem - drop_tolerance(before, after, resolution):
+        return original, before
+    return kept, after
+
+
 def _record(
     original: torch.Tensor,
     kept: torch.Tensor,
@@ -158,7 +180,7 @@ def filter_exact(
     start = _start(probe, relevance, options, before)
     if start.before is None:
         return _record(relevance, relevance, None, None, start.own())
-    cost = map_cost_bound(options, probe.batch)
+    cost = map_cost_bound(options)
     best_map, best = relevance, start.before
     best_low = best.apem_low
     values, _ = distinct_positive(relevance)
@@ -174,6 +196,7 @@ def filter_exact(
             break
         best_map, best = candidate, score
         best_low = max(best_low, score.apem_low)
+    best_map, best = _checked(relevance, best_map, start.before, best, options.resolution)
     return _record(relevance, best_map, start.before, best, start.own())
 
 
@@ -200,7 +223,7 @@ def filter_fast(
     start = _start(probe, relevance, options, before)
     if start.before is None:
         return _record(relevance, relevance, None, None, start.own())
-    cost = map_cost_bound(options, probe.batch)
+    cost = map_cost_bound(options)
     values, counts = distinct_positive(relevance)
     scores: dict[int, MapScore | None] = {0: start.before}
     drop = len(values)  # the first known drop; M_D (all zero) drops by definition
@@ -214,13 +237,13 @@ def filter_fast(
         if not steps:
             break
         candidates = [zero_through(relevance, values[k - 1]) for k in steps]
-        hints = [nearest_score(scores, k) for k in steps]
-        found = score_maps(start.probe, options.lattice, candidates, hints)
+        found = score_maps(start.probe, options.lattice, candidates)
         scores.update(zip(steps, found, strict=True))
         drop = first_known_drop(scores, len(values))
     last = max(k for k in scores if k < drop)
     best_map = relevance if last == 0 else zero_through(relevance, values[last - 1])
-    return _record(relevance, best_map, start.before, scores[last], start.own())
+    best_map, best = _checked(relevance, best_map, start.before, scores[last], options.resolution)
+    return _record(relevance, best_map, start.before, best, start.own())
 
 
 def filter_map(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from xaiserve.api.errors import InvalidArgument
 from xaiserve.api.types import FilterRequest, ReliabilityRequest
-from xaiserve.reliability.lattice import DEFAULT_BATCH, Lattice, max_calls_for
+from xaiserve.reliability.lattice import Lattice
 
 DEFAULT_RESOLUTION = 0.01
 DEFAULT_SHUFFLES = 0
@@ -32,7 +32,7 @@ class ApemOptions:
 
     eps_max: the largest eps searched (L1 size in pixel units); default the number of
         elements of x, i.e. a mean absolute change of 1.0 per value.
-    resolution: the relative width (hi - lo) / hi at which an eps search stops.
+    resolution: the relative spacing (hi - lo) / hi of the eps grid the searches report on.
     shuffles: shuffled maps tried for APEM_norm (0: no APEM_norm).
     clamp: clamp perturbed images to [0, 1] (the seed does not).
     """
@@ -114,7 +114,6 @@ def resolve_filter_options(
     request: FilterRequest | None,
     options: ApemOptions,
     *,
-    batch: int = DEFAULT_BATCH,
     field: str = "methods[0]",
 ) -> FilterOptions:
     """Validates the mode and the budget; errors name ``<field>.filter.<option>``.
@@ -133,7 +132,7 @@ def resolve_filter_options(
     name = f"{field}.filter.forward_budget"
     if isinstance(given, bool) or not isinstance(given, int):
         raise InvalidArgument(name, f"must be an integer, got {given!r}")
-    least = minimum_budget(options, batch)
+    least = minimum_budget(options)
     if given < least:
         raise InvalidArgument(
             name,
@@ -146,35 +145,33 @@ def resolve_filter_options(
 # ------------------------------------------------------------------------------ bounds
 
 
-def search_cost_bound(resolution: float, batch: int = DEFAULT_BATCH) -> int:
-    """The most images one direction's ``search_first_flips`` evaluates under the default
-    cap: at most ``batch`` per round, at most ``max_calls_for`` rounds (a search that sees
-    no flip ends by its second round, and the cap is at least 2)."""
-    return batch * max_calls_for(resolution, batch)
+def search_cost_bound(resolution: float) -> int:
+    """The most images one direction's ``search_first_flips`` evaluates: its first round
+    and a full second round (``Lattice.search_bound``; eps_max does not change it)."""
+    return Lattice(1.0, resolution).search_bound()
 
 
-def map_cost_bound(options: ApemOptions, batch: int = DEFAULT_BATCH) -> int:
+def map_cost_bound(options: ApemOptions) -> int:
     """The most images one map's APEM evaluates: its eps_minus and eps_plus searches."""
-    return 2 * search_cost_bound(options.resolution, batch)
+    return 2 * search_cost_bound(options.resolution)
 
 
-def record_cost_bound(options: ApemOptions, batch: int = DEFAULT_BATCH) -> int:
+def record_cost_bound(options: ApemOptions) -> int:
     """The most images ``apem_many`` evaluates for one map's record, the gradient left out
     (one per request, shared by its maps): the original's searches and, where no earlier
     shuffle flipped both ways, every shuffle's."""
-    return (1 + options.shuffles) * map_cost_bound(options, batch)
+    return (1 + options.shuffles) * map_cost_bound(options)
 
 
-def minimum_budget(options: ApemOptions, batch: int = DEFAULT_BATCH) -> int:
+def minimum_budget(options: ApemOptions) -> int:
     """The gradient, the original's APEM and one candidate's, at their worst."""
-    return 1 + 2 * map_cost_bound(options, batch)
+    return 1 + 2 * map_cost_bound(options)
 
 
 def filter_cost_bound(
     filter_options: FilterOptions,
     options: ApemOptions,
     entries: int,
-    batch: int = DEFAULT_BATCH,
 ) -> int:
     """The most images ``filter_map`` evaluates for a map of ``entries`` values, its
     gradient and the original's APEM included (when they are shared with the map's APEM
@@ -186,7 +183,7 @@ def filter_cost_bound(
     ``forward_budget``; after them neither mode passes the budget (fast stops, exact
     refuses), so a budget caps the rest.
     """
-    cost = map_cost_bound(options, batch)
+    cost = map_cost_bound(options)
     path = 1 + max(1, entries) * cost
     cap = filter_options.forward_budget
     return path if cap is None else min(path, max(cap, 1 + cost))

@@ -56,12 +56,6 @@ def quantile_steps(
     return sorted({open_steps[int(i)] for i in picks})
 
 
-def nearest_score(scores: dict[int, MapScore | None], step: int) -> MapScore | None:
-    """The defined score of the evaluated step nearest ``step`` (a hint for its search)."""
-    known = [k for k, score in scores.items() if score is not None]
-    return scores[min(known, key=lambda k: (abs(k - step), k))] if known else None
-
-
 def next_steps(
     scores: dict[int, MapScore | None], counts: torch.Tensor, end: int, count: int
 ) -> list[int]:

@@ -2,10 +2,9 @@
 
 A ``Probe`` holds the model (a counted no-grad forward, and the module for the loss
 gradient), the input x (C x *spatial, in [0, 1]), the explained class y, the forward-pass
-budget, the stage the passes are charged to, the eps values per direction per round
-(``batch``), whether perturbed images are clamped to [0, 1], and how many images one
-forward call may take. It replaces the argument lists that travelled through every call
-of the search.
+budget, the stage the passes are charged to, whether perturbed images are clamped to
+[0, 1], and how many images one forward call may take. It replaces the argument lists
+that travelled through every call of the search.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xaiserve.reliability.lattice import DEFAULT_BATCH
 from xaiserve.runtime.execution.executor import per_row
 from xaiserve.runtime.forward.counted import Budget
 
@@ -82,9 +80,8 @@ class Probe:
 
     forward: counted no-grad batches on ``budget``; x: C x *spatial in [0, 1]; y: the
     explained class; gradient: the shared loss gradient (``Probe.of`` makes one); stage:
-    the stage the searches' passes are charged to; batch: eps values per direction per
-    round (>= 2); clamp: clamp perturbed images to [0, 1]; max_images: images per forward
-    call.
+    the stage the searches' passes are charged to; clamp: clamp perturbed images to
+    [0, 1]; max_images: images per forward call.
     """
 
     forward: Forward
@@ -93,7 +90,6 @@ class Probe:
     budget: Budget
     gradient: SharedGradient
     stage: str = STAGE
-    batch: int = DEFAULT_BATCH
     clamp: bool = False
     max_images: int = MAX_IMAGES_PER_CALL
 
@@ -107,7 +103,6 @@ class Probe:
         budget: Budget,
         *,
         stage: str = STAGE,
-        batch: int = DEFAULT_BATCH,
         gradient_stage: str | None = None,
         sign_and_logits: SignAndLogits | None = None,
     ) -> Probe:
@@ -116,7 +111,7 @@ class Probe:
         computed by ``sign_and_logits`` (None: ``module`` in the calling thread)."""
         compute = sign_and_logits or functools.partial(gradient_sign_and_logits, module)
         gradient = SharedGradient(compute, gradient_stage)
-        return cls(forward, x, y, budget, gradient, stage, batch)
+        return cls(forward, x, y, budget, gradient, stage)
 
     @property
     def gradient_computed(self) -> bool:

@@ -149,21 +149,17 @@ def normalized(score: MapScore, shuffle: MapScore) -> float:
 
 
 def score_maps(
-    probe: Probe,
-    lattice: Lattice,
-    maps: Sequence[torch.Tensor],
-    hints: Sequence[MapScore | None] | None = None,
+    probe: Probe, lattice: Lattice, maps: Sequence[torch.Tensor]
 ) -> list[MapScore | None]:
     """eps_minus and eps_plus of several maps, all 2 * len(maps) searches batched together.
 
-    maps: each in [0, 1], broadcastable to x (C x *spatial); hints: per map the score of a
-    similar map (its eps values start the searches), or None. A map whose APEM is
-    undefined (``undefined_reason``) gets None and costs nothing. The directions follow
-    the probe's gradient sign (computed here if no search needed it yet).
+    maps: each in [0, 1], broadcastable to x (C x *spatial). A map whose APEM is undefined
+    (``undefined_reason``) gets None and costs nothing. The directions follow the probe's
+    gradient sign (computed here if no search needed it yet). Every map's searches try the
+    points they would try alone, so its score does not depend on the other maps.
     """
     directions = []
-    eps_hints: list[float | None] = []
-    for i, relevance in enumerate(maps):
+    for relevance in maps:
         if undefined_reason(relevance):
             continue
         sign = probe.sign_and_logits()[0]
@@ -171,11 +167,7 @@ def score_maps(
         if minus is None or plus is None:  # not for a map with a reason ''
             raise ValueError("a defined map has an all-zero relevance or irrelevance")
         directions += [minus, plus]
-        hint = hints[i] if hints is not None else None
-        eps_hints += [None, None] if hint is None else [hint.minus.eps, hint.plus.eps]
-    found = iter(
-        search_first_flips(probe, lattice, torch.stack(directions), eps_hints) if directions else []
-    )
+    found = iter(search_first_flips(probe, lattice, torch.stack(directions)) if directions else [])
     return [
         None if undefined_reason(relevance) else MapScore(next(found), next(found))
         for relevance in maps

@@ -1,20 +1,28 @@
-"""The batched eps search: the first flip of argmax f(x + eps * d) away from y, for many
-directions d in the same forward calls (seed 004, section 3.3, on a lattice).
+"""The batched eps search: the first flip of argmax f(x + eps * d) away from y on a grid of
+eps values, for many directions d in the same forward calls (seed 004, section 3.3).
 
-The seed scans eps = step, 2 step, ... with one forward pass each. ``search_first_flips``
-evaluates ``batch`` eps values per direction per round on a ``Lattice`` and puts every
-unfinished direction's values into one forward call, so a request's maps, their
-irrelevances, shuffles and filter candidates all search together.
+The seed scans eps = step, 2 step, ... with one forward pass each. Along a direction the
+prediction may change and change back, so what is searched for is defined on the grid
+(a ``Lattice``): the smallest grid value at which the prediction differs from y. The
+search reports it in two rounds, every unfinished direction's values in one forward call:
+
+1. every ``stride``-th grid point (both ends), which sees every run of ``stride`` or more
+   consecutive flipped points (a flipped window of relative width ``WINDOW`` or more);
+2. every grid point between the last first-round point below the first one that flipped
+   and that one.
+
+The answer is the smallest flipped grid point unless a run of fewer than ``stride`` flipped
+points lies wholly below the second round's bracket; ``censored`` means no first-round
+point flipped (no flipped window of relative width ``WINDOW`` or more on the grid).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from xaiserve.reliability.lattice import Lattice, max_calls_for, next_indices
+from xaiserve.reliability.lattice import Lattice
 from xaiserve.reliability.probe import Probe
 
 
@@ -22,12 +30,15 @@ from xaiserve.reliability.probe import Probe
 class SearchResult:
     """One eps search.
 
-    eps: the smallest eps seen to flip (the bracket's upper end), eps_max when censored.
-    censored: no flip up to eps_max.
-    resolution_reached: (eps - lower) / eps of the final bracket; 0.0 when censored.
+    eps: the smallest grid value seen to flip, eps_max when censored.
+    censored: no first-round point flipped (no flipped window of relative width WINDOW on
+        the grid).
+    resolution_reached: (eps - lower) / eps: the resolution, or 1.0 when the grid's lowest
+        point flipped; 0.0 when censored.
     forward_calls: forward calls (rounds) that evaluated images of this direction.
     forward_passes: images of this direction evaluated.
-    lower: the largest eps seen not to flip below ``eps`` (0.0 if none); eps_max if censored.
+    lower: the grid value below ``eps`` (seen not to flip), 0.0 below the grid's lowest
+        point; eps_max when censored.
     """
 
     eps: float
@@ -38,97 +49,67 @@ class SearchResult:
     lower: float = 0.0
 
 
-@dataclass
-class _Direction:
-    """One direction's search so far: lattice indices ``lo`` (the largest seen not to flip)
-    and ``hi`` (the smallest seen to flip), None while unknown; the rounds and images it
-    took; the lattice index of its hint, used by its first round only."""
-
-    hint: int | None
-    lo: int | None = None
-    hi: int | None = None
-    calls: int = 0
-    passes: int = 0
-
-    def indices(self, lattice: Lattice, batch: int) -> list[int]:
-        """The lattice indices of this direction's next round, ascending."""
-        hint = self.hint if self.calls == 0 else None
-        return next_indices(self.lo, self.hi, lattice.top, batch, hint, lattice.hint_width())
-
-    def update(self, indices: list[int], hits: list[bool]) -> None:
-        """Narrows the bracket with one round's outcomes (``hits[i]``: ``indices[i]``
-        flipped)."""
-        self.calls += 1
-        self.passes += len(indices)
-        if True in hits:
-            first = hits.index(True)
-            self.hi = indices[first]
-            if first > 0:
-                self.lo = indices[first - 1]
-        else:
-            self.lo = indices[-1]
-
-    def unfinished(self, top: int, cap: int) -> bool:
-        """No flip seen yet and eps_max not tried (after a hinted round), or a bracket wider
-        than one lattice step with rounds left under ``cap``."""
-        if self.hi is None:
-            return self.lo != top
-        return (self.lo is None or self.hi - self.lo > 1) and self.calls < cap
-
-    def result(self, lattice: Lattice) -> SearchResult:
-        if self.hi is None:
-            eps_max = lattice.eps_max
-            return SearchResult(eps_max, True, 0.0, self.calls, self.passes, eps_max)
-        lower = 0.0 if self.lo is None else lattice.eps(self.lo)
-        width = 1.0 if self.lo is None else lattice.width(self.hi - self.lo)
-        return SearchResult(lattice.eps(self.hi), False, width, self.calls, self.passes, lower)
+def _flips(
+    probe: Probe, lattice: Lattice, directions: torch.Tensor, rounds: dict[int, list[int]]
+) -> dict[int, list[bool]]:
+    """One forward call (several past ``probe.max_images``) for the grid indices
+    ``rounds[k]`` of every direction k: per k, whether each flipped."""
+    # rows and eps values are CPU bookkeeping: the probe builds its images with numpy
+    rows = torch.cat([torch.full((len(r),), k, device="cpu") for k, r in rounds.items()])
+    values = [lattice.eps(j) for r in rounds.values() for j in r]
+    flipped = probe.flips(directions, rows, torch.tensor(values, dtype=torch.float64)).tolist()
+    out, offset = {}, 0
+    for k, indices in rounds.items():
+        out[k] = flipped[offset : offset + len(indices)]
+        offset += len(indices)
+    return out
 
 
 def search_first_flips(
-    probe: Probe,
-    lattice: Lattice,
-    directions: torch.Tensor,
-    hints: Sequence[float | None] | None = None,
-    max_calls: int | None = None,
+    probe: Probe, lattice: Lattice, directions: torch.Tensor
 ) -> list[SearchResult]:
-    """The first flip of argmax f(x + eps * d) away from y, for K directions at once.
+    """The smallest eps of ``lattice`` with argmax f(x + eps * d) != y, for K directions.
 
-    directions: K x C x *spatial (x's shape). eps runs over ``lattice`` (relative spacing
-    ``resolution``): the first round tries ``probe.batch`` values geometric over
-    [eps_max * GEOMETRIC_SPAN, eps_max], later rounds split the bracket [last not flipped,
-    first flipped] evenly until the two are neighbours, i.e. (hi - lo) / hi <= resolution.
-    Every round puts all unfinished directions' values into one forward call (several only
-    past ``probe.max_images`` images). A direction also stops when nothing flips up to
-    eps_max (censored) or after ``max_calls`` rounds (default ``max_calls_for``; the bracket
-    is then wider, as ``resolution_reached`` says). hints: per direction an eps expected
-    near its flip (a similar map's), or None; a hinted first round searches a factor
-    HINT_WIDTH around it instead.
+    directions: K x C x *spatial (x's shape). Two rounds (module docstring): the first tries
+    ``lattice.first_round()`` for every direction; the second, for each direction that
+    flipped above the grid's lowest point, every grid point inside its bracket. Each round
+    is one forward call for all directions (several only past ``probe.max_images``).
+    A direction costs at most ``lattice.search_bound()`` images.
     """
-    batch, x = probe.batch, probe.x
-    if batch < 2:
-        raise ValueError(f"batch must be >= 2, got {batch}")
+    x = probe.x
     if directions.shape[1:] != x.shape:
         raise ValueError(f"directions {tuple(directions.shape)} do not match x {tuple(x.shape)}")
-    if hints is not None and len(hints) != directions.shape[0]:
-        raise ValueError(f"{len(hints)} hints for {directions.shape[0]} directions")
-    cap = max_calls if max_calls is not None else max_calls_for(lattice.resolution, batch)
-    states = [
-        _Direction(lattice.index(hint) if hint is not None and hint > 0 else None)
-        for hint in (hints if hints is not None else [None] * directions.shape[0])
-    ]
-    active = list(range(len(states)))
-    while active:
-        rounds = [states[k].indices(lattice, batch) for k in active]
-        # rows and eps values are CPU bookkeeping: the probe builds its images with numpy
-        rows = torch.cat(
-            [torch.full((len(r),), k, device="cpu") for k, r in zip(active, rounds, strict=True)]
-        )
-        values = [lattice.eps(j) for r in rounds for j in r]
-        eps = torch.tensor(values, dtype=torch.float64, device="cpu")
-        flipped = probe.flips(directions, rows, eps).tolist()
-        offset = 0
-        for k, indices in zip(active, rounds, strict=True):
-            states[k].update(indices, flipped[offset : offset + len(indices)])
-            offset += len(indices)
-        active = [k for k in active if states[k].unfinished(lattice.top, cap)]
-    return [state.result(lattice) for state in states]
+    count = directions.shape[0]
+    if count == 0:
+        return []
+    first = lattice.first_round()
+    seen = _flips(probe, lattice, directions, dict.fromkeys(range(count), first))
+    results: dict[int, SearchResult] = {}
+    brackets: dict[int, list[int]] = {}
+    for k, hits in seen.items():
+        if True not in hits:
+            eps_max = lattice.eps_max
+            results[k] = SearchResult(eps_max, True, 0.0, 1, len(first), eps_max)
+            continue
+        at = hits.index(True)
+        hi = first[at]
+        if at == 0:  # the grid's lowest point flips: nothing below it is on the grid
+            results[k] = SearchResult(lattice.eps(hi), False, 1.0, 1, len(first), 0.0)
+        elif hi - first[at - 1] == 1:
+            results[k] = _found(lattice, hi, 1, len(first))
+        else:
+            brackets[k] = list(range(first[at - 1] + 1, hi + 1))
+    if brackets:
+        inside = {k: indices[:-1] for k, indices in brackets.items()}
+        for k, hits in _flips(probe, lattice, directions, inside).items():
+            hits = [*hits, True]  # the bracket's upper end flipped in the first round
+            passes = len(first) + len(hits) - 1
+            results[k] = _found(lattice, brackets[k][hits.index(True)], 2, passes)
+    return [results[k] for k in range(count)]
+
+
+def _found(lattice: Lattice, hi: int, calls: int, passes: int) -> SearchResult:
+    """A flip at grid index ``hi`` (> 0) whose lower neighbour was seen not to flip."""
+    return SearchResult(
+        lattice.eps(hi), False, lattice.resolution, calls, passes, lattice.eps(hi - 1)
+    )
