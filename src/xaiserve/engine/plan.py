@@ -182,7 +182,10 @@ def supported(name: str, field: str, served: ServedModel) -> AttributionMethod:
 #: biases of conv and linear layers, per-layer rules). A TorchScript or torch.export
 #: program holds compiled or traced operators instead, where these would be wrong or fail.
 MODULE_METHODS = frozenset(
-    ("guided_backprop", "deconvolution", "guided_grad_cam", "fullgrad", "deeplift", "lrp")
+    (
+        *("guided_backprop", "deconvolution", "guided_grad_cam", "fullgrad", "deeplift"),
+        *("lrp", "attention_rollout"),  # the latter hooks nn.Softmax modules
+    )
 )
 
 
@@ -195,8 +198,8 @@ def method_reason(method: AttributionMethod, served: ServedModel) -> str | None:
         return f"{method.name} needs gradients, and ONNX Runtime runs the ONNX model's forward only"
     if served.format != CLASS and method.name in MODULE_METHODS:
         return (
-            f"{method.name} works on the network's Python layers (nn.ReLU, conv and linear "
-            f"modules); a {FORMAT_NAMES[served.format]} model runs compiled operators "
+            f"{method.name} works on the network's Python layers (nn.ReLU, conv, linear, "
+            f"softmax modules); a {FORMAT_NAMES[served.format]} model runs compiled operators "
             "instead: serve the class + weights to use it"
         )
     reason = method.unsupported_reason(served)

@@ -57,7 +57,9 @@ def _flips(
     # rows and eps values are CPU bookkeeping: the probe builds its images with numpy
     rows = torch.cat([torch.full((len(r),), k, device="cpu") for k, r in rounds.items()])
     values = [lattice.eps(j) for r in rounds.values() for j in r]
-    flipped = probe.flips(directions, rows, torch.tensor(values, dtype=torch.float64)).tolist()
+    flipped = probe.flips(
+        directions, rows, torch.tensor(values, dtype=torch.float64, device="cpu")
+    ).tolist()
     out, offset = {}, 0
     for k, indices in rounds.items():
         out[k] = flipped[offset : offset + len(indices)]
