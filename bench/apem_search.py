@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from support.apem_reference import CountingForward, dense_first_flip, dense_grid
-from support.resnets import RESNET_CAM_LAYER, resnet18
+from support.resnets import resnet18_served
 from support.tiny_models import make_context
 from xaiserve.engine.postprocess import apply_stage
 from xaiserve.methods.registry import get_method
@@ -52,7 +52,7 @@ from xaiserve.reliability.score import directed, irrelevance, relevance_from_map
 from xaiserve.runtime.forward.backends import OnnxForward
 from xaiserve.runtime.forward.counted import Budget, TorchForward
 from xaiserve.runtime.forward.onnx_export import new_session
-from xaiserve.runtime.model import ModelConfig, PixelSpaceModel, ServedModel, load_model_dir
+from xaiserve.runtime.model import ServedModel, load_model_dir
 
 METHODS = "saliency,grad_cam,input_x_gradient,guided_backprop"
 RESNET_METHODS = "saliency,grad_cam"
@@ -83,25 +83,7 @@ class Tally:
 
 def resnet_served() -> ServedModel:
     """The ResNet-18-shaped network at 3 x 64 x 64, width 16, 10 classes, random weights."""
-    torch.manual_seed(0)
-    net = resnet18(num_classes=10, width=16)
-    cfg = ModelConfig(
-        "resnet18",
-        "1",
-        "model.py",
-        "ResNet",
-        {},
-        "weights.pt",
-        (3, 64, 64),
-        (0.5, 0.5, 0.5),
-        (0.25, 0.25, 0.25),
-        tuple(str(i) for i in range(10)),
-        RESNET_CAM_LAYER,
-    )
-    module = PixelSpaceModel(net, cfg.mean, cfg.std).eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return ServedModel(cfg, module, net.get_submodule(RESNET_CAM_LAYER), Path("."))
+    return resnet18_served(64, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
 def relevance_of(served: ServedModel, method: str, x: torch.Tensor, y: int) -> torch.Tensor:

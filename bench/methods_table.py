@@ -52,7 +52,7 @@ from captum.attr import (
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from support.resnets import RESNET_CAM_LAYER, resnet18  # noqa: E402
+from support.resnets import resnet18_served  # noqa: E402
 from support.tiny_models import make_context, tiny_served  # noqa: E402
 from xaiserve.engine.postprocess import apply_stage  # noqa: E402
 from xaiserve.methods.perturbation.superpixels import grid_segments  # noqa: E402
@@ -315,25 +315,7 @@ def _row(label, served, name, cls, run, params, x, target) -> tuple:
 
 
 def resnet224() -> ServedModel:
-    torch.manual_seed(0)
-    net = resnet18(num_classes=10, width=64)
-    cfg = ModelConfig(
-        "resnet18",
-        "1",
-        "model.py",
-        "ResNet",
-        {},
-        "weights.pt",
-        (3, 224, 224),
-        (0.485, 0.456, 0.406),
-        (0.229, 0.224, 0.225),
-        tuple(str(i) for i in range(10)),
-        RESNET_CAM_LAYER,
-    )
-    module = PixelSpaceModel(net, cfg.mean, cfg.std).eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return ServedModel(cfg, module, net.get_submodule(RESNET_CAM_LAYER), Path("."))
+    return resnet18_served(224, 64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def timings(label: str, served: ServedModel, repeats: int) -> list[tuple]:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
+from support.map_rows import map_row
 from xaiserve.offline import stats, tables
 from xaiserve.offline.evaluate import MapRow, mask_mass
 from xaiserve.offline.report import read_rows, write_report
@@ -21,27 +22,7 @@ def row(
     correct: bool = True,
     stage: str = "one_channel",
 ) -> MapRow:
-    return MapRow(
-        image=image,
-        method=method,
-        stage=stage,
-        label=1,
-        predicted=1 if correct else 2,
-        correct=correct,
-        loss=loss,
-        eps_minus=10.0,
-        eps_plus=10.0 + apem,
-        apem=apem,
-        apem_norm=0.5,
-        shuffled_apem_norm=0.01,
-        resolution=0.01,
-        eps_minus_censored=False,
-        eps_plus_censored=False,
-        undefined_reason="",
-        forward_passes=66,
-        seconds=0.1,
-        mask_mass=math.nan,
-    )
+    return map_row(image, method, apem, loss=loss, correct=correct, stage=stage, eps_minus=10.0)
 
 
 ROWS = [

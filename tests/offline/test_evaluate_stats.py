@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,47 +14,13 @@ import torch
 from scipy import stats as sps
 from torch import nn
 
+from support.map_rows import map_row
 from xaiserve.offline import stats, tables
 from xaiserve.offline.evaluate import EvalImage, MapRow, select_images
 
-EPS_MAX = 12288.0
 
-
-def row(
-    image: str,
-    method: str,
-    apem: float,
-    *,
-    stage: str = "one_channel",
-    correct: bool = True,
-    loss: float = 1.0,
-    censored_plus: bool = False,
-    confidence: float = 0.9,
-) -> MapRow:
-    eps_minus = 5.0
-    eps_plus = EPS_MAX if censored_plus else eps_minus + apem
-    return MapRow(
-        image=image,
-        method=method,
-        stage=stage,
-        label=1,
-        predicted=1 if correct else 2,
-        correct=correct,
-        loss=loss,
-        eps_minus=eps_minus,
-        eps_plus=eps_plus,
-        apem=eps_plus - eps_minus,
-        apem_norm=0.5,
-        shuffled_apem_norm=0.0,
-        resolution=0.01,
-        eps_minus_censored=False,
-        eps_plus_censored=censored_plus,
-        undefined_reason="",
-        forward_passes=100,
-        seconds=0.1,
-        mask_mass=math.nan,
-        confidence=confidence,
-    )
+def row(image: str, method: str, apem: float, *, confidence: float = 0.9, **kwargs: Any) -> MapRow:
+    return map_row(image, method, apem, confidence=confidence, **kwargs)
 
 
 def test_censored_maps_are_counted_and_left_out_of_means_and_medians():

@@ -11,8 +11,14 @@ unless trained; BatchNorm running statistics start at mean 0, variance 1.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from xaiserve.runtime.model import ServedModel
+from xaiserve.runtime.model_config import ModelConfig
+from xaiserve.runtime.pixel_space import PixelSpaceModel
 
 RESNET_CAM_LAYER = "layer4"
 TINY3D_CAM_LAYER = "features.5"
@@ -137,3 +143,25 @@ class Tiny3dNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).mean(dim=(2, 3, 4)))
+
+
+def resnet18_served(
+    size: int,
+    width: int,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+    num_classes: int = 10,
+) -> ServedModel:
+    """A served ResNet-18 (random weights from seed 0) at 3 x ``size`` x ``size``, its
+    CAM layer ``layer4``, labels "0".. , for benchmarks that need no model directory."""
+    torch.manual_seed(0)
+    net = resnet18(num_classes=num_classes, width=width)
+    labels = tuple(str(i) for i in range(num_classes))
+    cfg = ModelConfig(
+        "resnet18", "1", "model.py", "ResNet", {}, "weights.pt",
+        (3, size, size), mean, std, labels, RESNET_CAM_LAYER,
+    )  # fmt: skip
+    module = PixelSpaceModel(net, cfg.mean, cfg.std).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return ServedModel(cfg, module, net.get_submodule(RESNET_CAM_LAYER), Path("."))
