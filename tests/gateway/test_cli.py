@@ -227,3 +227,16 @@ def test_a_method_answered_twice_gets_distinct_files(tmp_path: Path) -> None:
         "img_saliency_2.npy",
         "img.json",
     ]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "field"), [("--top-k", "1000000000000", "top_k"), ("--top-k", "0", "top_k"),
+                                 ("--target", "-1", "target")]
+)  # fmt: skip
+def test_out_of_range_numbers_name_their_field(
+    flag: str, value: str, field: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = tmp_path / "x.png"
+    image.write_bytes(FAKE_PNG)
+    assert cli.main(["explain", str(image), flag, value, "--server", "127.0.0.1:1"]) == 2
+    assert f"{field} must be in" in capsys.readouterr().err

@@ -25,6 +25,8 @@ from xaiserve.api import catalog
 from xaiserve.api.v1 import explain_pb2 as pb
 from xaiserve.api.v1 import explain_pb2_grpc
 
+#: The largest value of a proto int32 field (target, top_k).
+INT32_MAX = 2**31 - 1
 #: Registry names of the methods the API knows, in enum order.
 METHODS: tuple[str, ...] = catalog.METHODS
 #: Map stages by name.
@@ -177,6 +179,9 @@ def build_request(
         ],
         map_encoding=pb.FLOAT32_AND_PNG if png else pb.FLOAT32,
     )
+    for name, value, least in (("target", target, 0), ("top_k", top_k, 1)):
+        if value is not None and not least <= value <= INT32_MAX:
+            raise ValueError(f"{name} must be in {least}..{INT32_MAX}, got {value}")
     if target is not None:
         request.target = target
     if top_k is not None:
