@@ -10,6 +10,7 @@ the client can see itself (unknown method names, parameters) raise ``ValueError`
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -297,3 +298,71 @@ class XaiClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# ----------------------------------------------------- the command line's connection
+# --server, --timeout, the bearer token (--token, XAISERVE_TOKEN, --token-file) and TLS
+# (--tls, --tls-ca, --tls-cert, --tls-key), shared by `xaiserve models` and `explain`.
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """--server, --timeout, and the token and TLS options of :func:`connect`."""
+    parser.add_argument(
+        "--server",
+        default=os.environ.get("XAISERVE_SERVER", DEFAULT_SERVER),
+        metavar="HOST:PORT",
+        help=f"server address (env XAISERVE_SERVER; default {DEFAULT_SERVER})",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, metavar="S", help="deadline in seconds (120)"
+    )
+    auth = parser.add_mutually_exclusive_group()
+    auth.add_argument(
+        "--token",
+        default=os.environ.get("XAISERVE_TOKEN"),
+        help="bearer token (env XAISERVE_TOKEN)",
+    )
+    auth.add_argument("--token-file", type=Path, help="file whose first line is the bearer token")
+    parser.add_argument(
+        "--tls", action="store_true", help="connect with TLS, trusting the system's CAs"
+    )
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA of the server's certificate (TLS)")
+    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert (mutual TLS)")
+
+
+class ClientSetupError(ValueError):
+    """A token or TLS file the command line names cannot be used."""
+
+
+def connect(args: argparse.Namespace) -> XaiClient:
+    """The client of ``--server`` with the token and TLS options.
+
+    Raises:
+        ClientSetupError: a named file cannot be read, or --tls-cert comes without
+            --tls-key (or the reverse).
+    """
+    token = args.token
+    if args.token_file is not None:
+        try:
+            lines = args.token_file.read_text().split()
+        except OSError as error:
+            raise ClientSetupError(f"--token-file {args.token_file}: {error.strerror}") from None
+        if not lines:
+            raise ClientSetupError(f"--token-file {args.token_file}: empty")
+        token = lines[0]
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ClientSetupError("--tls-cert and --tls-key go together (mutual TLS)")
+    credentials = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        for flag, path in (
+            ("--tls-ca", args.tls_ca),
+            ("--tls-cert", args.tls_cert),
+            ("--tls-key", args.tls_key),
+        ):
+            if path is not None and not path.is_file():
+                raise ClientSetupError(f"{flag} {path}: no such file")
+        credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    return XaiClient(args.server, timeout=args.timeout, credentials=credentials, token=token)
