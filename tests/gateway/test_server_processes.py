@@ -142,6 +142,10 @@ def test_processes_share_the_port_answer_alike_and_sum_their_metrics(
     with socket.socket() as other, pytest.raises(OSError):  # a server that does not share
         other.bind(("127.0.0.1", port))
 
+    another_supervisor = processes.hold_port("127.0.0.1", port)
+    with pytest.raises(processes.SupervisorError, match="cannot listen"), another_supervisor:
+        pass
+
     answers = _explain_on_own_connections(port, CALLS)
 
     maps = [np.frombuffer(a.explanations[0].map.data, np.float32) for a in answers]

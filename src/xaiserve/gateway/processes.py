@@ -109,7 +109,9 @@ def child_command(settings: Settings, argv: Sequence[str], port: int) -> list[st
 @contextlib.contextmanager
 def hold_port(host: str, port: int) -> Iterator[int]:
     """Binds ``host:port`` with ``SO_REUSEPORT`` (not listening) for as long as the block
-    runs; yields the port (the one picked when ``port`` is 0).
+    runs; yields the port (the one picked when ``port`` is 0). A port given is first bound
+    without ``SO_REUSEPORT`` and released, so that one any socket holds, another
+    supervisor's included, is refused rather than shared.
 
     Raises:
         SupervisorError: the address cannot be bound (in use by a process that does not
@@ -122,6 +124,13 @@ def hold_port(host: str, port: int) -> Iterator[int]:
         )[0]
     except socket.gaierror as error:
         raise SupervisorError(f"cannot listen on {host}:{port}: {error}") from None
+    if port:  # first alone: a port any socket holds (another supervisor's too) is refused
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is free
+            try:
+                probe.bind(address)
+            except OSError as error:
+                raise SupervisorError(f"cannot listen on {host}:{port}: {error}") from None
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
