@@ -333,10 +333,11 @@ def _load_program(directory: Path, cfg: ModelConfig, device: torch.device) -> Se
     elif cfg.format == ONNX:
         net = load_onnx(path)
         layer_reason = ONNX_LAYER_REASON if cfg.cam_layer else ""
-    else:
-        assert cfg.format == EXPORT  # read_config admits no other
+    elif cfg.format == EXPORT:
         net = load_exported(path)
         cam = _cam_layer(net.net if isinstance(net, PerImage) else net, cfg, directory)
+    else:  # read_config admits no other
+        raise ModelLoadError(f"{directory}: unknown model format {cfg.format!r}")
     module = _pixel_space(net, cfg).to(device)
     _check_forward(module, cfg, directory, device)
     log.info(
